@@ -1,0 +1,75 @@
+"""Compile a lowered variant graph: torchair | inductor | aot_eager | eager | any dynamo backend.
+
+``torch_npu`` is imported lazily, only when ``"torchair"`` is asked for: it
+needs Ascend CANN to import at all.
+
+Example::
+
+    >>> fn = compile_graph(gm, "aot_eager")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+import torch.fx as fx
+
+__all__ = ["BackendUnavailable", "BACKENDS", "compile_graph", "resolve_backend", "TORCHAIR_MODES"]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torchair", "inductor", "aot_eager", "eager")
+# torchair CompilerConfig.mode values: GE graph mode, and aclgraph capture.
+TORCHAIR_MODES = ("max-autotune", "reduce-overhead", "npugraph_ex")
+
+Backend = Union[str, Callable[..., Any], None]
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested compile backend cannot be used here; the message says what to install."""
+
+
+def _torchair_backend(options: Dict[str, Any]) -> Callable:
+    try:
+        import torch_npu  # noqa: F401  (registers the NPU device)
+        from torch_npu.dynamo import torchair
+    except Exception as err:  # ImportError, or CANN missing at import time
+        raise BackendUnavailable(
+            "backend='torchair' needs torch_npu with torchair and the Ascend CANN toolkit: "
+            "pip install 'npu_cache_fx[ascend]' and install CANN (source set_env.sh); "
+            f"importing torch_npu failed with: {err!r}") from err
+    config = options.get("compiler_config")
+    if config is None:
+        config = torchair.CompilerConfig()
+        mode = options.get("mode", "max-autotune")
+        if mode not in TORCHAIR_MODES:
+            raise ValueError(f"torchair mode must be one of {TORCHAIR_MODES}, got {mode!r}")
+        config.mode = mode
+    return torchair.get_npu_backend(compiler_config=config)
+
+
+def resolve_backend(backend: Backend, options: Optional[Dict[str, Any]] = None) -> Optional[Callable]:
+    """``None`` for eager execution, otherwise what ``torch.compile(backend=...)`` takes."""
+    options = dict(options or {})
+    if backend is None or backend == "eager":
+        return None
+    if callable(backend):
+        return backend
+    if backend == "torchair":
+        return _torchair_backend(options)
+    if backend in ("inductor", "aot_eager"):
+        return backend
+    if isinstance(backend, str) and backend in torch._dynamo.list_backends(exclude_tags=()):
+        return backend
+    raise ValueError(f"backend must be one of {BACKENDS}, a registered torch.compile backend, "
+                     f"or a callable; got {backend!r}")
+
+
+def compile_graph(gm: fx.GraphModule, backend: Backend, options: Optional[Dict[str, Any]] = None) -> Callable:
+    """Compile one variant with ``fullgraph=True`` and static shapes (one graph, no recompiles)."""
+    resolved = resolve_backend(backend, options)
+    if resolved is None:
+        return gm
+    return torch.compile(gm, backend=resolved, fullgraph=True, dynamic=False)

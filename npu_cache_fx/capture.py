@@ -1,0 +1,347 @@
+"""Model -> fx GraphModule, plus the node span of every block and the regions passes rewrite.
+
+Capture uses ``torch.export.export(..., strict=False)`` (``symbolic_trace``
+fails on diffusers DiTs). Every ``call_function`` node carries
+``nn_module_stack``; a block's span is the nodes whose stack contains the
+block's fqn. Nothing here rewrites a graph: passes consume :class:`Region`.
+
+Example::
+
+    >>> cap = capture(model, {"hidden_states": x, ...}, ["transformer_blocks"])  # doctest: +SKIP
+    >>> region = block_region(cap, "transformer_blocks", 1, 3)                   # doctest: +SKIP
+    >>> [(s.role, s.input, s.output) for s in region.streams]                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from .config import ConfigError
+
+__all__ = [
+    "BlockList", "Capture", "Region", "Stream", "block_region", "capture", "find_block_lists",
+    "region_from_nodes", "resolve_block_list",
+]
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+
+# ----------------------------------------------------------------------------- block lists
+@dataclass(frozen=True)
+class BlockList:
+    fqn: str
+    count: int
+    params: int
+    block_class: str
+
+
+def find_block_lists(model: torch.nn.Module) -> List[BlockList]:
+    """ModuleLists of same-class composite blocks, largest (by parameters) first.
+
+    Lists nested inside another candidate (e.g. a block's ``to_out``) are left out.
+    """
+    found: List[BlockList] = []
+    for name, mod in model.named_modules():
+        if not name or not isinstance(mod, (torch.nn.ModuleList, torch.nn.Sequential)) or len(mod) == 0:
+            continue
+        children = list(mod)
+        classes = {type(c) for c in children}
+        if len(classes) != 1 or not any(True for _ in children[0].children()):
+            continue
+        params = sum(p.numel() for p in mod.parameters())
+        if params == 0:
+            continue
+        if any(name.startswith(b.fqn + ".") for b in found):
+            continue
+        found.append(BlockList(name, len(children), params, type(children[0]).__name__))
+    return sorted(found, key=lambda b: -b.params)
+
+
+def resolve_block_list(model: torch.nn.Module, blocks: Optional[str]) -> BlockList:
+    """The block list named by ``blocks``, or the one that dominates the parameters."""
+    candidates = find_block_lists(model)
+    if blocks is not None:
+        try:
+            mod = model.get_submodule(blocks)
+        except AttributeError:
+            mod = None
+        if not isinstance(mod, (torch.nn.ModuleList, torch.nn.Sequential)):
+            raise ConfigError(
+                f"CacheConfig.blocks={blocks!r} is not a ModuleList of {type(model).__name__}; "
+                f"candidates: {[b.fqn for b in candidates] or 'none found'}")
+        params = sum(p.numel() for p in mod.parameters())
+        return BlockList(blocks, len(mod), params, type(mod[0]).__name__ if len(mod) else "?")
+    if not candidates:
+        lists = [n for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+        raise ConfigError(
+            f"no block list found in {type(model).__name__} (ModuleLists: {lists or 'none'}); "
+            "pass CacheConfig(blocks='<module path of the ModuleList of transformer blocks>')")
+    if len(candidates) > 1:
+        log.info("auto-selected block list %r (%d x %s, %d params); others: %s", candidates[0].fqn,
+                 candidates[0].count, candidates[0].block_class, candidates[0].params,
+                 [(b.fqn, b.params) for b in candidates[1:]])
+    return candidates[0]
+
+
+# ----------------------------------------------------------------------------- capture
+@dataclass
+class Capture:
+    """A captured forward: flat-input GraphModule, pytree specs and block spans.
+
+    ``gm`` takes the flattened leaves of the normalised kwargs (in ``in_spec``
+    order) and returns the flat output leaves (``out_spec``).
+    """
+
+    gm: fx.GraphModule
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
+    spans: Dict[str, List[List[str]]]  # list fqn -> per block, node names in graph order
+    signatures: Dict[str, Dict[str, str]]  # block fqn -> {input node name: parameter name}
+    seconds: float = 0.0
+    method: str = "export"
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def nodes(self) -> Dict[str, fx.Node]:
+        return {n.name: n for n in self.gm.graph.nodes}
+
+
+def _flat_graph_module(root: fx.GraphModule) -> fx.GraphModule:
+    """Copy ``root``'s graph with the plain codegen (flat inputs/outputs), dropping export's guard call."""
+    graph = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    for node in root.graph.nodes:
+        if node.op == "call_module" and node.target == "_guards_fn":
+            continue
+        if node.op == "output":
+            (flat,) = node.args
+            graph.output(tuple(env[a] if isinstance(a, fx.Node) else a for a in flat))
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    gm = fx.GraphModule(root, graph, class_name="CapturedForward")
+    return gm
+
+
+def _block_signatures(ep, block_fqns: Sequence[str], model: torch.nn.Module) -> Dict[str, Dict[str, str]]:
+    out: Dict[str, Dict[str, str]] = {}
+    for entry in ep.module_call_graph:
+        if entry.fqn not in block_fqns or entry.signature is None:
+            continue
+        sig = entry.signature
+        try:
+            args, kwargs = pytree.tree_unflatten(list(range(len(sig.inputs))), sig.in_spec)
+            params = list(inspect.signature(model.get_submodule(entry.fqn).forward).parameters)
+        except Exception:  # signature naming is a convenience; dataflow decides
+            continue
+        names: Dict[str, str] = {}
+        for i, leaf in enumerate(args):
+            if isinstance(leaf, int) and i < len(params):
+                names[getattr(sig.inputs[leaf], "name", "")] = params[i]
+        for key, leaf in kwargs.items():
+            if isinstance(leaf, int):
+                names[getattr(sig.inputs[leaf], "name", "")] = key
+        out[entry.fqn] = {k: v for k, v in names.items() if k}
+    return out
+
+
+def _spans(gm: fx.GraphModule, model: torch.nn.Module, lists: Sequence[str]) -> Dict[str, List[List[str]]]:
+    spans: Dict[str, List[List[str]]] = {}
+    for fqn in lists:
+        count = len(model.get_submodule(fqn))
+        per_block: List[List[str]] = [[] for _ in range(count)]
+        prefix = fqn + "."
+        for node in gm.graph.nodes:
+            stack = node.meta.get("nn_module_stack")
+            if not stack or node.op != "call_function":
+                continue
+            for path, _cls in stack.values():
+                if path.startswith(prefix):
+                    head = path[len(prefix):].split(".", 1)[0]
+                    if head.isdigit() and int(head) < count:
+                        per_block[int(head)].append(node.name)
+                    break
+        spans[fqn] = per_block
+    return spans
+
+
+def capture(model: torch.nn.Module, kwargs: Mapping[str, Any], block_lists: Sequence[str]) -> Capture:
+    """Export ``model(**kwargs)`` to a flat GraphModule and find each block's node span."""
+    start = time.perf_counter()
+    block_fqns = tuple(f"{fqn}.{i}" for fqn in block_lists for i in range(len(model.get_submodule(fqn))))
+    kwargs = dict(kwargs)
+    try:
+        ep = torch.export.export(model, (), kwargs, strict=False, preserve_module_call_signature=block_fqns)
+    except Exception as err:  # preserving signatures is only for naming; retry plain
+        log.debug("export with preserved block signatures failed (%s); retrying without", err)
+        ep = torch.export.export(model, (), kwargs, strict=False)
+    root = ep.module()
+    info = root.graph._codegen.pytree_info
+    gm = _flat_graph_module(root)
+    spans = _spans(gm, model, block_lists)
+    for fqn, per_block in spans.items():
+        empty = [i for i, names in enumerate(per_block) if not names]
+        if empty:
+            raise ConfigError(f"blocks {fqn}{empty} left no nodes in the captured graph of "
+                              f"{type(model).__name__}; they are not called in forward")
+    sigs = _block_signatures(ep, block_fqns, model)
+    cap = Capture(gm, info.in_spec, info.out_spec, spans, sigs, time.perf_counter() - start)
+    log.info("captured %s in %.2fs (%d nodes)", type(model).__name__, cap.seconds, len(gm.graph.nodes))
+    return cap
+
+
+# ----------------------------------------------------------------------------- regions
+@dataclass(frozen=True)
+class Stream:
+    """A stream carried through a region: ``output`` continues ``input``."""
+
+    role: str
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class Region:
+    """A set of nodes with the streams it carries and the side inputs it reads."""
+
+    label: str
+    nodes: frozenset
+    streams: Tuple[Stream, ...]
+    side_inputs: Tuple[str, ...]
+
+
+_PASS_THROUGH = {
+    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.clone.default,
+    aten.clamp.default, aten.contiguous.default, aten.type_as.default, aten.alias.default,
+    aten.detach.default,
+}
+_MAX = 2 ** 62
+
+
+def _shape(node: fx.Node):
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _walk_back(node: Any, window, region: frozenset, inputs: frozenset) -> Optional[fx.Node]:
+    """The region input that ``node`` continues along a residual path, or None.
+
+    Follows residual adds, dtype casts and clamps, and resolves ``slice`` of
+    ``cat`` by offsets (a concatenated joint stream split back apart).
+    ``window`` is a pending ``(dim, start, end)`` slice of ``node``.
+    """
+    if not isinstance(node, fx.Node):
+        return None
+    if node.name not in region:
+        return node if node.name in inputs and window is None else None
+    target = node.target
+    if target in _PASS_THROUGH:
+        return _walk_back(node.args[0], window, region, inputs)
+    if target in (aten.add.Tensor, aten.add_.Tensor):
+        hits = {h for a in node.args[:2] for h in [_walk_back(a, window, region, inputs)] if h is not None}
+        return hits.pop() if len(hits) == 1 else None
+    if target is aten.slice.Tensor:
+        src = node.args[0]
+        shape = _shape(src)
+        if shape is None:
+            return None
+        dim = node.args[1] if len(node.args) > 1 else 0
+        dim = dim % len(shape)
+        lo = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+        hi = node.args[3] if len(node.args) > 3 and node.args[3] is not None else _MAX
+        step = node.args[4] if len(node.args) > 4 else 1
+        if step != 1 or not isinstance(lo, int) or not isinstance(hi, int):
+            return None
+        size = shape[dim]
+        lo, hi = max(0, lo + size if lo < 0 else lo), min(size, hi + size if hi < 0 else hi)
+        if window is not None:
+            if window[0] != dim:
+                return None if (lo, hi) != (0, size) else _walk_back(src, window, region, inputs)
+            lo, hi = lo + window[1], lo + window[2]
+        if (lo, hi) == (0, size):
+            return _walk_back(src, None, region, inputs)
+        return _walk_back(src, (dim, lo, hi), region, inputs)
+    if target is aten.cat.default and window is not None:
+        parts = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else 0
+        rank = len(_shape(node) or ())
+        if rank == 0 or window[0] != dim % rank:
+            return None
+        offset = 0
+        for part in parts:
+            size = (_shape(part) or (None,) * rank)[window[0]]
+            if size is None:
+                return None
+            if (offset, offset + size) == (window[1], window[2]):
+                return _walk_back(part, None, region, inputs)
+            offset += size
+    return None
+
+
+def _convex_closure(gm: fx.GraphModule, names: set) -> set:
+    """Add the nodes sandwiched between region nodes (code between blocks of the range)."""
+    order = list(gm.graph.nodes)
+    idx = {n.name: i for i, n in enumerate(order)}
+    lo, hi = min(idx[n] for n in names), max(idx[n] for n in names)
+    window = order[lo:hi + 1]
+    after = set(names)
+    for node in window:
+        if node.name not in after and any(a.name in after for a in node.all_input_nodes):
+            after.add(node.name)
+    before = set(names)
+    for node in reversed(window):
+        if node.name not in before and any(u.name in before for u in node.users):
+            before.add(node.name)
+    return set(names) | (after & before)
+
+
+def region_from_nodes(gm: fx.GraphModule, names: set, label: str,
+                      roles: Optional[Mapping[str, str]] = None) -> Region:
+    """Build a :class:`Region` from node names: pair its outputs with its inputs by dataflow."""
+    names = _convex_closure(gm, set(names))
+    region = frozenset(names)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    inputs: List[str] = []
+    outputs: List[fx.Node] = []
+    for name in sorted(region, key=list(by_name).index):
+        node = by_name[name]
+        for a in node.all_input_nodes:
+            if a.name not in region and a.name not in inputs and a.op != "get_attr":
+                inputs.append(a.name)
+        if any(u.name not in region for u in node.users):
+            outputs.append(node)
+    input_set = frozenset(inputs)
+    streams: List[Stream] = []
+    for out in outputs:
+        src = _walk_back(out, None, region, input_set)
+        if src is None:
+            raise ConfigError(
+                f"{label}: output {out.name} ({out.target}) of the block range does not continue any "
+                f"of its inputs {inputs} along a residual path; this range cannot be cached as a delta")
+        if _shape(src) != _shape(out):
+            raise ConfigError(f"{label}: stream {src.name} -> {out.name} changes shape "
+                              f"{_shape(src)} -> {_shape(out)}")
+        if any(s.input == src.name for s in streams):
+            raise ConfigError(f"{label}: outputs {[s.output for s in streams if s.input == src.name]} and "
+                              f"{out.name} both continue input {src.name}")
+        role = (roles or {}).get(src.name) or f"stream{len(streams)}"
+        streams.append(Stream(role, src.name, out.name))
+    side = tuple(i for i in inputs if i not in {s.input for s in streams})
+    return Region(label, region, tuple(streams), side)
+
+
+def block_region(cap: Capture, list_fqn: str, start: int, end: int, label: Optional[str] = None) -> Region:
+    """The region of blocks ``[start, end)`` of ``list_fqn`` in a capture."""
+    spans = cap.spans[list_fqn]
+    if not 0 <= start < end <= len(spans):
+        raise ConfigError(f"block range [{start}, {end}) is outside {list_fqn} (0..{len(spans)})")
+    names = {n for i in range(start, end) for n in spans[i]}
+    roles = cap.signatures.get(f"{list_fqn}.{start}", {})
+    return region_from_nodes(cap.gm, names, label or f"{list_fqn}[{start}:{end}]", roles)

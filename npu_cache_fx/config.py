@@ -1,0 +1,160 @@
+"""What to cache: :class:`CacheConfig`, MindIE-SD's fields with their defects fixed.
+
+Pure Python (no torch), so the step plan and its tests need nothing else.
+
+Example::
+
+    >>> cfg = CacheConfig(method="dit_block_cache", steps_count=28, step_start=18,
+    ...                   step_interval=2, block_start=1, block_end=23,
+    ...                   blocks="single_transformer_blocks")
+    >>> cfg.resolved(blocks_count=38).block_end
+    23
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["CacheConfig", "ConfigError", "METHODS", "MINDIE_UNBOUNDED"]
+
+METHODS = ("dit_block_cache", "attention_cache")
+
+# MindIE-SD's default for ``step_end``/``block_end``; it means "to the end".
+# MindIE itself rejects it for the DiT cache (its defect 3); we accept it.
+MINDIE_UNBOUNDED = 10000
+
+
+class ConfigError(ValueError):
+    """An invalid cache configuration; the message names the field and the value."""
+
+
+def _check_int(name: str, value, *, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"CacheConfig.{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ConfigError(f"CacheConfig.{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """A step-cache plan for one block list of a diffusion transformer.
+
+    Field names and meanings follow ``mindiesd.CacheConfig``:
+
+    * ``method``: ``"dit_block_cache"`` (reuse the residual of blocks
+      ``[block_start, block_end)``) or ``"attention_cache"`` (reuse each block's
+      attention output).
+    * ``blocks_count``: number of blocks in the list; inferred from the model
+      by :func:`npu_cache_fx.optimize`, required by :class:`CacheAgent`.
+    * ``steps_count``: denoising steps per generation; the step counter wraps
+      there and frees the cache.
+    * ``step_start``, ``step_interval``, ``step_end``: first step that may use
+      the cache, refresh period (1 = cache off) and last step that may reuse
+      (default: the last step; honoured by the DiT cache too).
+    * ``block_start``, ``block_end``: block range ``[start, end)``; ``block_end``
+      defaults to ``blocks_count``.
+
+    Added by npu_cache_fx:
+
+    * ``blocks``: module path of the block list (``"single_transformer_blocks"``);
+      auto-detected when omitted.
+    * ``name``: label used in the plan table and in cache slot names.
+
+    ``step_end``/``block_end`` of ``10000`` (MindIE's defaults) mean "to the end".
+
+    >>> CacheConfig(method="dit_block_cache", steps_count=10, step_interval=0)
+    Traceback (most recent call last):
+    ...
+    npu_cache_fx.config.ConfigError: CacheConfig.step_interval must be >= 1, got 0
+    """
+
+    method: str = "dit_block_cache"
+    blocks_count: Optional[int] = None
+    steps_count: Optional[int] = None
+    step_start: int = 0
+    step_interval: int = 1
+    step_end: Optional[int] = None
+    block_start: int = 0
+    block_end: Optional[int] = None
+    blocks: Optional[str] = None
+    name: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"CacheConfig.method must be one of {METHODS}, got {self.method!r}")
+        _check_int("blocks_count", self.blocks_count, minimum=1, optional=True)
+        _check_int("steps_count", self.steps_count, minimum=1, optional=True)
+        _check_int("step_start", self.step_start, minimum=0)
+        _check_int("step_interval", self.step_interval, minimum=1)
+        _check_int("step_end", self.step_end, minimum=0, optional=True)
+        _check_int("block_start", self.block_start, minimum=0)
+        _check_int("block_end", self.block_end, minimum=0, optional=True)
+        if self.step_end is not None and self.step_end < self.step_start:
+            raise ConfigError(
+                f"CacheConfig.step_end must be >= step_start ({self.step_start}), got {self.step_end}")
+        if self.block_end is not None and self.block_end < self.block_start:
+            raise ConfigError(
+                f"CacheConfig.block_end must be >= block_start ({self.block_start}), got {self.block_end}")
+        if (self.blocks_count is not None and self.block_end is not None
+                and self.blocks_count < self.block_end < MINDIE_UNBOUNDED):
+            raise ConfigError(
+                f"CacheConfig.block_end must be <= blocks_count ({self.blocks_count}), got {self.block_end}")
+        for field in ("blocks", "name"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"CacheConfig.{field} must be a non-empty str, got {value!r}")
+
+    # ------------------------------------------------------------------ derived
+    def replace(self, **changes) -> "CacheConfig":
+        return dataclasses.replace(self, **changes)
+
+    def resolved(self, blocks_count: Optional[int] = None) -> "CacheConfig":
+        """Fill ``blocks_count`` (from the model when given) and the open ends.
+
+        The result has concrete ``blocks_count``, ``steps_count``, ``step_end`` and
+        ``block_end``; it is what the plan and the passes consume.
+        """
+        if blocks_count is not None:
+            if self.blocks_count is not None and self.blocks_count != blocks_count:
+                raise ConfigError(
+                    f"CacheConfig.blocks_count is {self.blocks_count} but the block list "
+                    f"{self.blocks or '(auto)'!s} has {blocks_count} blocks")
+        count = self.blocks_count if blocks_count is None else blocks_count
+        if count is None:
+            raise ConfigError("CacheConfig.blocks_count is required here (got None): "
+                              "give it, or let optimize() infer it from the model")
+        if self.steps_count is None:
+            raise ConfigError("CacheConfig.steps_count is required (got None): "
+                              "the number of denoising steps per generation")
+        last_step = self.steps_count - 1
+        step_end = last_step if self.step_end is None or self.step_end >= MINDIE_UNBOUNDED else self.step_end
+        step_end = max(self.step_start, min(step_end, last_step))  # step_start past the end: bypass
+        block_end = count if self.block_end is None or self.block_end >= MINDIE_UNBOUNDED else self.block_end
+        if block_end > count:
+            raise ConfigError(f"CacheConfig.block_end must be <= blocks_count ({count}), got {block_end}")
+        return dataclasses.replace(self, blocks_count=count, step_end=step_end, block_end=block_end)
+
+    @property
+    def bypass(self) -> bool:
+        """True when this config never reuses anything (SPEC §2 "Bypass")."""
+        steps = self.steps_count
+        blocks = self.blocks_count
+        return (
+            (steps is not None and self.step_start >= steps)
+            or (self.step_end is not None and self.step_end == self.step_start)
+            or (blocks is not None and self.block_start >= blocks)
+            or (self.block_end is not None and self.block_end == self.block_start)
+            or self.step_interval == 1
+        )
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        kind = "dit" if self.method == "dit_block_cache" else "attn"
+        end = "" if self.block_end is None else self.block_end
+        return f"{kind}[{self.blocks or 'blocks'}:{self.block_start}:{end}]"

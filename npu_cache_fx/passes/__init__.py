@@ -1,0 +1,7 @@
+"""Graph rewrites, one concern per file. Each takes a GraphModule and returns a PassResult."""
+
+from .block_cache import block_cache_pass
+from .common import eliminate_dead_code
+from .lower import lower_cache_ops
+
+__all__ = ["block_cache_pass", "eliminate_dead_code", "lower_cache_ops"]

@@ -1,0 +1,64 @@
+"""DiT block cache: rewrite a block range for a refresh (write) or a reuse (read) step.
+
+* ``write``: the range runs; for every carried stream ``delta = out - in`` goes to
+  ``cache_write(delta, "<prefix>.<role>")``.
+* ``read``: the range is gone; every stream leaves it as ``in + cache_read(...)``.
+  Side inputs (temb, rotary embeddings, masks) pass through untouched.
+
+Example::
+
+    >>> region = block_region(capture, "transformer_blocks", 1, 3)          # doctest: +SKIP
+    >>> block_cache_pass(gm, region, "read", slot_prefix="dit0").modified  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from ..capture import Region
+from ..ops import CACHE_READ, CACHE_WRITE
+from .common import eliminate_dead_code, set_val, slot_meta
+
+__all__ = ["block_cache_pass"]
+
+aten = torch.ops.aten
+
+
+def block_cache_pass(gm: fx.GraphModule, region: Region, mode: str, slot_prefix: str,
+                     *, dce: bool = True) -> PassResult:
+    """Rewrite ``region`` of ``gm`` in place for ``mode`` in {"write", "read"}."""
+    if mode not in ("write", "read"):
+        raise ValueError(f"block_cache_pass mode must be 'write' or 'read', got {mode!r}")
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for stream in region.streams:
+        if stream.output not in nodes:  # an earlier rewrite left this stream dead
+            continue
+        if stream.input not in nodes:
+            raise ValueError(f"{region.label}: stream input {stream.input} is not in this graph")
+        src, out = nodes[stream.input], nodes[stream.output]
+        slot = f"{slot_prefix}.{stream.role}"
+        if mode == "write":
+            with graph.inserting_after(out):
+                delta = graph.call_function(aten.sub.Tensor, (out, src))
+                set_val(delta, out)
+            with graph.inserting_after(delta):
+                graph.call_function(CACHE_WRITE, (delta, slot))
+        else:
+            shape, dtype, device = slot_meta(src)
+            outside = [u for u in out.users if u.name not in region.nodes]
+            with graph.inserting_before(min(outside, key=order.__getitem__)):
+                cached = graph.call_function(CACHE_READ, (slot, shape, dtype, device))
+                set_val(cached, src)
+                leave = graph.call_function(aten.add.Tensor, (src, cached))
+                set_val(leave, out)
+            out.replace_all_uses_with(leave, delete_user_cb=lambda user: user.name not in region.nodes)
+    if mode == "read":
+        eliminate_dead_code(gm, pure=region.nodes) if dce else gm.recompile()
+    else:
+        gm.recompile()
+    return PassResult(gm, True)

@@ -1,0 +1,60 @@
+"""Lower cache ops for execution and compilation.
+
+Every ``cache_read``/``cache_write`` slot becomes one extra graph input (a
+persistent buffer owned by the runtime, one per slot per cache context);
+reads use it directly, writes become ``aten.copy_(buffer, value)``. Buffers
+keep static addresses across steps (what aclgraph and CUDA graphs need), are
+never graph outputs, and -- being inputs rather than ``get_attr`` -- let the
+cond/uncond contexts share one compiled graph per variant.
+``gm.meta["cache_slots"]`` lists ``(slot, shape, dtype, device)`` in input order.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, List
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from ..ops import CACHE_READ, CACHE_WRITE
+from .common import set_val
+
+__all__ = ["lower_cache_ops"]
+
+
+def _input_name(slot: str) -> str:
+    return "cache_" + re.sub(r"\W", "_", slot)
+
+
+def lower_cache_ops(gm: fx.GraphModule) -> PassResult:
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    slots: Dict[str, fx.Node] = {}
+    meta: List = []
+
+    def buffer(slot: str, shape, dtype, device, like: fx.Node) -> fx.Node:
+        if slot not in slots:
+            anchor = slots[meta[-1][0]] if meta else placeholders[-1]
+            with graph.inserting_after(anchor):
+                slots[slot] = graph.placeholder(_input_name(slot))
+            set_val(slots[slot], like)
+            meta.append((slot, list(shape), dtype, device))
+        return slots[slot]
+
+    for node in list(graph.nodes):
+        if node.target is CACHE_READ:
+            slot, shape, dtype, device = node.args
+            node.replace_all_uses_with(buffer(slot, shape, dtype, device, node))
+            graph.erase_node(node)
+        elif node.target is CACHE_WRITE:
+            value, slot = node.args
+            val = value.meta.get("val")
+            buf = buffer(slot, val.shape, val.dtype, val.device, value)
+            with graph.inserting_before(node):
+                graph.call_function(torch.ops.aten.copy_.default, (buf, value))
+            graph.erase_node(node)
+    gm.meta["cache_slots"] = meta
+    gm.recompile()
+    return PassResult(gm, bool(meta))

@@ -1,0 +1,389 @@
+"""The optimized module: host-side step dispatch over specialised graph variants.
+
+``optimize(model, config)`` returns an :class:`OptimizedModule`, a drop-in for
+``model``. Per call it (1) normalises the inputs, (2) advances the step
+counter of the active cache context (resetting on a new generation), (3)
+looks up the step's decision in the static :class:`~npu_cache_fx.schedule.Plan`,
+and (4) runs the graph variant for that decision, passing the context's cache
+buffers. Captures are lazy and keyed by the inputs' structure, shapes, dtypes,
+devices and non-tensor values; a new key recaptures and gets its own buffers.
+
+Example::
+
+    >>> from npu_cache_fx import CacheConfig, optimize
+    >>> cfg = CacheConfig(steps_count=28, step_start=4, step_interval=2,
+    ...                   block_start=1, block_end=5)
+    >>> fast = optimize(transformer, cfg)                  # doctest: +SKIP
+    >>> print(fast.plan)                                   # doctest: +SKIP
+    >>> with fast.cache_context("uncond"): ...             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from .backends import Backend, compile_graph, resolve_backend
+from .capture import Capture, Region, block_region, capture, resolve_block_list
+from .config import CacheConfig, ConfigError
+from .passes import block_cache_pass, lower_cache_ops
+from .schedule import Action, Decision, Plan, make_plan
+
+__all__ = ["OptimizedModule", "Stats", "optimize"]
+
+log = logging.getLogger(__name__)
+
+TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+
+
+@dataclass
+class Stats:
+    """Counters of an :class:`OptimizedModule` since construction (or ``stats.clear()``)."""
+
+    steps: int = 0
+    steps_computed: int = 0
+    steps_reused: int = 0
+    blocks_skipped: int = 0
+    stale_reads_avoided: int = 0
+    generations: int = 0  # generations started (per context)
+    captures: int = 0
+    variants_built: int = 0
+    capture_seconds: float = 0.0
+    path: str = "export"
+    cache_bytes: int = 0
+    cache_bytes_by_context: Dict[str, int] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        keep = (self.path, self.cache_bytes, self.cache_bytes_by_context)
+        self.__init__()
+        self.path, self.cache_bytes, self.cache_bytes_by_context = keep
+
+
+@dataclass
+class _Variant:
+    decision: Decision
+    graph: fx.GraphModule
+    fn: Callable
+    slots: List[Tuple[str, List[int], torch.dtype, torch.device]]
+
+
+class _Entry:
+    """One capture (one input signature) and the variants built from it."""
+
+    def __init__(self, cap: Capture, regions: List[Region], configs: Sequence[CacheConfig]):
+        self.capture = cap
+        self.regions = regions
+        self.configs = configs
+        self.variants: Dict[Decision, _Variant] = {}
+        order = {n.name: i for i, n in enumerate(cap.gm.graph.nodes)}
+        # Rewrite downstream regions first: an upstream rewrite then redirects the
+        # downstream region's input along with every other user.
+        self.rewrite_order = sorted(range(len(regions)), key=lambda i: -min(order[n] for n in regions[i].nodes))
+
+    def build(self, decision: Decision) -> fx.GraphModule:
+        cap = self.capture
+        graph = fx.Graph()
+        out = graph.graph_copy(cap.gm.graph, {})
+        graph.output(out)
+        gm = fx.GraphModule(cap.gm, graph, class_name="CacheVariant")
+        for i in self.rewrite_order:
+            action = decision[i]
+            if action is not Action.COMPUTE:
+                block_cache_pass(gm, self.regions[i], action.value, slot_prefix=f"c{i}")
+        lower_cache_ops(gm)
+        return gm
+
+
+class _Context:
+    """Per cache-context state: step counter, last timestep, buffers and their validity."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.last_timestep: Optional[float] = None
+        self.buffers: Dict[Any, Dict[str, torch.Tensor]] = {}
+        self.valid: Dict[Any, set] = {}
+
+    def new_generation(self) -> None:
+        self.step = 0
+        self.last_timestep = None
+        for valid in self.valid.values():
+            valid.clear()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for bufs in self.buffers.values() for t in bufs.values())
+
+
+def _leaf_key(leaf: Any) -> Any:
+    if isinstance(leaf, torch.Tensor):
+        return ("T", tuple(leaf.shape), leaf.dtype, leaf.device, leaf.requires_grad and torch.is_grad_enabled())
+    try:
+        hash(leaf)
+        return ("V", type(leaf), leaf)
+    except TypeError:
+        return ("R", type(leaf), repr(leaf))
+
+
+class OptimizedModule(torch.nn.Module):
+    """A drop-in for the wrapped model that reuses cached block outputs across steps.
+
+    Attributes not defined here (``config``, ``dtype``, ``device``, ...) are read
+    from the wrapped model. See :func:`optimize`.
+    """
+
+    def __init__(self, model: torch.nn.Module, configs: Sequence[CacheConfig], backend: Backend = None,
+                 backend_options: Optional[Dict[str, Any]] = None, timestep_arg: Optional[str] = "auto"):
+        super().__init__()
+        self.model = model
+        resolved = []
+        for cfg in configs:
+            if not isinstance(cfg, CacheConfig):
+                raise ConfigError(f"optimize() takes CacheConfig objects, got {type(cfg).__name__}")
+            blocks = resolve_block_list(model, cfg.blocks)
+            resolved.append(cfg.resolved(blocks_count=blocks.count).replace(blocks=blocks.fqn))
+        _check_overlaps(resolved)
+        self.configs: Tuple[CacheConfig, ...] = tuple(resolved)
+        self.plan: Plan = make_plan(resolved)
+        self.backend = backend
+        self._backend_options = dict(backend_options or {})
+        resolve_backend(backend, self._backend_options)  # fail now, not at the first step
+        self._signature = inspect.signature(model.forward)
+        self._timestep_arg = self._find_timestep_arg(timestep_arg)
+        self._entries: Dict[Any, _Entry] = {}
+        self._contexts: Dict[str, _Context] = {}
+        self._active = "default"
+        self.stats = Stats()
+        self._warned_same_timestep = False
+
+    # ------------------------------------------------------------------ passthrough
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self._modules.get("model")
+            if model is None:
+                raise
+            return getattr(model, name)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Captures and buffers hold tensors of the old device/dtype: drop them.
+        self._entries.clear()
+        self._contexts.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"OptimizedModule({type(self.model).__name__}, path={self.stats.path}, "
+                f"backend={self.backend or 'eager'}, configs={[c.label for c in self.configs]}, "
+                f"variants={len(self.plan.variants())})")
+
+    # ------------------------------------------------------------------ public state
+    def reset(self, context: Optional[str] = None) -> None:
+        """Start a new generation in ``context`` (default: every context)."""
+        targets = self._contexts.values() if context is None else [self._contexts.get(context, _Context())]
+        for ctx in targets:
+            ctx.new_generation()
+
+    def release(self) -> None:
+        """Free every cache buffer (they are re-allocated on the next write)."""
+        self._contexts.clear()
+        self._update_bytes()
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str) -> Iterator[None]:
+        """Run calls under a separate step counter and cache (e.g. one per CFG branch)."""
+        previous, self._active = self._active, name
+        try:
+            yield
+        finally:
+            self._active = previous
+
+    @property
+    def variant_graphs(self) -> Dict[Decision, fx.GraphModule]:
+        """The rewritten, lowered graph of every variant built so far (latest capture)."""
+        if not self._entries:
+            return {}
+        entry = list(self._entries.values())[-1]
+        return {d: v.graph for d, v in entry.variants.items()}
+
+    def build_variant(self, decision: Decision, *args, **kwargs) -> fx.GraphModule:
+        """Capture for these inputs (if needed) and return the lowered graph of ``decision``."""
+        kwargs = self._normalize(args, kwargs)
+        leaves, spec = pytree.tree_flatten(((), kwargs))
+        return self._variant(self._entry(kwargs, leaves, spec), decision).graph
+
+    # ------------------------------------------------------------------ dispatch
+    def forward(self, *args, **kwargs):
+        if self.plan.bypass:
+            return self.model(*args, **kwargs)
+        kwargs = self._normalize(args, kwargs)
+        ctx = self._contexts.setdefault(self._active, _Context())
+        self._maybe_new_generation(ctx, kwargs)
+        if ctx.step == 0:
+            self.stats.generations += 1
+        decision = self.plan.decision(ctx.step)
+        leaves, spec = pytree.tree_flatten(((), kwargs))
+        key = (spec, tuple(_leaf_key(x) for x in leaves))
+        entry = self._entry(kwargs, leaves, spec, key)
+        valid = ctx.valid.setdefault(key, set())
+        decision = self._safe_decision(entry, decision, valid)
+        variant = self._variant(entry, decision)
+        buffers = ctx.buffers.setdefault(key, {})
+        cache_inputs = []
+        for slot, shape, dtype, device in variant.slots:
+            buf = buffers.get(slot)
+            if buf is None:
+                buf = buffers[slot] = torch.zeros(shape, dtype=dtype, device=device)
+                self._update_bytes()
+            cache_inputs.append(buf)
+        flat_out = variant.fn(*leaves, *cache_inputs)
+        for i, action in enumerate(decision):
+            if action is Action.WRITE:
+                valid.update(s for s, *_ in variant.slots if s.startswith(f"c{i}."))
+        self._count(decision)
+        ctx.step += 1
+        if ctx.step == self.plan.steps_count:
+            ctx.new_generation()
+        return pytree.tree_unflatten(list(flat_out), entry.capture.out_spec)
+
+    # ------------------------------------------------------------------ helpers
+    def _find_timestep_arg(self, requested: Optional[str]) -> Optional[str]:
+        params = self._signature.parameters
+        if requested != "auto":
+            if requested is not None and requested not in params:
+                raise ConfigError(f"timestep_arg={requested!r} is not a parameter of "
+                                  f"{type(self.model).__name__}.forward {list(params)}")
+            return requested
+        return next((n for n in TIMESTEP_NAMES if n in params), None)
+
+    def _normalize(self, args, kwargs) -> Dict[str, Any]:
+        """Inputs as keyword arguments in ``forward``'s parameter order (one capture key per call form)."""
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"{type(self.model).__name__}.forward: {err}") from None
+        out: Dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            kind = self._signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                out.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise TypeError(f"{type(self.model).__name__}.forward takes *{name}; "
+                                    "npu_cache_fx needs named inputs")
+            else:
+                out[name] = value
+        return out
+
+    def _maybe_new_generation(self, ctx: _Context, kwargs: Dict[str, Any]) -> None:
+        t = kwargs.get(self._timestep_arg) if self._timestep_arg else None
+        if isinstance(t, torch.Tensor) and t.numel() > 0:
+            value = float(t.reshape(-1)[0])  # one scalar host read per call, outside any graph
+        elif isinstance(t, (int, float)):
+            value = float(t)
+        else:
+            return
+        if ctx.last_timestep is not None:
+            if value > ctx.last_timestep and ctx.step:
+                log.debug("timestep rose %s -> %s: new generation", ctx.last_timestep, value)
+                ctx.new_generation()
+            elif value == ctx.last_timestep and ctx.step and not self._warned_same_timestep:
+                self._warned_same_timestep = True
+                log.warning("%s called twice at timestep %s in cache context %r: each call counts as a "
+                            "step. For sequential CFG wrap each branch in cache_context('cond'/'uncond').",
+                            type(self.model).__name__, value, self._active)
+        ctx.last_timestep = value
+
+    def _entry(self, kwargs, leaves, spec, key=None) -> _Entry:
+        key = key if key is not None else (spec, tuple(_leaf_key(x) for x in leaves))
+        entry = self._entries.get(key)
+        if entry is None:
+            lists = list(dict.fromkeys(c.blocks for c in self.configs))
+            with torch.no_grad():
+                cap = capture(self.model, kwargs, lists)
+            if cap.in_spec != spec:
+                raise RuntimeError(f"captured input structure {cap.in_spec} differs from the call's {spec}")
+            regions = [block_region(cap, c.blocks, c.block_start, c.block_end, label=c.label)
+                       if c.block_end > c.block_start else None for c in self.configs]
+            entry = self._entries[key] = _Entry(cap, regions, self.configs)
+            self.stats.captures += 1
+            self.stats.capture_seconds += cap.seconds
+            if len(self._entries) > 1:
+                log.info("new input signature for %s: captured again (%d captures)",
+                         type(self.model).__name__, len(self._entries))
+        return entry
+
+    def _variant(self, entry: _Entry, decision: Decision) -> _Variant:
+        variant = entry.variants.get(decision)
+        if variant is None:
+            gm = entry.build(decision)
+            fn = compile_graph(gm, self.backend, self._backend_options)
+            variant = entry.variants[decision] = _Variant(decision, gm, fn, gm.meta["cache_slots"])
+            self.stats.variants_built += 1
+        return variant
+
+    def _safe_decision(self, entry: _Entry, decision: Decision, valid: set) -> Decision:
+        """Never read a slot not written in this generation for this input signature."""
+        fixed = list(decision)
+        for i, action in enumerate(decision):
+            if action is Action.READ:
+                streams = entry.regions[i].streams
+                if not all(f"c{i}.{s.role}" in valid for s in streams):
+                    fixed[i] = Action.COMPUTE
+                    self.stats.stale_reads_avoided += 1
+        return tuple(fixed)
+
+    def _count(self, decision: Decision) -> None:
+        self.stats.steps += 1
+        reads = [i for i, a in enumerate(decision) if a is Action.READ]
+        if reads:
+            self.stats.steps_reused += 1
+            self.stats.blocks_skipped += sum(self.configs[i].block_end - self.configs[i].block_start
+                                             for i in reads)
+        else:
+            self.stats.steps_computed += 1
+
+    def _update_bytes(self) -> None:
+        by_ctx = {name: ctx.nbytes() for name, ctx in self._contexts.items()}
+        self.stats.cache_bytes_by_context = by_ctx
+        self.stats.cache_bytes = sum(by_ctx.values())
+
+
+def _check_overlaps(configs: Sequence[CacheConfig]) -> None:
+    for i, a in enumerate(configs):
+        for b in configs[i + 1:]:
+            if (a.blocks == b.blocks and a.block_start < b.block_end and b.block_start < a.block_end
+                    and not a.bypass and not b.bypass):
+                raise ConfigError(f"CacheConfig ranges overlap on {a.blocks}: [{a.block_start}, {a.block_end}) "
+                                  f"and [{b.block_start}, {b.block_end}); use disjoint block ranges")
+
+
+def optimize(model: torch.nn.Module, cache_config: Union[CacheConfig, Sequence[CacheConfig]], *,
+             backend: Backend = None, backend_options: Optional[Dict[str, Any]] = None,
+             timestep_arg: Optional[str] = "auto") -> OptimizedModule:
+    """Rewrite ``model`` so steps reuse cached block outputs per ``cache_config``.
+
+    Args:
+        model: a DiT (e.g. ``pipe.transformer``); it is not modified.
+        cache_config: one :class:`CacheConfig` or a list (e.g. one per block list).
+        backend: ``None``/``"eager"`` (run the rewritten graphs), ``"inductor"``,
+            ``"aot_eager"``, ``"torchair"`` (Ascend; lazy ``torch_npu`` import) or
+            any ``torch.compile`` backend callable. Each variant is compiled once.
+        backend_options: e.g. ``{"mode": "reduce-overhead"}`` or
+            ``{"compiler_config": torchair.CompilerConfig()}`` for torchair.
+        timestep_arg: forward parameter whose value rising starts a new generation
+            (``"auto"``: ``timestep``/``timesteps``/``t``; ``None`` disables).
+
+    Example::
+
+        >>> cfg = CacheConfig(steps_count=28, step_start=18, step_interval=2,
+        ...                   block_start=1, block_end=23, blocks="single_transformer_blocks")
+        >>> pipe.transformer = optimize(pipe.transformer, cfg)   # doctest: +SKIP
+    """
+    configs = [cache_config] if isinstance(cache_config, CacheConfig) else list(cache_config)
+    return OptimizedModule(model, configs, backend, backend_options, timestep_arg)

@@ -1,0 +1,132 @@
+"""The per-step plan: which cache each step writes or reads. Pure Python.
+
+A step's *decision* is one :class:`Action` per config; each distinct decision is
+one specialised graph variant. The host looks the decision up per step, so a
+step index never enters a graph.
+
+Example::
+
+    >>> from npu_cache_fx.config import CacheConfig
+    >>> cfg = CacheConfig(blocks_count=7, steps_count=5, step_start=1, step_interval=2,
+    ...                   block_start=2, block_end=6).resolved()
+    >>> [a.value for a in config_actions(cfg)]
+    ['compute', 'write', 'read', 'write', 'read']
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+from .config import CacheConfig, ConfigError
+
+__all__ = ["Action", "Plan", "config_actions", "make_plan"]
+
+
+class Action(enum.Enum):
+    COMPUTE = "compute"  # run normally, touch no cache
+    WRITE = "write"      # run and record (dit: the range residual; attention: the outputs)
+    READ = "read"        # skip the cached computation, use the recorded value
+
+    def __repr__(self) -> str:
+        return f"Action.{self.name}"
+
+
+def _dit_raw(cfg: CacheConfig, s: int) -> Action:
+    refresh = s >= cfg.step_start and (s - cfg.step_start) % cfg.step_interval == 0
+    if refresh:
+        return Action.WRITE
+    if cfg.step_start <= s <= cfg.step_end:
+        return Action.READ
+    return Action.COMPUTE
+
+
+def _attention_raw(cfg: CacheConfig, s: int) -> Action:
+    if cfg.step_start < s <= cfg.step_end and (s - cfg.step_start) % cfg.step_interval != 0:
+        return Action.READ
+    if cfg.step_start <= s < cfg.step_end:
+        return Action.WRITE
+    return Action.COMPUTE
+
+
+def config_actions(cfg: CacheConfig) -> List[Action]:
+    """One action per step for a resolved config.
+
+    Writes whose value no later step reads are dropped (they would cost a copy
+    and a variant for nothing); a read with no earlier write computes instead.
+    Outputs are identical to MindIE's schedule where MindIE is correct.
+    """
+    if cfg.steps_count is None or cfg.step_end is None or cfg.block_end is None:
+        raise ConfigError("config_actions needs a resolved CacheConfig (call cfg.resolved())")
+    n = cfg.steps_count
+    if cfg.bypass:
+        return [Action.COMPUTE] * n
+    raw = _dit_raw if cfg.method == "dit_block_cache" else _attention_raw
+    actions = [raw(cfg, s) for s in range(n)]
+    last_write = None
+    needed = set()
+    for s, a in enumerate(actions):
+        if a is Action.WRITE:
+            last_write = s
+        elif a is Action.READ:
+            if last_write is None:
+                actions[s] = Action.COMPUTE
+            else:
+                needed.add(last_write)
+    return [Action.COMPUTE if a is Action.WRITE and s not in needed else a for s, a in enumerate(actions)]
+
+
+Decision = Tuple[Action, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Decisions per step for a list of resolved configs sharing ``steps_count``."""
+
+    configs: Tuple[CacheConfig, ...]
+    decisions: Tuple[Decision, ...]
+
+    @property
+    def steps_count(self) -> int:
+        return len(self.decisions)
+
+    @property
+    def bypass(self) -> bool:
+        return all(a is Action.COMPUTE for d in self.decisions for a in d)
+
+    def decision(self, step: int) -> Decision:
+        return self.decisions[step]
+
+    def variants(self) -> List[Decision]:
+        """Distinct decisions, in order of first use: one graph variant each."""
+        return list(dict.fromkeys(self.decisions))
+
+    def reuse_steps(self) -> List[int]:
+        return [s for s, d in enumerate(self.decisions) if Action.READ in d]
+
+    def table(self) -> str:
+        head = ["step"] + [c.label for c in self.configs]
+        rows = [[str(s)] + [a.value for a in d] for s, d in enumerate(self.decisions)]
+        widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+        fmt = lambda r: " | ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
+        lines = [fmt(head), "-+-".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+        lines.append(f"{len(self.variants())} variant(s); {len(self.reuse_steps())} of "
+                     f"{self.steps_count} steps reuse")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def make_plan(configs: Sequence[CacheConfig]) -> Plan:
+    """Combine resolved configs into one plan; they must agree on ``steps_count``."""
+    configs = tuple(configs)
+    if not configs:
+        raise ConfigError("at least one CacheConfig is required, got an empty list")
+    counts = {c.steps_count for c in configs}
+    if len(counts) != 1:
+        raise ConfigError(f"CacheConfig.steps_count must be the same for all configs, got {sorted(counts)}")
+    per_config = [config_actions(c) for c in configs]
+    decisions = tuple(zip(*per_config))
+    return Plan(configs, decisions)

@@ -1,0 +1,66 @@
+"""Tiny random-init diffusers DiTs (no hub) and a by-hand CacheAgent hook, for tests."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+
+from npu_cache_fx import CacheAgent
+
+
+def tiny_flux(layers=2, single=4):
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=layers, num_single_layers=single,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+    return model.eval()
+
+
+def flux_inputs(t: float, seed: int = 0, batch: int = 1, tokens: int = 16, text: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, tokens, 4, generator=g),
+                encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+                pooled_projections=torch.randn(batch, 32, generator=g),
+                timestep=torch.full((batch,), t), img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text, 3),
+                return_dict=False)
+
+
+def tiny_wan(layers=4):
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                  out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=layers,
+                                  rope_max_seq_len=32)
+    return model.eval()
+
+
+def wan_inputs(t: float, seed: int = 0, batch: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 4, 2, 8, 8, generator=g),
+                timestep=torch.full((batch,), t * 1000),
+                encoder_hidden_states=torch.randn(batch, 6, 16, generator=g), return_dict=False)
+
+
+@contextlib.contextmanager
+def agent_on_blocks(blocks: torch.nn.ModuleList, agent: CacheAgent):
+    """Apply ``agent`` around every block's forward, as MindIE's docs do by hand."""
+    originals = []
+    for block in blocks:
+        orig = block.forward
+        sig = inspect.signature(orig)
+
+        def forward(*args, _orig=orig, _sig=sig, **kwargs):
+            bound = _sig.bind(*args, **kwargs).arguments
+            hidden = bound.pop("hidden_states")
+            return agent.apply(_orig, hidden_states=hidden, **bound)
+
+        originals.append(orig)
+        block.forward = forward
+    try:
+        yield agent
+    finally:
+        for block, orig in zip(blocks, originals):
+            block.forward = orig

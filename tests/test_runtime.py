@@ -1,0 +1,168 @@
+"""optimize() on toy DiTs with exactly predictable values."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from npu_cache_fx import CacheAgent, CacheConfig, ConfigError, optimize
+from npu_cache_fx.schedule import Action
+from toy import ToyDiT, toy_inputs
+
+TS = [900.0, 800.0, 700.0, 600.0, 500.0]
+GAINS = [2.0 ** i for i in range(8)]
+
+
+def closed_form(x, ts, rng, plan, n=7):
+    out, last = [], None
+    for s, t in enumerate(ts):
+        if plan[s] == "W":
+            last = t
+        tt = [last if plan[s] == "R" and i in rng else t for i in range(n)]
+        out.append(x + sum(g * u for g, u in zip(GAINS, tt)))
+    return out
+
+
+def ref_cfg(**kw):
+    base = dict(steps_count=5, step_start=1, step_interval=2, block_start=2, block_end=6, blocks="blocks")
+    base.update(kw)
+    return CacheConfig(**base)
+
+
+def run(model, ts, seed=0, **kw):
+    return [model(**toy_inputs(t, seed=seed, **kw))[0] for t in ts]
+
+
+def test_reference_trace_two_generations_exact():
+    model = ToyDiT(single=7)
+    opt = optimize(model, ref_cfg())
+    x = toy_inputs(0)["hidden_states"]
+    for _ in range(2):
+        got = run(opt, TS)
+        for g, w in zip(got, closed_form(x, TS, range(2, 6), "CWRWR")):
+            assert torch.equal(g, w)
+    assert opt.stats.steps == 10 and opt.stats.steps_reused == 4 and opt.stats.blocks_skipped == 16
+    assert opt.stats.captures == 1 and opt.stats.variants_built == 3
+
+
+def test_compute_steps_bit_identical_to_original():
+    model = ToyDiT(single=7)
+    opt = optimize(model, ref_cfg())
+    for s, t in enumerate(TS):
+        inputs = toy_inputs(t, seed=s)
+        got = opt(**inputs)[0]
+        if opt.plan.decision(s)[0] is not Action.READ:
+            assert torch.equal(got, model(**inputs)[0])
+
+
+def test_flux_like_two_block_lists_match_cache_agent():
+    # Dual blocks return (encoder, hidden); joint blocks cat/split the streams.
+    model = ToyDiT(dual=3, joint=4)
+    cfgs = [CacheConfig(steps_count=6, step_start=1, step_interval=2, blocks="transformer_blocks",
+                        block_start=1, block_end=3),
+            CacheConfig(steps_count=6, step_start=2, step_interval=3, blocks="single_transformer_blocks",
+                        block_start=0, block_end=3)]
+    opt = optimize(model, cfgs)
+    ref = ToyDiT(dual=3, joint=4)
+    ref.load_state_dict(model.state_dict())
+    ref.agents = {"transformer_blocks": CacheAgent(cfgs[0].resolved(3), output_order="encoder_first"),
+                  "single_transformer_blocks": CacheAgent(cfgs[1].resolved(4), output_order="encoder_first")}
+    ts = [float(1000 - 100 * s) for s in range(6)]
+    for s, t in enumerate(ts):
+        assert torch.equal(opt(**toy_inputs(t, seed=s))[0], ref(**toy_inputs(t, seed=s))[0]), s
+    assert len(opt.plan.variants()) == len(opt.variant_graphs)
+
+
+def test_warmup_generation_with_fewer_steps_then_full():
+    opt = optimize(ToyDiT(single=7), ref_cfg())
+    run(opt, [900.0, 800.0])                     # warm-up: 2 steps only
+    x = toy_inputs(0)["hidden_states"]
+    got = run(opt, TS)                           # timestep rises: new generation
+    assert all(torch.equal(g, w) for g, w in zip(got, closed_form(x, TS, range(2, 6), "CWRWR")))
+    assert opt.stats.generations == 2
+
+
+def test_sequential_cfg_contexts():
+    opt = optimize(ToyDiT(single=7), ref_cfg())
+    cond, uncond = [], []
+    for t in TS:
+        with opt.cache_context("cond"):
+            cond.append(opt(**toy_inputs(t, seed=0))[0])
+        with opt.cache_context("uncond"):
+            uncond.append(opt(**toy_inputs(t, seed=1))[0])
+    for seed, outs in ((0, cond), (1, uncond)):
+        x = toy_inputs(0, seed=seed)["hidden_states"]
+        assert all(torch.equal(g, w) for g, w in zip(outs, closed_form(x, TS, range(2, 6), "CWRWR")))
+    assert set(opt.stats.cache_bytes_by_context) == {"cond", "uncond"}
+    assert opt.stats.variants_built == 3  # contexts share variants
+
+
+@pytest.mark.parametrize("change", [dict(tokens=6), dict(batch=2)])
+def test_shape_or_batch_change_mid_generation_recomputes(change):
+    opt = optimize(ToyDiT(single=7), ref_cfg())
+    run(opt, TS[:2])                                  # step 1 wrote a (1, 4, 2) delta
+    got = opt(**toy_inputs(TS[2], **change))[0]       # step 2 would reuse: other shape -> compute
+    x = toy_inputs(0, **change)["hidden_states"]
+    assert torch.equal(got, x + sum(g * TS[2] for g in GAINS[:7]))
+    assert opt.stats.stale_reads_avoided == 1 and opt.stats.captures == 2
+
+
+def test_reset_and_wrap_invalidate_cache():
+    opt = optimize(ToyDiT(single=7), ref_cfg(), timestep_arg=None)
+    run(opt, TS[:2])
+    opt.reset()
+    x = toy_inputs(0)["hidden_states"]
+    got = run(opt, TS)
+    assert all(torch.equal(g, w) for g, w in zip(got, closed_form(x, TS, range(2, 6), "CWRWR")))
+
+
+def test_call_forms_return_dict_and_passthrough():
+    model = ToyDiT(single=7)
+    opt = optimize(model, ref_cfg())
+    inputs = toy_inputs(900.0)
+    out = opt(inputs["hidden_states"], inputs["encoder_hidden_states"], timestep=inputs["timestep"],
+              return_dict=True)
+    assert isinstance(out, dict) and torch.equal(out["sample"], model(**inputs)[0])
+    assert opt.proj_out is model.proj_out and opt.calls == model.calls
+    assert "ToyDiT" in repr(opt) and "variants=3" in repr(opt)
+
+
+def test_bypass_runs_the_model_itself():
+    model = ToyDiT(single=7)
+    opt = optimize(model, ref_cfg(step_interval=1))
+    run(opt, TS)
+    assert model.calls == 5 and opt.stats.captures == 0
+
+
+def test_cache_bytes_exact():
+    opt = optimize(ToyDiT(single=7), ref_cfg())
+    run(opt, TS[:2])
+    assert opt.stats.cache_bytes == 1 * 4 * 2 * 4  # one (1, 4, 2) float32 delta
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="overlap"):
+        optimize(ToyDiT(single=7), [ref_cfg(block_start=0, block_end=3), ref_cfg(block_start=2, block_end=5)])
+    with pytest.raises(ConfigError, match="blocks='nope' is not a ModuleList"):
+        optimize(ToyDiT(single=7), ref_cfg(blocks="nope"))
+    with pytest.raises(ConfigError, match="block_end must be <= blocks_count \\(7\\), got 8"):
+        optimize(ToyDiT(single=7), ref_cfg(block_end=8))
+
+    class NoBlocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.ModuleList([nn.Linear(2, 2), nn.ReLU()])
+
+        def forward(self, x):
+            return x
+
+    with pytest.raises(ConfigError, match=r"no block list found in NoBlocks \(ModuleLists: \['heads'\]\)"):
+        optimize(NoBlocks(), CacheConfig(steps_count=4))
+
+
+def test_same_timestep_twice_warns(caplog):
+    opt = optimize(ToyDiT(single=7), ref_cfg())
+    with caplog.at_level(logging.WARNING):
+        run(opt, [900.0, 900.0])
+    assert "cache_context" in caplog.text

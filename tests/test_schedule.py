@@ -1,0 +1,69 @@
+from npu_cache_fx import CacheConfig, make_plan
+from npu_cache_fx.schedule import Action, config_actions
+
+C, W, R = Action.COMPUTE, Action.WRITE, Action.READ
+
+
+def dit(**kw):
+    base = dict(method="dit_block_cache", blocks_count=7, steps_count=5)
+    base.update(kw)
+    return CacheConfig(**base).resolved()
+
+
+def attn(**kw):
+    base = dict(method="attention_cache", blocks_count=4, steps_count=10)
+    base.update(kw)
+    return CacheConfig(**base).resolved()
+
+
+def test_reference_trace():
+    # SPEC §2: steps 0,1,3 computed; 2 and 4 reuse what 1 and 3 recorded.
+    assert config_actions(dit(step_start=1, step_interval=2, block_start=2, block_end=6)) == [C, W, R, W, R]
+
+
+def test_dit_honours_step_end():
+    # MindIE defect 1: step_end is ignored by its dit cache (it would reuse at 6 and 8).
+    got = config_actions(dit(steps_count=10, step_start=2, step_interval=2, step_end=5))
+    assert got == [C, C, W, R, W, R, C, C, C, C]
+
+
+def test_refresh_whose_value_is_never_read_is_plain_compute():
+    # step 4 is a refresh (interval 2 from 0) but step_end=4 means nothing reads it.
+    assert config_actions(dit(step_start=0, step_interval=2, step_end=4)) == [W, R, W, R, C]
+
+
+def test_attention_semantics_match_mindie():
+    # reuse iff start < s <= end and (s-start) % I != 0; store iff computed and start <= s < end
+    got = config_actions(attn(step_start=2, step_interval=3, step_end=7))
+    assert got == [C, C, W, R, R, W, R, R, C, C]
+
+
+def test_attention_store_at_end_is_dropped():
+    # s=6 == step_end: MindIE does not store there; s=4 store feeds 5 and 6.
+    got = config_actions(attn(steps_count=8, step_start=0, step_interval=2, step_end=6))
+    assert got == [W, R, W, R, W, R, C, C]
+
+
+def test_bypass_plans_are_all_compute():
+    for cfg in (dit(step_start=5), dit(step_start=1, step_end=1), dit(block_start=7, block_end=7),
+                dit(step_interval=1), attn(step_interval=1)):
+        assert set(config_actions(cfg)) == {C}
+        assert make_plan([cfg]).bypass
+
+
+def test_combined_plan_variants_and_table():
+    plan = make_plan([dit(step_start=1, step_interval=2, blocks="a"),
+                      dit(step_start=2, step_interval=2, blocks="b")])
+    assert plan.decisions == ((C, C), (W, C), (R, W), (W, R), (R, C))
+    assert plan.variants() == [(C, C), (W, C), (R, W), (W, R), (R, C)]
+    assert plan.reuse_steps() == [2, 3, 4]
+    text = plan.table()
+    assert text.splitlines()[0].split(" | ")[0].strip() == "step"
+    assert "5 variant(s); 3 of 5 steps reuse" in text
+
+
+def test_steps_count_must_agree():
+    import pytest
+    from npu_cache_fx import ConfigError
+    with pytest.raises(ConfigError, match="steps_count must be the same"):
+        make_plan([dit(), dit(steps_count=6)])
