@@ -74,6 +74,18 @@ class _Variant:
     slots: List[Tuple[str, List[int], torch.dtype, torch.device]]
 
 
+@dataclass
+class _Call:
+    """What _prepare hands to the variant call and to _finish."""
+
+    ctx: "_Context"
+    entry: "_Entry"
+    variant: _Variant
+    valid: set
+    fn: Callable
+    inputs: List[Any]
+
+
 class _Entry:
     """One capture (one input signature) and the variants built from it."""
 
@@ -150,6 +162,7 @@ class OptimizedModule(torch.nn.Module):
         _check_overlaps(resolved)
         self.configs: Tuple[CacheConfig, ...] = tuple(resolved)
         self.plan: Plan = make_plan(resolved)
+        self._bypass = self.plan.bypass  # an attribute: forward must not call into traceable frames
         self.backend = backend
         self._backend_options = dict(backend_options or {})
         resolve_backend(backend, self._backend_options)  # fail now, not at the first step
@@ -218,9 +231,20 @@ class OptimizedModule(torch.nn.Module):
         return self._variant(self._entry(kwargs, leaves, spec), decision).graph
 
     # ------------------------------------------------------------------ dispatch
+    # Dynamo skips this frame only (recursive=False): under ``torch.compile(optimized)``
+    # the host logic in _prepare/_finish stays eager and uncompiled, while the call
+    # of the variant graph (a frame of its own) is what dynamo compiles -- one graph
+    # per variant, and no step counter in any graph.
+    @torch._dynamo.disable(recursive=False)
     def forward(self, *args, **kwargs):
-        if self.plan.bypass:
+        if self._bypass:
             return self.model(*args, **kwargs)
+        call = self._prepare(args, kwargs)
+        flat_out = call.fn(*call.inputs)
+        return self._finish(call, flat_out)
+
+    @torch._dynamo.disable
+    def _prepare(self, args, kwargs) -> "_Call":
         kwargs = self._normalize(args, kwargs)
         ctx = self._contexts.setdefault(self._active, _Context())
         self._maybe_new_generation(ctx, kwargs)
@@ -241,15 +265,19 @@ class OptimizedModule(torch.nn.Module):
                 buf = buffers[slot] = torch.zeros(shape, dtype=dtype, device=device)
                 self._update_bytes()
             cache_inputs.append(buf)
-        flat_out = variant.fn(*leaves, *cache_inputs)
+        return _Call(ctx, entry, variant, valid, variant.fn, [*leaves, *cache_inputs])
+
+    @torch._dynamo.disable
+    def _finish(self, call: "_Call", flat_out):
+        decision, ctx = call.variant.decision, call.ctx
         for i, action in enumerate(decision):
             if action is Action.WRITE:
-                valid.update(s for s, *_ in variant.slots if s.startswith(f"c{i}."))
+                call.valid.update(s for s, *_ in call.variant.slots if s.startswith(f"c{i}."))
         self._count(decision)
         ctx.step += 1
         if ctx.step == self.plan.steps_count:
             ctx.new_generation()
-        return pytree.tree_unflatten(list(flat_out), entry.capture.out_spec)
+        return pytree.tree_unflatten(list(flat_out), call.entry.capture.out_spec)
 
     # ------------------------------------------------------------------ helpers
     def _find_timestep_arg(self, requested: Optional[str]) -> Optional[str]:
