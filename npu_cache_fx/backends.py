@@ -16,7 +16,8 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 import torch.fx as fx
 
-__all__ = ["BackendUnavailable", "BACKENDS", "compile_graph", "resolve_backend", "TORCHAIR_MODES"]
+__all__ = ["BackendUnavailable", "BACKENDS", "compile_graph", "prepare_for_torchair", "resolve_backend",
+           "TORCHAIR_MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,52 @@ def resolve_backend(backend: Backend, options: Optional[Dict[str, Any]] = None) 
                      f"or a callable; got {backend!r}")
 
 
+def _torch_npu_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("torch_npu") is not None
+
+
+def prepare_for_torchair(gm: fx.GraphModule, options: Optional[Dict[str, Any]] = None) -> fx.GraphModule:
+    """Make a variant GE-convertible: no export asserts, attention without fused SDPA.
+
+    In GE mode (``max-autotune``) an aten op without a working converter fails the
+    compile. ``aten._assert_tensor_metadata`` (inserted by export) and the fused SDPA
+    overloads have none; SDPA becomes torch_npu's ``npu_fused_infer_attention_score``
+    (fp16/bf16, torch_npu present) or matmul + softmax (``options["sdpa"]``:
+    ``"auto"`` | ``"npu_fused_infer_attention_score"`` | ``"matmul"`` | ``"keep"``).
+    aclgraph modes need no converters and keep SDPA.
+    """
+    from .opcheck import gelu_erf_nodes, strip_runtime_asserts
+    from .passes.sdpa import decompose_sdpa
+
+    options = dict(options or {})
+    strip_runtime_asserts(gm)
+    mode = options.get("mode", "max-autotune")
+    sdpa = options.get("sdpa", "auto" if mode == "max-autotune" else "keep")
+    if sdpa == "auto":
+        sdpa = "npu_fused_infer_attention_score" if _torch_npu_available() and _half_attention(gm) else "matmul"
+    if sdpa != "keep":
+        decompose_sdpa(gm, impl=sdpa)
+    if mode == "max-autotune" and gelu_erf_nodes(gm):
+        log.warning("torchair GE mode computes aten.gelu with the tanh approximation: %d exact-erf gelu "
+                    "node(s) in this graph will change numerically", len(gelu_erf_nodes(gm)))
+    gm.recompile()
+    return gm
+
+
+def _half_attention(gm: fx.GraphModule) -> bool:
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "scaled_dot_product" in str(node.target):
+            val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+            return val is not None and val.dtype in (torch.float16, torch.bfloat16)
+    return False
+
+
 def compile_graph(gm: fx.GraphModule, backend: Backend, options: Optional[Dict[str, Any]] = None) -> Callable:
     """Compile one variant with ``fullgraph=True`` and static shapes (one graph, no recompiles)."""
     resolved = resolve_backend(backend, options)
     if resolved is None:
         return gm
+    if backend == "torchair":
+        prepare_for_torchair(gm, options)
     return torch.compile(gm, backend=resolved, fullgraph=True, dynamic=False)

@@ -3,5 +3,6 @@
 from .block_cache import block_cache_pass
 from .common import eliminate_dead_code
 from .lower import lower_cache_ops
+from .sdpa import DecomposeSDPA, decompose_sdpa
 
-__all__ = ["block_cache_pass", "eliminate_dead_code", "lower_cache_ops"]
+__all__ = ["DecomposeSDPA", "block_cache_pass", "decompose_sdpa", "eliminate_dead_code", "lower_cache_ops"]

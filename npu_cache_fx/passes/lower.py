@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops import CACHE_READ, CACHE_WRITE
-from .common import set_val
+from .common import eliminate_dead_code, set_val
 
 __all__ = ["lower_cache_ops"]
 
@@ -56,5 +56,5 @@ def lower_cache_ops(gm: fx.GraphModule) -> PassResult:
                 graph.call_function(torch.ops.aten.copy_.default, (buf, value))
             graph.erase_node(node)
     gm.meta["cache_slots"] = meta
-    gm.recompile()
+    eliminate_dead_code(gm)  # also drops export's unused metadata asserts from every variant
     return PassResult(gm, bool(meta))

@@ -1,0 +1,75 @@
+"""The torchair path without an NPU: every variant handed to torchair is GE-convertible.
+
+torchair is an AOTAutograd backend; ``trace_like_torchair`` reproduces its trace
+(keep_inference_input_mutations, its near-empty decomposition table, view->reshape)
+and the op list comes from the torch_npu wheel's converter sources.
+"""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from npu_cache_fx import CacheConfig, optimize  # noqa: E402
+from npu_cache_fx.backends import BackendUnavailable, compile_graph, prepare_for_torchair  # noqa: E402
+from npu_cache_fx.opcheck import aten_ops, trace_like_torchair, unsupported_torchair_ops  # noqa: E402
+from dit_models import flux_inputs, tiny_flux, tiny_wan, wan_inputs  # noqa: E402
+
+HOST_SYNC_OPS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.nonzero.default"}
+
+
+def variants(name):
+    if name == "flux":
+        model, make = tiny_flux(layers=1, single=2), flux_inputs
+        cfgs = [CacheConfig(steps_count=8, step_start=1, step_interval=2, blocks="transformer_blocks"),
+                CacheConfig(steps_count=8, step_start=2, step_interval=2, blocks="single_transformer_blocks")]
+    else:
+        model, make = tiny_wan(layers=2), wan_inputs
+        cfgs = [CacheConfig(steps_count=8, step_start=1, step_interval=2, block_start=1)]
+    opt = optimize(model, cfgs)
+    inputs = make(0.5)
+    for decision in opt.plan.variants():
+        gm = opt.build_variant(decision, **inputs)
+        leaves = [v for v in inputs.values()]
+        bufs = [torch.randn(shape, dtype=dtype) for _, shape, dtype, _ in gm.meta["cache_slots"]]
+        yield decision, gm, leaves + bufs
+
+
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_every_variant_is_ge_convertible_after_preparation(name):
+    seen = 0
+    for decision, gm, example in variants(name):
+        before = unsupported_torchair_ops(copy.deepcopy(gm), example)
+        assert set(before) <= {"aten._scaled_dot_product_flash_attention_for_cpu.default"}, before
+        want = gm(*example)
+        prepared = prepare_for_torchair(gm, {"mode": "max-autotune"})
+        assert unsupported_torchair_ops(prepared, example) == {}, decision
+        torch.testing.assert_close(prepared(*example), want, rtol=1e-5, atol=1e-5)
+        traced = trace_like_torchair(prepared, example)
+        ops = aten_ops(traced)
+        assert not HOST_SYNC_OPS & set(ops)          # aclgraph: no host sync inside a variant
+        n_slots = len(gm.meta["cache_slots"])
+        writes = sum(1 for n in prepared.graph.nodes if n.target is torch.ops.aten.copy_.default
+                     and n.args[0].op == "placeholder" and n.args[0].name.startswith("cache_"))
+        assert ops.get("aten.copy_.default", 0) == writes  # cache writes stay in-place (GE Assign)
+        assert writes <= n_slots
+        seen += 1
+    assert seen >= 3
+
+
+def test_aclgraph_mode_keeps_sdpa():
+    _, gm, example = next(iter(variants("wan")))
+    prepare_for_torchair(gm, {"mode": "reduce-overhead"})
+    assert any("scaled_dot_product" in str(n.target) for n in gm.graph.nodes)
+
+
+def test_torchair_unavailable_says_what_to_install():
+    model = tiny_wan(layers=2)
+    with pytest.raises(BackendUnavailable, match=r"pip install 'npu_cache_fx\[ascend\]'.*CANN"):
+        optimize(model, CacheConfig(steps_count=8, step_interval=2), backend="torchair")
+    with pytest.raises(BackendUnavailable):
+        compile_graph(torch.fx.symbolic_trace(torch.nn.Identity()), "torchair")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        optimize(model, CacheConfig(steps_count=8, step_interval=2), backend="tensorrt-llm")
