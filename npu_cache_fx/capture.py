@@ -27,8 +27,8 @@ from torch.utils import _pytree as pytree
 from .config import ConfigError
 
 __all__ = [
-    "BlockList", "Capture", "Region", "Stream", "block_region", "capture", "find_block_lists",
-    "region_from_nodes", "resolve_block_list",
+    "AttentionSite", "BlockList", "Capture", "Region", "Stream", "attention_children", "attention_sites",
+    "block_region", "capture", "find_block_lists", "module_nodes", "region_from_nodes", "resolve_block_list",
 ]
 
 log = logging.getLogger(__name__)
@@ -345,3 +345,71 @@ def block_region(cap: Capture, list_fqn: str, start: int, end: int, label: Optio
     names = {n for i in range(start, end) for n in spans[i]}
     roles = cap.signatures.get(f"{list_fqn}.{start}", {})
     return region_from_nodes(cap.gm, names, label or f"{list_fqn}[{start}:{end}]", roles)
+
+
+# ----------------------------------------------------------------------------- attention sites
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention module call: its nodes and the tensors it hands to the rest of the graph."""
+
+    block: int
+    fqn: str
+    nodes: frozenset
+    outputs: Tuple[str, ...]
+
+
+def attention_children(block: torch.nn.Module) -> List[str]:
+    """Names of a block's direct attention submodules, in module order."""
+    return [name for name, child in block.named_children()
+            if "attention" in type(child).__name__.lower() and "norm" not in type(child).__name__.lower()]
+
+
+def _choose_attention(model: torch.nn.Module, block_fqn: str, attention: Optional[str]) -> List[str]:
+    block = model.get_submodule(block_fqn)
+    available = attention_children(block)
+    if attention is None:
+        if not available:
+            raise ConfigError(f"{block_fqn} ({type(block).__name__}) has no attention submodule; "
+                              f"pass CacheConfig(attention=<one of {[n for n, _ in block.named_children()]}>)")
+        return available[:1]
+    if attention == "all":
+        return available
+    names = [n.strip() for n in attention.split(",") if n.strip()]
+    children = dict(block.named_children())
+    for name in names:
+        if name not in children:
+            raise ConfigError(f"CacheConfig.attention={attention!r}: {block_fqn} has no submodule {name!r}; "
+                              f"attention submodules: {available}")
+    return names
+
+
+def module_nodes(gm: fx.GraphModule, fqn: str) -> List[str]:
+    """Names of the call_function nodes executed inside module ``fqn`` (graph order)."""
+    prefix = fqn + "."
+    out = []
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op == "call_function" and stack and any(p == fqn or p.startswith(prefix) for p, _ in stack.values()):
+            out.append(node.name)
+    return out
+
+
+def attention_sites(cap: Capture, model: torch.nn.Module, list_fqn: str, start: int, end: int,
+                    attention: Optional[str] = None) -> List[AttentionSite]:
+    """The attention calls of blocks ``[start, end)`` of ``list_fqn``, by module identity."""
+    by_name = {n.name: n for n in cap.gm.graph.nodes}
+    sites = []
+    for i in range(start, end):
+        block_fqn = f"{list_fqn}.{i}"
+        for child in _choose_attention(model, block_fqn, attention):
+            fqn = f"{block_fqn}.{child}"
+            names = module_nodes(cap.gm, fqn)
+            if not names:
+                raise ConfigError(f"attention module {fqn} left no nodes in the captured graph (not called?)")
+            span = frozenset(names)
+            outputs = tuple(n for n in names if any(u.name not in span for u in by_name[n].users))
+            for n in outputs:
+                if not isinstance(by_name[n].meta.get("val"), torch.Tensor):
+                    raise ConfigError(f"attention module {fqn} returns a non-tensor value ({n}); cannot cache it")
+            sites.append(AttentionSite(i, fqn, span, outputs))
+    return sites

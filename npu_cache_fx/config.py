@@ -63,6 +63,12 @@ class CacheConfig:
     * ``blocks``: module path of the block list (``"single_transformer_blocks"``);
       auto-detected when omitted.
     * ``name``: label used in the plan table and in cache slot names.
+    * ``attention`` (attention cache): the block's attention submodule to cache
+      (``"attn"``, ``"attn1"``, comma-separated names, or ``"all"``); default:
+      the block's first attention submodule (self-attention).
+    * ``max_cache_bytes``: cache-memory budget per cache context. An attention
+      cache over budget caches only the blocks that fit, preferring the highest
+      measured attention cost per byte; a DiT cache over budget is an error.
 
     ``step_end``/``block_end`` of ``10000`` (MindIE's defaults) mean "to the end".
 
@@ -82,6 +88,8 @@ class CacheConfig:
     block_end: Optional[int] = None
     blocks: Optional[str] = None
     name: Optional[str] = None
+    attention: Optional[str] = None
+    max_cache_bytes: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -103,7 +111,11 @@ class CacheConfig:
                 and self.blocks_count < self.block_end < MINDIE_UNBOUNDED):
             raise ConfigError(
                 f"CacheConfig.block_end must be <= blocks_count ({self.blocks_count}), got {self.block_end}")
-        for field in ("blocks", "name"):
+        _check_int("max_cache_bytes", self.max_cache_bytes, minimum=0, optional=True)
+        if self.attention is not None and self.method != "attention_cache":
+            raise ConfigError(f"CacheConfig.attention={self.attention!r} only applies to method='attention_cache', "
+                              f"got method={self.method!r}")
+        for field in ("blocks", "name", "attention"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"CacheConfig.{field} must be a non-empty str, got {value!r}")

@@ -31,9 +31,11 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .backends import Backend, compile_graph, resolve_backend
-from .capture import Capture, Region, block_region, capture, resolve_block_list
+from .capture import AttentionSite, Capture, Region, attention_sites, block_region, capture, resolve_block_list
 from .config import CacheConfig, ConfigError
-from .passes import block_cache_pass, lower_cache_ops
+from .passes import attention_cache_pass, block_cache_pass, lower_cache_ops
+from .passes.attention_cache import attention_slot
+from .profile import span_costs
 from .schedule import Action, Decision, Plan, make_plan
 
 __all__ = ["OptimizedModule", "Stats", "optimize"]
@@ -51,6 +53,7 @@ class Stats:
     steps_computed: int = 0
     steps_reused: int = 0
     blocks_skipped: int = 0
+    attention_calls_skipped: int = 0
     stale_reads_avoided: int = 0
     generations: int = 0  # generations started (per context)
     captures: int = 0
@@ -59,11 +62,12 @@ class Stats:
     path: str = "export"
     cache_bytes: int = 0
     cache_bytes_by_context: Dict[str, int] = field(default_factory=dict)
+    cache_bytes_by_config: Dict[str, int] = field(default_factory=dict)
 
     def clear(self) -> None:
-        keep = (self.path, self.cache_bytes, self.cache_bytes_by_context)
+        keep = (self.path, self.cache_bytes, self.cache_bytes_by_context, self.cache_bytes_by_config)
         self.__init__()
-        self.path, self.cache_bytes, self.cache_bytes_by_context = keep
+        self.path, self.cache_bytes, self.cache_bytes_by_context, self.cache_bytes_by_config = keep
 
 
 @dataclass
@@ -86,18 +90,47 @@ class _Call:
     inputs: List[Any]
 
 
+@dataclass
+class _Target:
+    """What config ``index`` rewrites in one capture: a block region (dit) or attention sites."""
+
+    index: int
+    config: CacheConfig
+    region: Optional[Region] = None
+    sites: Tuple[AttentionSite, ...] = ()
+    slot_bytes: Dict[str, int] = field(default_factory=dict)
+    first: int = 0  # graph position of the first rewritten node
+
+    @property
+    def prefix(self) -> str:
+        return f"c{self.index}"
+
+    @property
+    def slots(self) -> Tuple[str, ...]:
+        return tuple(self.slot_bytes)
+
+    def rewrite(self, gm: fx.GraphModule, action: Action) -> None:
+        if self.region is not None:
+            block_cache_pass(gm, self.region, action.value, self.prefix, dce=False)
+        elif self.sites:
+            attention_cache_pass(gm, self.sites, action.value, self.prefix, dce=False)
+
+
+def _nbytes(node: fx.Node) -> int:
+    val = node.meta["val"]
+    return val.numel() * val.element_size()
+
+
 class _Entry:
     """One capture (one input signature) and the variants built from it."""
 
-    def __init__(self, cap: Capture, regions: List[Region], configs: Sequence[CacheConfig]):
+    def __init__(self, cap: Capture, targets: List[_Target]):
         self.capture = cap
-        self.regions = regions
-        self.configs = configs
+        self.targets = targets
         self.variants: Dict[Decision, _Variant] = {}
-        order = {n.name: i for i, n in enumerate(cap.gm.graph.nodes)}
-        # Rewrite downstream regions first: an upstream rewrite then redirects the
+        # Rewrite downstream targets first: an upstream rewrite then redirects the
         # downstream region's input along with every other user.
-        self.rewrite_order = sorted(range(len(regions)), key=lambda i: -min(order[n] for n in regions[i].nodes))
+        self.rewrite_order = sorted((t for t in targets if t.slot_bytes), key=lambda t: -t.first)
 
     def build(self, decision: Decision) -> fx.GraphModule:
         cap = self.capture
@@ -105,10 +138,12 @@ class _Entry:
         out = graph.graph_copy(cap.gm.graph, {})
         graph.output(out)
         gm = fx.GraphModule(cap.gm, graph, class_name="CacheVariant")
-        for i in self.rewrite_order:
-            action = decision[i]
+        # No DCE until every target is rewritten: a write keeps alive a stream that a
+        # downstream read made dead, so the recorded cache is complete.
+        for target in self.rewrite_order:
+            action = decision[target.index]
             if action is not Action.COMPUTE:
-                block_cache_pass(gm, self.regions[i], action.value, slot_prefix=f"c{i}")
+                target.rewrite(gm, action)
         lower_cache_ops(gm)
         return gm
 
@@ -270,10 +305,11 @@ class OptimizedModule(torch.nn.Module):
     @torch._dynamo.disable
     def _finish(self, call: "_Call", flat_out):
         decision, ctx = call.variant.decision, call.ctx
-        for i, action in enumerate(decision):
-            if action is Action.WRITE:
-                call.valid.update(s for s, *_ in call.variant.slots if s.startswith(f"c{i}."))
-        self._count(decision)
+        written = {s for s, *_ in call.variant.slots}
+        for target in call.entry.targets:
+            if decision[target.index] is Action.WRITE:
+                call.valid.update(s for s in target.slots if s in written)
+        self._count(call.entry, decision)
         ctx.step += 1
         if ctx.step == self.plan.steps_count:
             ctx.new_generation()
@@ -336,15 +372,56 @@ class OptimizedModule(torch.nn.Module):
                 cap = capture(self.model, kwargs, lists)
             if cap.in_spec != spec:
                 raise RuntimeError(f"captured input structure {cap.in_spec} differs from the call's {spec}")
-            regions = [block_region(cap, c.blocks, c.block_start, c.block_end, label=c.label)
-                       if c.block_end > c.block_start else None for c in self.configs]
-            entry = self._entries[key] = _Entry(cap, regions, self.configs)
+            targets = [self._target(i, c, cap, leaves) for i, c in enumerate(self.configs)]
+            entry = self._entries[key] = _Entry(cap, targets)
             self.stats.captures += 1
             self.stats.capture_seconds += cap.seconds
             if len(self._entries) > 1:
                 log.info("new input signature for %s: captured again (%d captures)",
                          type(self.model).__name__, len(self._entries))
         return entry
+
+    def _target(self, i: int, cfg: CacheConfig, cap: Capture, leaves) -> _Target:
+        target = _Target(i, cfg)
+        if cfg.bypass:
+            return target
+        nodes = cap.nodes()
+        order = {name: k for k, name in enumerate(nodes)}
+        if cfg.method == "dit_block_cache":
+            region = block_region(cap, cfg.blocks, cfg.block_start, cfg.block_end, label=cfg.label)
+            target.region = region
+            target.slot_bytes = {f"{target.prefix}.{s.role}": _nbytes(nodes[s.input]) for s in region.streams}
+            target.first = min(order[n] for n in region.nodes)
+            total = sum(target.slot_bytes.values())
+            if cfg.max_cache_bytes is not None and total > cfg.max_cache_bytes:
+                raise ConfigError(f"CacheConfig.max_cache_bytes={cfg.max_cache_bytes}: {cfg.label} needs {total} "
+                                  "bytes per cache context for these inputs")
+            return target
+        sites = attention_sites(cap, self.model, cfg.blocks, cfg.block_start, cfg.block_end, cfg.attention)
+        sites = self._fit_budget(cfg, cap, leaves, sites, nodes)
+        target.sites = tuple(sites)
+        target.slot_bytes = {attention_slot(target.prefix, site, k): _nbytes(nodes[name])
+                             for site in sites for k, name in enumerate(site.outputs)}
+        target.first = min((order[n] for site in sites for n in site.nodes), default=0)
+        return target
+
+    def _fit_budget(self, cfg: CacheConfig, cap: Capture, leaves, sites, nodes) -> List[AttentionSite]:
+        """Keep the attention calls that fit ``max_cache_bytes``, highest measured cost per byte first."""
+        if cfg.max_cache_bytes is None:
+            return sites
+        size = {s.fqn: sum(_nbytes(nodes[n]) for n in s.outputs) for s in sites}
+        if sum(size.values()) <= cfg.max_cache_bytes:
+            return sites
+        cost = span_costs(cap.gm, leaves, {s.fqn: s.nodes for s in sites})
+        chosen, used = [], 0
+        for site in sorted(sites, key=lambda s: -cost[s.fqn] / max(size[s.fqn], 1)):
+            if used + size[site.fqn] <= cfg.max_cache_bytes:
+                chosen.append(site)
+                used += size[site.fqn]
+        log.warning("%s: max_cache_bytes=%d fits %d of %d attention calls (%d bytes); cached: %s; computed: %s",
+                    cfg.label, cfg.max_cache_bytes, len(chosen), len(sites), used,
+                    [s.fqn for s in chosen], [s.fqn for s in sites if s not in chosen])
+        return sorted(chosen, key=lambda s: s.block)
 
     def _variant(self, entry: _Entry, decision: Decision) -> _Variant:
         variant = entry.variants.get(decision)
@@ -358,21 +435,21 @@ class OptimizedModule(torch.nn.Module):
     def _safe_decision(self, entry: _Entry, decision: Decision, valid: set) -> Decision:
         """Never read a slot not written in this generation for this input signature."""
         fixed = list(decision)
-        for i, action in enumerate(decision):
-            if action is Action.READ:
-                streams = entry.regions[i].streams
-                if not all(f"c{i}.{s.role}" in valid for s in streams):
-                    fixed[i] = Action.COMPUTE
-                    self.stats.stale_reads_avoided += 1
+        for target in entry.targets:
+            if decision[target.index] is Action.READ and not all(s in valid for s in target.slots):
+                fixed[target.index] = Action.COMPUTE
+                self.stats.stale_reads_avoided += 1
         return tuple(fixed)
 
-    def _count(self, decision: Decision) -> None:
+    def _count(self, entry: _Entry, decision: Decision) -> None:
         self.stats.steps += 1
-        reads = [i for i, a in enumerate(decision) if a is Action.READ]
+        reads = [t for t in entry.targets if decision[t.index] is Action.READ]
         if reads:
             self.stats.steps_reused += 1
-            self.stats.blocks_skipped += sum(self.configs[i].block_end - self.configs[i].block_start
-                                             for i in reads)
+            for t in reads:
+                if t.region is not None:
+                    self.stats.blocks_skipped += t.config.block_end - t.config.block_start
+                self.stats.attention_calls_skipped += len(t.sites)
         else:
             self.stats.steps_computed += 1
 
@@ -380,6 +457,13 @@ class OptimizedModule(torch.nn.Module):
         by_ctx = {name: ctx.nbytes() for name, ctx in self._contexts.items()}
         self.stats.cache_bytes_by_context = by_ctx
         self.stats.cache_bytes = sum(by_ctx.values())
+        by_config: Dict[str, int] = {}
+        for ctx in self._contexts.values():
+            for bufs in ctx.buffers.values():
+                for slot, t in bufs.items():
+                    label = self.configs[int(slot.split(".", 1)[0][1:])].label
+                    by_config[label] = by_config.get(label, 0) + t.numel() * t.element_size()
+        self.stats.cache_bytes_by_config = by_config
 
 
 def _check_overlaps(configs: Sequence[CacheConfig]) -> None:

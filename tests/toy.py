@@ -93,3 +93,80 @@ def toy_inputs(timestep: float, batch: int = 1, tokens: int = 4, text: int = 4, 
         encoder_hidden_states=torch.randint(-8, 8, (batch, text, dim), generator=g).float(),
         timestep=torch.full((batch,), float(timestep)),
     )
+
+
+class ToyAttention(nn.Module):
+    """Dummy attention: returns ``gain * temb`` (broadcast), so cached values are predictable."""
+
+    def __init__(self, gain: float):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(float(gain)), requires_grad=False)
+        self.to_q = nn.Identity()
+
+    def forward(self, hidden_states, temb):
+        return self.to_q(self.gain * temb + 0 * hidden_states)
+
+
+class AttnBlock(nn.Module):
+    """``h + attn(h, temb) + ff`` with a dummy attention; ff adds ``temb`` so blocks differ per step."""
+
+    def __init__(self, i: int):
+        super().__init__()
+        self.norm1 = nn.Identity()
+        self.attn = ToyAttention(2.0 ** i)
+
+    def forward(self, hidden_states, encoder_hidden_states, temb):
+        return hidden_states + self.attn(self.norm1(hidden_states), temb) + temb
+
+
+class AttnDiT(nn.Module):
+    def __init__(self, n: int = 4):
+        super().__init__()
+        self.blocks = nn.ModuleList(AttnBlock(i) for i in range(n))
+
+    def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, return_dict: bool = False):
+        temb = timestep.reshape(-1, 1, 1)
+        h = hidden_states
+        for blk in self.blocks:
+            h = blk(h, encoder_hidden_states, temb)
+        return (h,)
+
+
+class QKVAttention(nn.Module):
+    """A real self-attention with Q/K/V projections and SDPA."""
+
+    def __init__(self, dim: int = 8, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = (f(x).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, d))
+
+
+class QKVBlock(nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = QKVAttention(dim)
+        self.ff = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states, encoder_hidden_states, temb):
+        h = hidden_states + self.attn(self.norm1(hidden_states))
+        return h + self.ff(h) * temb
+
+
+class QKVDiT(nn.Module):
+    def __init__(self, n: int = 3, dim: int = 8):
+        super().__init__()
+        self.blocks = nn.ModuleList(QKVBlock(dim) for _ in range(n))
+
+    def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, return_dict: bool = False):
+        temb = timestep.reshape(-1, 1, 1)
+        h = hidden_states
+        for blk in self.blocks:
+            h = blk(h, encoder_hidden_states, temb)
+        return (h,)

@@ -1,0 +1,61 @@
+"""Attention cache: store attention outputs (write) or replace the attention call by them (read).
+
+On a read step every output of each cached attention call becomes a
+``cache_read``; dead-code elimination then removes the call and everything that
+only fed it (its norms, Q/K/V projections, rotary application). Calls with
+several outputs (joint attention returning ``(hidden, encoder)``) are cached whole.
+
+Example::
+
+    >>> sites = attention_sites(capture, model, "transformer_blocks", 0, 2)   # doctest: +SKIP
+    >>> attention_cache_pass(gm, sites, "read", slot_prefix="attn").modified  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from ..capture import AttentionSite
+from ..ops import CACHE_READ, CACHE_WRITE
+from .common import eliminate_dead_code, set_val, slot_meta
+
+__all__ = ["attention_cache_pass", "attention_slot"]
+
+
+def attention_slot(prefix: str, site: AttentionSite, k: int) -> str:
+    return f"{prefix}.{site.fqn}.{k}"
+
+
+def attention_cache_pass(gm: fx.GraphModule, sites: Sequence[AttentionSite], mode: str, slot_prefix: str,
+                         *, dce: bool = True) -> PassResult:
+    """Rewrite the attention calls ``sites`` of ``gm`` in place for ``mode`` in {"write", "read"}."""
+    if mode not in ("write", "read"):
+        raise ValueError(f"attention_cache_pass mode must be 'write' or 'read', got {mode!r}")
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    removed = set()
+    for site in sites:
+        for k, name in enumerate(site.outputs):
+            if name not in nodes:  # an earlier rewrite left this output dead
+                continue
+            out = nodes[name]
+            slot = attention_slot(slot_prefix, site, k)
+            if mode == "write":
+                with graph.inserting_after(out):
+                    graph.call_function(CACHE_WRITE, (out, slot))
+            else:
+                shape, dtype, device = slot_meta(out)
+                with graph.inserting_after(out):
+                    cached = graph.call_function(CACHE_READ, (slot, shape, dtype, device))
+                    set_val(cached, out)
+                out.replace_all_uses_with(cached, delete_user_cb=lambda user: user.name not in site.nodes)
+                removed |= site.nodes
+    if mode == "read" and dce:
+        eliminate_dead_code(gm, pure=removed)
+    else:
+        gm.recompile()
+    return PassResult(gm, bool(sites))
