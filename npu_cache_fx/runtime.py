@@ -31,14 +31,15 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .backends import Backend, compile_graph, resolve_backend
-from .capture import AttentionSite, Capture, Region, attention_sites, block_region, capture, resolve_block_list
+from .capture import (AttentionSite, Capture, Region, attention_sites, block_region, capture, find_block_lists,
+                      resolve_block_list)
 from .config import CacheConfig, ConfigError
 from .passes import attention_cache_pass, block_cache_pass, lower_cache_ops
 from .passes.attention_cache import attention_slot
 from .profile import span_costs
 from .schedule import Action, Decision, Plan, make_plan
 
-__all__ = ["OptimizedModule", "Stats", "optimize"]
+__all__ = ["CaptureCache", "OptimizedModule", "Stats", "optimize"]
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +186,13 @@ class OptimizedModule(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, configs: Sequence[CacheConfig], backend: Backend = None,
-                 backend_options: Optional[Dict[str, Any]] = None, timestep_arg: Optional[str] = "auto"):
+                 backend_options: Optional[Dict[str, Any]] = None, timestep_arg: Optional[str] = "auto",
+                 captures: Optional["CaptureCache"] = None):
         super().__init__()
         self.model = model
+        if captures is not None and captures.model is not model:
+            raise ValueError("captures= belongs to another model")
+        self._captures = captures if captures is not None else CaptureCache(model)
         resolved = []
         for cfg in configs:
             if not isinstance(cfg, CacheConfig):
@@ -222,6 +227,7 @@ class OptimizedModule(torch.nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # Captures and buffers hold tensors of the old device/dtype: drop them.
         self._entries.clear()
+        self._captures.clear()
         self._contexts.clear()
         return super()._apply(fn, *args, **kwargs)
 
@@ -367,15 +373,18 @@ class OptimizedModule(torch.nn.Module):
         key = key if key is not None else (spec, tuple(_leaf_key(x) for x in leaves))
         entry = self._entries.get(key)
         if entry is None:
-            lists = list(dict.fromkeys(c.blocks for c in self.configs))
-            with torch.no_grad():
-                cap = capture(self.model, kwargs, lists)
+            cap = self._captures.get(key)
+            if cap is None:
+                lists = list(dict.fromkeys([c.blocks for c in self.configs]
+                                           + [b.fqn for b in find_block_lists(self.model)]))
+                with torch.no_grad():
+                    cap = self._captures[key] = capture(self.model, kwargs, lists)
+                self.stats.captures += 1
+                self.stats.capture_seconds += cap.seconds
             if cap.in_spec != spec:
                 raise RuntimeError(f"captured input structure {cap.in_spec} differs from the call's {spec}")
             targets = [self._target(i, c, cap, leaves) for i, c in enumerate(self.configs)]
             entry = self._entries[key] = _Entry(cap, targets)
-            self.stats.captures += 1
-            self.stats.capture_seconds += cap.seconds
             if len(self._entries) > 1:
                 log.info("new input signature for %s: captured again (%d captures)",
                          type(self.model).__name__, len(self._entries))
@@ -466,6 +475,18 @@ class OptimizedModule(torch.nn.Module):
         self.stats.cache_bytes_by_config = by_config
 
 
+class CaptureCache(dict):
+    """Captures of one model keyed by input signature, shareable between optimized modules.
+
+    The search builds one module per candidate plan over the same capture:
+    ``optimize(model, cfg, captures=cache)`` never retraces a signature in ``cache``.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+
 def _check_overlaps(configs: Sequence[CacheConfig]) -> None:
     for i, a in enumerate(configs):
         for b in configs[i + 1:]:
@@ -477,7 +498,7 @@ def _check_overlaps(configs: Sequence[CacheConfig]) -> None:
 
 def optimize(model: torch.nn.Module, cache_config: Union[CacheConfig, Sequence[CacheConfig]], *,
              backend: Backend = None, backend_options: Optional[Dict[str, Any]] = None,
-             timestep_arg: Optional[str] = "auto") -> OptimizedModule:
+             timestep_arg: Optional[str] = "auto", captures: Optional[CaptureCache] = None) -> OptimizedModule:
     """Rewrite ``model`` so steps reuse cached block outputs per ``cache_config``.
 
     Args:
@@ -489,7 +510,12 @@ def optimize(model: torch.nn.Module, cache_config: Union[CacheConfig, Sequence[C
         backend_options: e.g. ``{"mode": "reduce-overhead"}`` or
             ``{"compiler_config": torchair.CompilerConfig()}`` for torchair.
         timestep_arg: forward parameter whose value rising starts a new generation
-            (``"auto"``: ``timestep``/``timesteps``/``t``; ``None`` disables).
+            (``"auto"``: ``timestep``/``timesteps``/``t``; ``None`` disables). Detecting it
+            reads one scalar of the timestep per call: on an accelerator that is a
+            host sync per step; ``None`` avoids it (then call ``reset()`` between
+            generations that do not run all ``steps_count`` steps).
+        captures: a :class:`CaptureCache` shared with other optimized modules of
+            the same model (the search evaluates many plans on one capture).
 
     Example::
 
@@ -498,4 +524,4 @@ def optimize(model: torch.nn.Module, cache_config: Union[CacheConfig, Sequence[C
         >>> pipe.transformer = optimize(pipe.transformer, cfg)   # doctest: +SKIP
     """
     configs = [cache_config] if isinstance(cache_config, CacheConfig) else list(cache_config)
-    return OptimizedModule(model, configs, backend, backend_options, timestep_arg)
+    return OptimizedModule(model, configs, backend, backend_options, timestep_arg, captures)

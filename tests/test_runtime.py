@@ -166,3 +166,18 @@ def test_same_timestep_twice_warns(caplog):
     with caplog.at_level(logging.WARNING):
         run(opt, [900.0, 900.0])
     assert "cache_context" in caplog.text
+
+
+def test_capture_cache_shared_between_plans():
+    from npu_cache_fx.runtime import CaptureCache
+    model = ToyDiT(single=7)
+    cache = CaptureCache(model)
+    first = optimize(model, ref_cfg(), captures=cache)
+    run(first, TS)
+    second = optimize(model, ref_cfg(block_start=0, block_end=3), captures=cache)
+    x = toy_inputs(0)["hidden_states"]
+    got = run(second, TS)
+    assert all(torch.equal(g, w) for g, w in zip(got, closed_form(x, TS, range(0, 3), "CWRWR")))
+    assert (first.stats.captures, second.stats.captures, len(cache)) == (1, 0, 1)
+    with pytest.raises(ValueError, match="another model"):
+        optimize(ToyDiT(single=7), ref_cfg(), captures=cache)
