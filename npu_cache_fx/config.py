@@ -19,7 +19,8 @@ from typing import Optional
 
 __all__ = ["CacheConfig", "ConfigError", "METHODS", "MINDIE_UNBOUNDED"]
 
-METHODS = ("dit_block_cache", "attention_cache")
+METHODS = ("dit_block_cache", "attention_cache", "adastep")
+ADASTEP_DEFAULTS = {"threshold": 0.015, "max_skip_steps": 4, "decay": 0.99}  # MindIE-SD AdaStep defaults
 
 # MindIE-SD's default for ``step_end``/``block_end``; it means "to the end".
 # MindIE itself rejects it for the DiT cache (its defect 3); we accept it.
@@ -66,6 +67,9 @@ class CacheConfig:
     * ``attention`` (attention cache): the block's attention submodule to cache
       (``"attn"``, ``"attn1"``, comma-separated names, or ``"all"``); default:
       the block's first attention submodule (self-attention).
+    * ``threshold``, ``max_skip_steps``, ``decay`` (``method="adastep"``): AdaStep's
+      skip threshold (default 0.015), consecutive-skip limit (4) and threshold
+      decay per evaluation (0.99); see :mod:`npu_cache_fx.timestep`.
     * ``max_cache_bytes``: cache-memory budget per cache context. An attention
       cache over budget caches only the blocks that fit, preferring the highest
       measured attention cost per byte; a DiT cache over budget is an error.
@@ -90,6 +94,9 @@ class CacheConfig:
     name: Optional[str] = None
     attention: Optional[str] = None
     max_cache_bytes: Optional[int] = None
+    threshold: Optional[float] = None
+    max_skip_steps: Optional[int] = None
+    decay: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -115,6 +122,17 @@ class CacheConfig:
         if self.attention is not None and self.method != "attention_cache":
             raise ConfigError(f"CacheConfig.attention={self.attention!r} only applies to method='attention_cache', "
                               f"got method={self.method!r}")
+        for field in ADASTEP_DEFAULTS:
+            if getattr(self, field) is not None and self.method != "adastep":
+                raise ConfigError(f"CacheConfig.{field}={getattr(self, field)!r} only applies to method='adastep', "
+                                  f"got method={self.method!r}")
+        _check_int("max_skip_steps", self.max_skip_steps, minimum=0, optional=True)
+        if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
+                                           or not self.threshold >= 0):
+            raise ConfigError(f"CacheConfig.threshold must be a number >= 0, got {self.threshold!r}")
+        if self.decay is not None and (isinstance(self.decay, bool) or not isinstance(self.decay, (int, float))
+                                       or not 0 < self.decay <= 1):
+            raise ConfigError(f"CacheConfig.decay must be in (0, 1], got {self.decay!r}")
         for field in ("blocks", "name", "attention"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, str) or not value):
@@ -130,6 +148,12 @@ class CacheConfig:
         The result has concrete ``blocks_count``, ``steps_count``, ``step_end`` and
         ``block_end``; it is what the plan and the passes consume.
         """
+        if self.method == "adastep":
+            if self.steps_count is None:
+                raise ConfigError("CacheConfig.steps_count is required (got None): "
+                                  "the number of denoising steps per generation")
+            filled = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in ADASTEP_DEFAULTS.items()}
+            return dataclasses.replace(self, **filled)
         if blocks_count is not None:
             if self.blocks_count is not None and self.blocks_count != blocks_count:
                 raise ConfigError(
@@ -153,6 +177,8 @@ class CacheConfig:
     @property
     def bypass(self) -> bool:
         """True when this config never reuses anything (SPEC §2 "Bypass")."""
+        if self.method == "adastep":
+            return self.max_skip_steps == 0
         steps = self.steps_count
         blocks = self.blocks_count
         return (
@@ -167,6 +193,8 @@ class CacheConfig:
     def label(self) -> str:
         if self.name:
             return self.name
+        if self.method == "adastep":
+            return "adastep"
         kind = "dit" if self.method == "dit_block_cache" else "attn"
         end = "" if self.block_end is None else self.block_end
         return f"{kind}[{self.blocks or 'blocks'}:{self.block_start}:{end}]"

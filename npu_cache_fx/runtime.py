@@ -38,12 +38,14 @@ from .passes import attention_cache_pass, block_cache_pass, lower_cache_ops
 from .passes.attention_cache import attention_slot
 from .profile import span_costs
 from .schedule import Action, Decision, Plan, make_plan
+from .timestep import AdaStepRule
 
 __all__ = ["CaptureCache", "OptimizedModule", "Stats", "optimize"]
 
 log = logging.getLogger(__name__)
 
 TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+LATENT_NAMES = ("hidden_states", "sample", "latents", "x")
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Stats:
     steps: int = 0
     steps_computed: int = 0
     steps_reused: int = 0
+    steps_skipped: int = 0  # AdaStep: whole model skipped, previous output returned
     blocks_skipped: int = 0
     attention_calls_skipped: int = 0
     stale_reads_avoided: int = 0
@@ -89,6 +92,8 @@ class _Call:
     valid: set
     fn: Callable
     inputs: List[Any]
+    key: Any = None
+    skip: bool = False
 
 
 @dataclass
@@ -152,20 +157,32 @@ class _Entry:
 class _Context:
     """Per cache-context state: step counter, last timestep, buffers and their validity."""
 
-    def __init__(self) -> None:
+    def __init__(self, adastep: Optional[CacheConfig] = None) -> None:
         self.step = 0
         self.last_timestep: Optional[float] = None
         self.buffers: Dict[Any, Dict[str, torch.Tensor]] = {}
         self.valid: Dict[Any, set] = {}
+        self.pending_refresh: set = set()  # targets whose refresh step AdaStep skipped
+        self.ada = (AdaStepRule(adastep.threshold, adastep.max_skip_steps, adastep.decay, adastep.steps_count)
+                    if adastep is not None else None)
+        self.prev_latent: Optional[torch.Tensor] = None
+        self.last_output: Dict[Any, List[Any]] = {}
 
     def new_generation(self) -> None:
         self.step = 0
         self.last_timestep = None
+        self.pending_refresh.clear()
         for valid in self.valid.values():
             valid.clear()
+        if self.ada is not None:
+            self.ada.reset()
+            self.prev_latent = None
+            self.last_output.clear()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for bufs in self.buffers.values() for t in bufs.values())
+        tensors = [t for bufs in self.buffers.values() for t in bufs.values()]
+        tensors += [t for outs in self.last_output.values() for t in outs if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _leaf_key(leaf: Any) -> Any:
@@ -193,21 +210,38 @@ class OptimizedModule(torch.nn.Module):
         if captures is not None and captures.model is not model:
             raise ValueError("captures= belongs to another model")
         self._captures = captures if captures is not None else CaptureCache(model)
-        resolved = []
+        resolved, adasteps = [], []
         for cfg in configs:
             if not isinstance(cfg, CacheConfig):
                 raise ConfigError(f"optimize() takes CacheConfig objects, got {type(cfg).__name__}")
+            if cfg.method == "adastep":
+                adasteps.append(cfg.resolved())
+                continue
             blocks = resolve_block_list(model, cfg.blocks)
             resolved.append(cfg.resolved(blocks_count=blocks.count).replace(blocks=blocks.fqn))
+        if len(adasteps) > 1:
+            raise ConfigError(f"at most one CacheConfig(method='adastep') per model, got {len(adasteps)}")
         _check_overlaps(resolved)
         self.configs: Tuple[CacheConfig, ...] = tuple(resolved)
-        self.plan: Plan = make_plan(resolved)
-        self._bypass = self.plan.bypass  # an attribute: forward must not call into traceable frames
+        self.adastep: Optional[CacheConfig] = adasteps[0] if adasteps else None
+        if resolved:
+            self.plan: Plan = make_plan(resolved)
+            if self.adastep is not None and self.adastep.steps_count != self.plan.steps_count:
+                raise ConfigError(f"CacheConfig.steps_count must be the same for all configs, got "
+                                  f"{sorted({self.adastep.steps_count, self.plan.steps_count})}")
+        else:
+            self.plan = Plan((), ((),) * self.adastep.steps_count)
+        # an attribute: forward must not call into traceable frames
+        self._bypass = self.plan.bypass and (self.adastep is None or self.adastep.bypass)
         self.backend = backend
         self._backend_options = dict(backend_options or {})
         resolve_backend(backend, self._backend_options)  # fail now, not at the first step
         self._signature = inspect.signature(model.forward)
         self._timestep_arg = self._find_timestep_arg(timestep_arg)
+        self._latent_arg = next((n for n in LATENT_NAMES if n in self._signature.parameters), None)
+        if self.adastep is not None and self._latent_arg is None:
+            raise ConfigError(f"CacheConfig(method='adastep') needs the latent input of "
+                              f"{type(model).__name__}.forward, one of {LATENT_NAMES}")
         self._entries: Dict[Any, _Entry] = {}
         self._contexts: Dict[str, _Context] = {}
         self._active = "default"
@@ -281,22 +315,30 @@ class OptimizedModule(torch.nn.Module):
         if self._bypass:
             return self.model(*args, **kwargs)
         call = self._prepare(args, kwargs)
+        if call.skip:  # AdaStep: no model call at all
+            return self._finish(call, None)
         flat_out = call.fn(*call.inputs)
         return self._finish(call, flat_out)
 
     @torch._dynamo.disable
     def _prepare(self, args, kwargs) -> "_Call":
         kwargs = self._normalize(args, kwargs)
-        ctx = self._contexts.setdefault(self._active, _Context())
-        self._maybe_new_generation(ctx, kwargs)
+        ctx = self._contexts.get(self._active)
+        if ctx is None:
+            ctx = self._contexts[self._active] = _Context(self.adastep)
+        t, d = self._host_scalars(ctx, kwargs)
+        self._maybe_new_generation(ctx, t)
         if ctx.step == 0:
             self.stats.generations += 1
         decision = self.plan.decision(ctx.step)
         leaves, spec = pytree.tree_flatten(((), kwargs))
         key = (spec, tuple(_leaf_key(x) for x in leaves))
+        if ctx.ada is not None and self._adastep_skips(ctx, key, d, kwargs[self._latent_arg]):
+            ctx.pending_refresh.update(i for i, a in enumerate(decision) if a is Action.WRITE)
+            return _Call(ctx, None, None, set(), None, [], key, skip=True)
         entry = self._entry(kwargs, leaves, spec, key)
         valid = ctx.valid.setdefault(key, set())
-        decision = self._safe_decision(entry, decision, valid)
+        decision = self._safe_decision(entry, self._refresh_pending(ctx, decision), valid)
         variant = self._variant(entry, decision)
         buffers = ctx.buffers.setdefault(key, {})
         cache_inputs = []
@@ -306,20 +348,82 @@ class OptimizedModule(torch.nn.Module):
                 buf = buffers[slot] = torch.zeros(shape, dtype=dtype, device=device)
                 self._update_bytes()
             cache_inputs.append(buf)
-        return _Call(ctx, entry, variant, valid, variant.fn, [*leaves, *cache_inputs])
+        return _Call(ctx, entry, variant, valid, variant.fn, [*leaves, *cache_inputs], key)
 
     @torch._dynamo.disable
     def _finish(self, call: "_Call", flat_out):
-        decision, ctx = call.variant.decision, call.ctx
-        written = {s for s, *_ in call.variant.slots}
-        for target in call.entry.targets:
-            if decision[target.index] is Action.WRITE:
-                call.valid.update(s for s in target.slots if s in written)
-        self._count(call.entry, decision)
+        ctx = call.ctx
+        if call.skip:
+            self.stats.steps += 1
+            self.stats.steps_skipped += 1
+            flat_out, out_spec = ctx.last_output[call.key]
+        else:
+            decision = call.variant.decision
+            written = {s for s, *_ in call.variant.slots}
+            for target in call.entry.targets:
+                if decision[target.index] is Action.WRITE:
+                    call.valid.update(s for s in target.slots if s in written)
+            self._count(call.entry, decision)
+            out_spec = call.entry.capture.out_spec
+            if ctx.ada is not None:
+                self._keep_output(ctx, call.key, flat_out, out_spec)
         ctx.step += 1
         if ctx.step == self.plan.steps_count:
             ctx.new_generation()
-        return pytree.tree_unflatten(list(flat_out), call.entry.capture.out_spec)
+        return pytree.tree_unflatten(list(flat_out), out_spec)
+
+    # ------------------------------------------------------------------ AdaStep
+    def _adastep_skips(self, ctx: "_Context", key, d: Optional[float], latent) -> bool:
+        """Decide this step's skip (rule, then a vote across ranks); record the latent."""
+        skip = ctx.ada.decide(d if ctx.step > 0 else None, vote=_all_ranks_agree)
+        if isinstance(latent, torch.Tensor):
+            if ctx.prev_latent is None or ctx.prev_latent.shape != latent.shape:
+                ctx.prev_latent = latent.detach().clone()
+            else:
+                ctx.prev_latent.copy_(latent)
+        return skip and key in ctx.last_output
+
+    def _keep_output(self, ctx: "_Context", key, flat_out, out_spec) -> None:
+        """Copy the step's output into persistent buffers: a skipped step returns them."""
+        kept = ctx.last_output.get(key)
+        if kept is None:
+            kept = [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in flat_out]
+            ctx.last_output[key] = (kept, out_spec)
+            self._update_bytes()
+        else:
+            for buf, x in zip(kept[0], flat_out):
+                if isinstance(x, torch.Tensor):
+                    buf.copy_(x)
+
+    def _refresh_pending(self, ctx: "_Context", decision: Decision) -> Decision:
+        """A refresh that AdaStep skipped happens at the target's next read step instead."""
+        if not ctx.pending_refresh:
+            return decision
+        fixed = list(decision)
+        for i in list(ctx.pending_refresh):
+            if fixed[i] is Action.READ:
+                fixed[i] = Action.WRITE
+                ctx.pending_refresh.discard(i)
+            elif fixed[i] is Action.WRITE:
+                ctx.pending_refresh.discard(i)
+        return tuple(fixed)
+
+    def _host_scalars(self, ctx: "_Context", kwargs) -> Tuple[Optional[float], Optional[float]]:
+        """The timestep value and AdaStep's ``d_t``, read to the host with a single sync."""
+        t = kwargs.get(self._timestep_arg) if self._timestep_arg else None
+        scalars = []
+        has_t = isinstance(t, torch.Tensor) and t.numel() > 0
+        if has_t:
+            scalars.append(t.reshape(-1)[0].double())
+        latent = kwargs.get(self._latent_arg) if ctx.ada is not None else None
+        has_d = (isinstance(latent, torch.Tensor) and ctx.prev_latent is not None
+                 and ctx.prev_latent.shape == latent.shape)
+        if has_d:
+            scalars.append((latent - ctx.prev_latent).abs().mean().double())
+        values = torch.stack([x.to(scalars[0].device) for x in scalars]).tolist() if scalars else []
+        t_value = values[0] if has_t else (float(t) if isinstance(t, (int, float)) else None)
+        d_value = values[-1] if has_d else None
+        return t_value, d_value
 
     # ------------------------------------------------------------------ helpers
     def _find_timestep_arg(self, requested: Optional[str]) -> Optional[str]:
@@ -350,13 +454,8 @@ class OptimizedModule(torch.nn.Module):
                 out[name] = value
         return out
 
-    def _maybe_new_generation(self, ctx: _Context, kwargs: Dict[str, Any]) -> None:
-        t = kwargs.get(self._timestep_arg) if self._timestep_arg else None
-        if isinstance(t, torch.Tensor) and t.numel() > 0:
-            value = float(t.reshape(-1)[0])  # one scalar host read per call, outside any graph
-        elif isinstance(t, (int, float)):
-            value = float(t)
-        else:
+    def _maybe_new_generation(self, ctx: _Context, value: Optional[float]) -> None:
+        if value is None:
             return
         if ctx.last_timestep is not None:
             if value > ctx.last_timestep and ctx.step:
@@ -485,6 +584,18 @@ class CaptureCache(dict):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+
+
+def _all_ranks_agree(skip: bool) -> bool:
+    """AdaStep's vote: skip only if every rank proposes to (no-op without torch.distributed)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return skip
+    flag = torch.tensor([1 if skip else 0], dtype=torch.int32)
+    if dist.get_backend() != "gloo":
+        flag = flag.to(torch.device(torch.accelerator.current_accelerator() or "cpu"))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _check_overlaps(configs: Sequence[CacheConfig]) -> None:
