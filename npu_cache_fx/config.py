@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 __all__ = ["CacheConfig", "ConfigError", "METHODS", "MINDIE_UNBOUNDED"]
 
@@ -64,6 +64,8 @@ class CacheConfig:
     * ``blocks``: module path of the block list (``"single_transformer_blocks"``);
       auto-detected when omitted.
     * ``name``: label used in the plan table and in cache slot names.
+    * ``refresh_steps``: an explicit (non-periodic) set of refresh steps instead of
+      ``step_interval``; reuse happens on the other steps of ``[step_start, step_end]``.
     * ``attention`` (attention cache): the block's attention submodule to cache
       (``"attn"``, ``"attn1"``, comma-separated names, or ``"all"``); default:
       the block's first attention submodule (self-attention).
@@ -97,8 +99,25 @@ class CacheConfig:
     threshold: Optional[float] = None
     max_skip_steps: Optional[int] = None
     decay: Optional[float] = None
+    refresh_steps: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
+        if self.refresh_steps is not None:
+            if isinstance(self.refresh_steps, (str, bytes)) or not hasattr(self.refresh_steps, "__iter__"):
+                raise ConfigError(f"CacheConfig.refresh_steps must be a sequence of ints, got {self.refresh_steps!r}")
+            steps = tuple(self.refresh_steps)
+            for s in steps:
+                if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                    raise ConfigError(f"CacheConfig.refresh_steps must hold ints >= 0, got {s!r} in {steps}")
+                if self.steps_count is not None and s >= self.steps_count:
+                    raise ConfigError(f"CacheConfig.refresh_steps must be < steps_count ({self.steps_count}), "
+                                      f"got {s} in {steps}")
+            if len(set(steps)) != len(steps):
+                raise ConfigError(f"CacheConfig.refresh_steps has duplicates: {steps}")
+            if self.step_interval != 1:
+                raise ConfigError(f"CacheConfig.refresh_steps replaces step_interval; got both "
+                                  f"(step_interval={self.step_interval})")
+            object.__setattr__(self, "refresh_steps", tuple(sorted(steps)))
         if self.method not in METHODS:
             raise ConfigError(f"CacheConfig.method must be one of {METHODS}, got {self.method!r}")
         _check_int("blocks_count", self.blocks_count, minimum=1, optional=True)
@@ -186,7 +205,8 @@ class CacheConfig:
             or (self.step_end is not None and self.step_end == self.step_start)
             or (blocks is not None and self.block_start >= blocks)
             or (self.block_end is not None and self.block_end == self.block_start)
-            or self.step_interval == 1
+            or (self.step_interval == 1 and self.refresh_steps is None)
+            or (self.refresh_steps is not None and not self.refresh_steps)
         )
 
     @property

@@ -33,8 +33,14 @@ class Action(enum.Enum):
         return f"Action.{self.name}"
 
 
+def _is_refresh(cfg: CacheConfig, s: int) -> bool:
+    if cfg.refresh_steps is not None:
+        return s in cfg.refresh_steps
+    return s >= cfg.step_start and (s - cfg.step_start) % cfg.step_interval == 0
+
+
 def _dit_raw(cfg: CacheConfig, s: int) -> Action:
-    refresh = s >= cfg.step_start and (s - cfg.step_start) % cfg.step_interval == 0
+    refresh = _is_refresh(cfg, s)
     if refresh:
         return Action.WRITE
     if cfg.step_start <= s <= cfg.step_end:
@@ -43,7 +49,7 @@ def _dit_raw(cfg: CacheConfig, s: int) -> Action:
 
 
 def _attention_raw(cfg: CacheConfig, s: int) -> Action:
-    if cfg.step_start < s <= cfg.step_end and (s - cfg.step_start) % cfg.step_interval != 0:
+    if cfg.step_start < s <= cfg.step_end and not _is_refresh(cfg, s):
         return Action.READ
     if cfg.step_start <= s < cfg.step_end:
         return Action.WRITE

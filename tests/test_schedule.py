@@ -67,3 +67,26 @@ def test_steps_count_must_agree():
     from npu_cache_fx import ConfigError
     with pytest.raises(ConfigError, match="steps_count must be the same"):
         make_plan([dit(), dit(steps_count=6)])
+
+
+def test_explicit_refresh_steps():
+    got = config_actions(dit(steps_count=10, refresh_steps=[2, 3, 7]))
+    assert got == [C, C, C, W, R, R, R, W, R, R]  # 2 is overwritten at 3 before any read
+    # attention: reads never at the listed steps; stores on computed steps before step_end
+    got = config_actions(attn(refresh_steps=[0, 4], step_end=6))
+    assert got == [W, R, R, R, W, R, R, C, C, C]
+    assert make_plan([dit(refresh_steps=[])]).bypass
+
+
+def test_refresh_steps_validation():
+    import pytest
+    from npu_cache_fx import ConfigError
+    with pytest.raises(ConfigError, match=r"refresh_steps must be < steps_count \(5\), got 7"):
+        CacheConfig(steps_count=5, refresh_steps=[1, 7])
+    with pytest.raises(ConfigError, match="duplicates"):
+        CacheConfig(steps_count=5, refresh_steps=[1, 1])
+    with pytest.raises(ConfigError, match="replaces step_interval"):
+        CacheConfig(steps_count=5, refresh_steps=[1], step_interval=2)
+    with pytest.raises(ConfigError, match="ints >= 0"):
+        CacheConfig(steps_count=5, refresh_steps=[-1])
+    assert CacheConfig(steps_count=5, refresh_steps=[3, 1]).refresh_steps == (1, 3)
