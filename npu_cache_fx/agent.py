@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 
 from .config import CacheConfig, ConfigError
-from .schedule import Action, config_actions
+from .schedule import Action, config_actions, forecast_coefficients
 
 __all__ = ["CacheAgent"]
 
@@ -42,14 +42,29 @@ class _State:
         self.block = 0
         self.last_timestep: Optional[float] = None
         self.inputs: Optional[List[Optional[torch.Tensor]]] = None  # dit: stream inputs at block_start
-        self.delta: Optional[List[Optional[torch.Tensor]]] = None   # dit: recorded out - in
+        self.delta: Optional[List[Optional[torch.Tensor]]] = None   # dit: recorded out - in (newest)
+        self.history: List[Any] = []       # forecast: recorded values, newest first (dit: deltas)
+        self.times: List[float] = []       # forecast: their timesteps
         self.n_outputs = 1
         self.reading = False  # dit: this step's range is being skipped
         self.attention: Dict[int, Any] = {}
 
     def release(self) -> None:
         self.inputs = self.delta = None
+        self.history, self.times = [], []
         self.attention = {}
+
+
+def _scale(value, c: float):
+    if isinstance(value, (list, tuple)):
+        return type(value)(_scale(v, c) for v in value)
+    return None if value is None else value * c
+
+
+def _combine(a, b):
+    if isinstance(a, (list, tuple)):
+        return type(a)(_combine(x, y) for x, y in zip(a, b))
+    return None if a is None else a + b
 
 
 class CacheAgent:
@@ -129,12 +144,35 @@ class CacheAgent:
                 st.step = 0
                 st.release()
 
+    def _now(self, st: _State) -> float:
+        if st.last_timestep is None:
+            raise RuntimeError(f"CacheAgent(forecast={self.config.forecast!r}) needs set_timestep(t) every step")
+        return st.last_timestep
+
+    def _forecast(self, st: _State, history: List[Any], times: List[float]):
+        """The recorded value (plain reuse) or its extrapolation to the current timestep."""
+        if self.config.history == 1:
+            return history[0]
+        coefs = forecast_coefficients(self._now(st), times, self.config.history)
+        total = None
+        for c, value in zip(coefs, history):
+            term = _scale(value, c)
+            total = term if total is None else _combine(total, term)
+        return total
+
+    def _record(self, st: _State, history: List[Any], times: List[float], value) -> None:
+        history.insert(0, value)
+        del history[self.config.history:]
+        if self.config.history > 1:
+            times.insert(0, self._now(st))
+            del times[self.config.history:]
+
     def _attention(self, st: _State, action: Action, fn, args, kwargs):
         if action is Action.READ and st.block in st.attention:
-            return st.attention[st.block]
+            return self._forecast(st, *st.attention[st.block])
         out = fn(*args, **kwargs)
         if action is Action.WRITE:
-            st.attention[st.block] = out
+            self._record(st, *st.attention.setdefault(st.block, ([], [])), out)
         return out
 
     def _streams(self, out) -> List[torch.Tensor]:
@@ -167,7 +205,8 @@ class CacheAgent:
                 st.reading = st.delta is not None and all(
                     d is None or (x is not None and x.shape == d.shape) for x, d in zip(inputs, st.delta))
                 if st.reading:
-                    out = [x + d if d is not None else x for x, d in zip(inputs, st.delta)]
+                    delta = self._forecast(st, st.history, st.times)
+                    out = [x + d if d is not None else x for x, d in zip(inputs, delta)]
                     return self._pack(out, st.n_outputs)
             elif st.reading:
                 return self._pack(inputs, st.n_outputs)
@@ -185,6 +224,10 @@ class CacheAgent:
                 st.delta = [o - i if o is not None else None for o, i in zip(outs, st.inputs)]
                 if st.n_outputs == 1:
                     st.delta.append(None)
+                if st.history and any(d is not None and h is not None and d.shape != h.shape
+                                      for d, h in zip(st.delta, st.history[0])):
+                    st.history, st.times = [], []  # a new shape starts a new history
+                self._record(st, st.history, st.times, st.delta)
                 st.inputs = None
         return res
 

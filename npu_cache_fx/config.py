@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 __all__ = ["CacheConfig", "ConfigError", "METHODS", "MINDIE_UNBOUNDED"]
 
 METHODS = ("dit_block_cache", "attention_cache", "adastep")
+FORECASTS = {"none": 1, "linear": 2, "taylor2": 3}  # forecast -> values kept per cache slot
 ADASTEP_DEFAULTS = {"threshold": 0.015, "max_skip_steps": 4, "decay": 0.99}  # MindIE-SD AdaStep defaults
 
 # MindIE-SD's default for ``step_end``/``block_end``; it means "to the end".
@@ -64,6 +65,8 @@ class CacheConfig:
     * ``blocks``: module path of the block list (``"single_transformer_blocks"``);
       auto-detected when omitted.
     * ``name``: label used in the plan table and in cache slot names.
+    * ``forecast``: ``"none"`` (reuse the recorded value), ``"linear"`` or ``"taylor2"``
+      (extrapolate the values recorded at the last 2 / 3 refreshes in timestep).
     * ``refresh_steps``: an explicit (non-periodic) set of refresh steps instead of
       ``step_interval``; reuse happens on the other steps of ``[step_start, step_end]``.
     * ``attention`` (attention cache): the block's attention submodule to cache
@@ -100,8 +103,13 @@ class CacheConfig:
     max_skip_steps: Optional[int] = None
     decay: Optional[float] = None
     refresh_steps: Optional[Tuple[int, ...]] = None
+    forecast: str = "none"
 
     def __post_init__(self) -> None:
+        if self.forecast not in FORECASTS:
+            raise ConfigError(f"CacheConfig.forecast must be one of {tuple(FORECASTS)}, got {self.forecast!r}")
+        if self.forecast != "none" and self.method == "adastep":
+            raise ConfigError(f"CacheConfig.forecast={self.forecast!r} does not apply to method='adastep'")
         if self.refresh_steps is not None:
             if isinstance(self.refresh_steps, (str, bytes)) or not hasattr(self.refresh_steps, "__iter__"):
                 raise ConfigError(f"CacheConfig.refresh_steps must be a sequence of ints, got {self.refresh_steps!r}")
@@ -208,6 +216,11 @@ class CacheConfig:
             or (self.step_interval == 1 and self.refresh_steps is None)
             or (self.refresh_steps is not None and not self.refresh_steps)
         )
+
+    @property
+    def history(self) -> int:
+        """Recorded values kept per cache slot: 1 plain reuse, 2 linear, 3 taylor2."""
+        return FORECASTS[self.forecast]
 
     @property
     def label(self) -> str:

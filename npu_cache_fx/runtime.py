@@ -36,8 +36,9 @@ from .capture import (AttentionSite, Capture, Region, attention_sites, block_reg
 from .config import CacheConfig, ConfigError
 from .passes import attention_cache_pass, block_cache_pass, lower_cache_ops
 from .passes.attention_cache import attention_slot
+from .passes.common import coef_slot, history_slots
 from .profile import span_costs
-from .schedule import Action, Decision, Plan, make_plan
+from .schedule import Action, Decision, Plan, forecast_coefficients, make_plan
 from .timestep import AdaStepRule
 
 __all__ = ["CaptureCache", "OptimizedModule", "Stats", "optimize"]
@@ -94,6 +95,7 @@ class _Call:
     inputs: List[Any]
     key: Any = None
     skip: bool = False
+    timestep: Optional[float] = None
 
 
 @dataclass
@@ -104,7 +106,7 @@ class _Target:
     config: CacheConfig
     region: Optional[Region] = None
     sites: Tuple[AttentionSite, ...] = ()
-    slot_bytes: Dict[str, int] = field(default_factory=dict)
+    values: Dict[str, int] = field(default_factory=dict)  # newest slot -> bytes of one recorded value
     first: int = 0  # graph position of the first rewritten node
 
     @property
@@ -113,13 +115,24 @@ class _Target:
 
     @property
     def slots(self) -> Tuple[str, ...]:
-        return tuple(self.slot_bytes)
+        """The slots a read needs written in this generation (the newest values)."""
+        return tuple(self.values)
+
+    @property
+    def slot_bytes(self) -> Dict[str, int]:
+        """Every slot this target may allocate, forecast history and coefficients included."""
+        k = self.config.history
+        out = {name: size for slot, size in self.values.items() for name in history_slots(slot, k)}
+        if k > 1 and self.values:
+            out[coef_slot(self.prefix)] = 4 * k
+        return out
 
     def rewrite(self, gm: fx.GraphModule, action: Action) -> None:
+        k = self.config.history
         if self.region is not None:
-            block_cache_pass(gm, self.region, action.value, self.prefix, dce=False)
+            block_cache_pass(gm, self.region, action.value, self.prefix, history=k, dce=False)
         elif self.sites:
-            attention_cache_pass(gm, self.sites, action.value, self.prefix, dce=False)
+            attention_cache_pass(gm, self.sites, action.value, self.prefix, history=k, dce=False)
 
 
 def _nbytes(node: fx.Node) -> int:
@@ -136,7 +149,7 @@ class _Entry:
         self.variants: Dict[Decision, _Variant] = {}
         # Rewrite downstream targets first: an upstream rewrite then redirects the
         # downstream region's input along with every other user.
-        self.rewrite_order = sorted((t for t in targets if t.slot_bytes), key=lambda t: -t.first)
+        self.rewrite_order = sorted((t for t in targets if t.values), key=lambda t: -t.first)
 
     def build(self, decision: Decision) -> fx.GraphModule:
         cap = self.capture
@@ -163,6 +176,8 @@ class _Context:
         self.buffers: Dict[Any, Dict[str, torch.Tensor]] = {}
         self.valid: Dict[Any, set] = {}
         self.pending_refresh: set = set()  # targets whose refresh step AdaStep skipped
+        # (input signature, target) -> timesteps of its writes in this generation, newest first
+        self.refresh_times: Dict[Tuple[Any, int], List[float]] = {}
         self.ada = (AdaStepRule(adastep.threshold, adastep.max_skip_steps, adastep.decay, adastep.steps_count)
                     if adastep is not None else None)
         self.prev_latent: Optional[torch.Tensor] = None
@@ -172,6 +187,7 @@ class _Context:
         self.step = 0
         self.last_timestep = None
         self.pending_refresh.clear()
+        self.refresh_times.clear()
         for valid in self.valid.values():
             valid.clear()
         if self.ada is not None:
@@ -239,6 +255,10 @@ class OptimizedModule(torch.nn.Module):
         self._signature = inspect.signature(model.forward)
         self._timestep_arg = self._find_timestep_arg(timestep_arg)
         self._latent_arg = next((n for n in LATENT_NAMES if n in self._signature.parameters), None)
+        forecasting = [c.label for c in self.configs if c.history > 1]
+        if forecasting and self._timestep_arg is None:
+            raise ConfigError(f"forecast in {forecasting} extrapolates in timestep: {type(model).__name__}.forward "
+                              f"needs a timestep input (timestep_arg=...)")
         if self.adastep is not None and self._latent_arg is None:
             raise ConfigError(f"CacheConfig(method='adastep') needs the latent input of "
                               f"{type(model).__name__}.forward, one of {LATENT_NAMES}")
@@ -348,7 +368,8 @@ class OptimizedModule(torch.nn.Module):
                 buf = buffers[slot] = torch.zeros(shape, dtype=dtype, device=device)
                 self._update_bytes()
             cache_inputs.append(buf)
-        return _Call(ctx, entry, variant, valid, variant.fn, [*leaves, *cache_inputs], key)
+        self._set_forecast(ctx, key, entry, decision, buffers, t)
+        return _Call(ctx, entry, variant, valid, variant.fn, [*leaves, *cache_inputs], key, timestep=t)
 
     @torch._dynamo.disable
     def _finish(self, call: "_Call", flat_out):
@@ -363,6 +384,10 @@ class OptimizedModule(torch.nn.Module):
             for target in call.entry.targets:
                 if decision[target.index] is Action.WRITE:
                     call.valid.update(s for s in target.slots if s in written)
+                    if target.config.history > 1:
+                        times = ctx.refresh_times.setdefault((call.key, target.index), [])
+                        times.insert(0, call.timestep)
+                        del times[target.config.history:]
             self._count(call.entry, decision)
             out_spec = call.entry.capture.out_spec
             if ctx.ada is not None:
@@ -394,6 +419,14 @@ class OptimizedModule(torch.nn.Module):
             for buf, x in zip(kept[0], flat_out):
                 if isinstance(x, torch.Tensor):
                     buf.copy_(x)
+
+    def _set_forecast(self, ctx: "_Context", key, entry: "_Entry", decision: Decision, buffers, t) -> None:
+        """Fill each forecasting read's coefficient buffer (in place: a static address) for timestep ``t``."""
+        for target in entry.targets:
+            k = target.config.history
+            if k > 1 and decision[target.index] is Action.READ:
+                coefs = forecast_coefficients(t, ctx.refresh_times[(key, target.index)], k)
+                buffers[coef_slot(target.prefix)].copy_(torch.tensor(coefs, dtype=torch.float32))
 
     def _refresh_pending(self, ctx: "_Context", decision: Decision) -> Decision:
         """A refresh that AdaStep skipped happens at the target's next read step instead."""
@@ -498,7 +531,7 @@ class OptimizedModule(torch.nn.Module):
         if cfg.method == "dit_block_cache":
             region = block_region(cap, cfg.blocks, cfg.block_start, cfg.block_end, label=cfg.label)
             target.region = region
-            target.slot_bytes = {f"{target.prefix}.{s.role}": _nbytes(nodes[s.input]) for s in region.streams}
+            target.values = {f"{target.prefix}.{s.role}": _nbytes(nodes[s.input]) for s in region.streams}
             target.first = min(order[n] for n in region.nodes)
             total = sum(target.slot_bytes.values())
             if cfg.max_cache_bytes is not None and total > cfg.max_cache_bytes:
@@ -508,8 +541,8 @@ class OptimizedModule(torch.nn.Module):
         sites = attention_sites(cap, self.model, cfg.blocks, cfg.block_start, cfg.block_end, cfg.attention)
         sites = self._fit_budget(cfg, cap, leaves, sites, nodes)
         target.sites = tuple(sites)
-        target.slot_bytes = {attention_slot(target.prefix, site, k): _nbytes(nodes[name])
-                             for site in sites for k, name in enumerate(site.outputs)}
+        target.values = {attention_slot(target.prefix, site, k): _nbytes(nodes[name])
+                         for site in sites for k, name in enumerate(site.outputs)}
         target.first = min((order[n] for site in sites for n in site.nodes), default=0)
         return target
 
@@ -517,7 +550,7 @@ class OptimizedModule(torch.nn.Module):
         """Keep the attention calls that fit ``max_cache_bytes``, highest measured cost per byte first."""
         if cfg.max_cache_bytes is None:
             return sites
-        size = {s.fqn: sum(_nbytes(nodes[n]) for n in s.outputs) for s in sites}
+        size = {s.fqn: cfg.history * sum(_nbytes(nodes[n]) for n in s.outputs) for s in sites}
         if sum(size.values()) <= cfg.max_cache_bytes:
             return sites
         cost = span_costs(cap.gm, leaves, {s.fqn: s.nodes for s in sites})

@@ -21,7 +21,7 @@ from typing import List, Sequence, Tuple
 
 from .config import CacheConfig, ConfigError
 
-__all__ = ["Action", "Plan", "config_actions", "make_plan"]
+__all__ = ["Action", "Plan", "config_actions", "forecast_coefficients", "make_plan"]
 
 
 class Action(enum.Enum):
@@ -81,6 +81,37 @@ def config_actions(cfg: CacheConfig) -> List[Action]:
             else:
                 needed.add(last_write)
     return [Action.COMPUTE if a is Action.WRITE and s not in needed else a for s, a in enumerate(actions)]
+
+
+def forecast_coefficients(t: float, nodes: Sequence[float], order: int) -> List[float]:
+    """Weights ``c_k`` with ``value(t) ~ sum_k c_k * value(nodes[k])`` (newest node first).
+
+    Lagrange extrapolation through the newest ``min(order, len(nodes))`` distinct
+    timesteps, padded with zeros to ``order``: order 1 is plain reuse (``[1]``),
+    2 is linear, 3 quadratic (``taylor2``). Exact for values polynomial in ``t``
+    of degree below the number of nodes used.
+
+    >>> forecast_coefficients(600.0, [700.0, 800.0], 2)
+    [2.0, -1.0]
+    >>> forecast_coefficients(600.0, [700.0], 3)
+    [1.0, 0.0, 0.0]
+    """
+    used: List[float] = []
+    for node in nodes:
+        if len(used) == order:
+            break
+        if all(node != u for u in used):
+            used.append(float(node))
+    if not used:
+        raise ValueError("forecast_coefficients needs at least one recorded timestep")
+    coefs = []
+    for k, tk in enumerate(used):
+        c = 1.0
+        for j, tj in enumerate(used):
+            if j != k:
+                c *= (t - tj) / (tk - tj)
+        coefs.append(c)
+    return coefs + [0.0] * (order - len(used))
 
 
 Decision = Tuple[Action, ...]

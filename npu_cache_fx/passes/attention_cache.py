@@ -20,8 +20,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..capture import AttentionSite
-from ..ops import CACHE_READ, CACHE_WRITE
-from .common import eliminate_dead_code, set_val, slot_meta
+from .common import eliminate_dead_code, emit_cache_read, emit_cache_write
 
 __all__ = ["attention_cache_pass", "attention_slot"]
 
@@ -31,8 +30,12 @@ def attention_slot(prefix: str, site: AttentionSite, k: int) -> str:
 
 
 def attention_cache_pass(gm: fx.GraphModule, sites: Sequence[AttentionSite], mode: str, slot_prefix: str,
-                         *, dce: bool = True) -> PassResult:
-    """Rewrite the attention calls ``sites`` of ``gm`` in place for ``mode`` in {"write", "read"}."""
+                         *, history: int = 1, dce: bool = True) -> PassResult:
+    """Rewrite the attention calls ``sites`` of ``gm`` in place for ``mode`` in {"write", "read"}.
+
+    ``history > 1`` (forecasting): keep the last ``history`` outputs and read
+    ``sum_k coef[k] * output_k`` with host-computed coefficients.
+    """
     if mode not in ("write", "read"):
         raise ValueError(f"attention_cache_pass mode must be 'write' or 'read', got {mode!r}")
     graph = gm.graph
@@ -45,13 +48,12 @@ def attention_cache_pass(gm: fx.GraphModule, sites: Sequence[AttentionSite], mod
             out = nodes[name]
             slot = attention_slot(slot_prefix, site, k)
             if mode == "write":
-                with graph.inserting_after(out):
-                    graph.call_function(CACHE_WRITE, (out, slot))
+                emit_cache_write(graph, out, slot, history)
             else:
-                shape, dtype, device = slot_meta(out)
-                with graph.inserting_after(out):
-                    cached = graph.call_function(CACHE_READ, (slot, shape, dtype, device))
-                    set_val(cached, out)
+                order = {n: i for i, n in enumerate(graph.nodes)}
+                outside = [u for u in out.users if u.name not in site.nodes]
+                with graph.inserting_before(min(outside, key=order.__getitem__)):
+                    cached = emit_cache_read(graph, out, slot, history, slot_prefix)
                 out.replace_all_uses_with(cached, delete_user_cb=lambda user: user.name not in site.nodes)
                 removed |= site.nodes
     if mode == "read" and dce:

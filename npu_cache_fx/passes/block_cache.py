@@ -19,8 +19,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..capture import Region
-from ..ops import CACHE_READ, CACHE_WRITE
-from .common import eliminate_dead_code, set_val, slot_meta
+from .common import eliminate_dead_code, emit_cache_read, emit_cache_write, set_val
 
 __all__ = ["block_cache_pass"]
 
@@ -28,8 +27,12 @@ aten = torch.ops.aten
 
 
 def block_cache_pass(gm: fx.GraphModule, region: Region, mode: str, slot_prefix: str,
-                     *, dce: bool = True) -> PassResult:
-    """Rewrite ``region`` of ``gm`` in place for ``mode`` in {"write", "read"}."""
+                     *, history: int = 1, dce: bool = True) -> PassResult:
+    """Rewrite ``region`` of ``gm`` in place for ``mode`` in {"write", "read"}.
+
+    ``history > 1`` (forecasting): writes keep the last ``history`` deltas per stream,
+    and a read emits ``in + sum_k coef[k] * delta_k`` with host-computed coefficients.
+    """
     if mode not in ("write", "read"):
         raise ValueError(f"block_cache_pass mode must be 'write' or 'read', got {mode!r}")
     graph = gm.graph
@@ -46,14 +49,11 @@ def block_cache_pass(gm: fx.GraphModule, region: Region, mode: str, slot_prefix:
             with graph.inserting_after(out):
                 delta = graph.call_function(aten.sub.Tensor, (out, src))
                 set_val(delta, out)
-            with graph.inserting_after(delta):
-                graph.call_function(CACHE_WRITE, (delta, slot))
+            emit_cache_write(graph, delta, slot, history)
         else:
-            shape, dtype, device = slot_meta(src)
             outside = [u for u in out.users if u.name not in region.nodes]
             with graph.inserting_before(min(outside, key=order.__getitem__)):
-                cached = graph.call_function(CACHE_READ, (slot, shape, dtype, device))
-                set_val(cached, src)
+                cached = emit_cache_read(graph, src, slot, history, slot_prefix)
                 leave = graph.call_function(aten.add.Tensor, (src, cached))
                 set_val(leave, out)
             out.replace_all_uses_with(leave, delete_user_cb=lambda user: user.name not in region.nodes)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional
 
 import torch
 import torch.fx as fx
 
-from ..ops import CACHE_WRITE
+from ..ops import CACHE_READ, CACHE_WRITE
 
-__all__ = ["eliminate_dead_code", "slot_meta", "set_val"]
+__all__ = ["coef_slot", "eliminate_dead_code", "emit_cache_read", "emit_cache_write", "history_slots", "set_val",
+           "slot_meta"]
 
 # Export keeps these for input checking; they must not pin a removed computation.
 _DROPPABLE = {torch.ops.aten._assert_tensor_metadata.default}
@@ -51,3 +52,58 @@ def slot_meta(node: fx.Node):
     if not isinstance(val, torch.Tensor):
         raise ValueError(f"node {node.name} has no tensor metadata; cannot size its cache slot")
     return [int(s) for s in val.shape], val.dtype, val.device
+
+
+def history_slots(slot: str, history: int) -> List[str]:
+    """Slot names of a value and its older copies: ``slot``, ``slot@1``, ... (newest first)."""
+    return [slot] + [f"{slot}@{k}" for k in range(1, history)]
+
+
+def coef_slot(prefix: str) -> str:
+    """The per-target slot holding the host-computed forecast coefficients (float32, one per history entry)."""
+    return f"{prefix}.coef"
+
+
+def emit_cache_write(graph: fx.Graph, value: fx.Node, slot: str, history: int) -> fx.Node:
+    """After ``value``: shift the slot's history one older, then write ``value`` as the newest.
+
+    Returns the last node emitted. The shift copies happen before the newest write,
+    in graph order, so each older entry receives the previous newer one.
+    """
+    slots = history_slots(slot, history)
+    shape, dtype, device = slot_meta(value)
+    anchor = value
+    for k in range(history - 1, 0, -1):
+        with graph.inserting_after(anchor):
+            older = graph.call_function(CACHE_READ, (slots[k - 1], shape, dtype, device))
+            set_val(older, value)
+        with graph.inserting_after(older):
+            anchor = graph.call_function(CACHE_WRITE, (older, slots[k]))
+    with graph.inserting_after(anchor):
+        return graph.call_function(CACHE_WRITE, (value, slots[0]))
+
+
+def emit_cache_read(graph: fx.Graph, like: fx.Node, slot: str, history: int, prefix: str) -> fx.Node:
+    """At the insertion point: the cached value, or ``sum_k coef[k] * slot@k`` when forecasting.
+
+    The coefficients are a graph input (a float32 buffer the host refills per step),
+    so the compiled reuse variant is the same graph at every step.
+    """
+    shape, dtype, device = slot_meta(like)
+    slots = history_slots(slot, history)
+    first = graph.call_function(CACHE_READ, (slots[0], shape, dtype, device))
+    set_val(first, like)
+    if history == 1:
+        return first
+    coefs = graph.call_function(CACHE_READ, (coef_slot(prefix), [history], torch.float32, device))
+    coefs.meta["val"] = like.meta["val"].new_empty([history], dtype=torch.float32)
+    total = None
+    for k, name in enumerate(slots):
+        value = first if k == 0 else graph.call_function(CACHE_READ, (name, shape, dtype, device))
+        set_val(value, like)
+        c = graph.call_function(torch.ops.aten.select.int, (coefs, 0, k))
+        term = graph.call_function(torch.ops.aten.mul.Tensor, (value, c))
+        set_val(term, like)
+        total = term if total is None else graph.call_function(torch.ops.aten.add.Tensor, (total, term))
+        set_val(total, like)
+    return total
