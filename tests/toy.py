@@ -51,8 +51,9 @@ class JointBlock(_Gain):
 class ToyDiT(nn.Module):
     """``dual`` DualBlocks then ``joint`` JointBlocks (Flux-like), or ``single`` SingleBlocks (Wan-like)."""
 
-    def __init__(self, dual: int = 0, joint: int = 0, single: int = 0):
+    def __init__(self, dual: int = 0, joint: int = 0, single: int = 0, time_power: int = 1):
         super().__init__()
+        self.time_power = time_power  # blocks add gain * t**time_power
         self.transformer_blocks = nn.ModuleList(DualBlock(2.0 ** i, 2.0 ** (i + 8)) for i in range(dual))
         self.single_transformer_blocks = nn.ModuleList(JointBlock(2.0 ** (i + 2)) for i in range(joint))
         self.blocks = nn.ModuleList(SingleBlock(2.0 ** i) for i in range(single))
@@ -76,7 +77,7 @@ class ToyDiT(nn.Module):
 
     def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, return_dict: bool = False):
         self.calls += 1
-        temb = timestep.reshape(-1, 1, 1)
+        temb = timestep.reshape(-1, 1, 1) ** self.time_power
         hidden, encoder = hidden_states, encoder_hidden_states
         hidden, encoder = self._run("transformer_blocks", self.transformer_blocks, hidden, encoder, temb, True)
         hidden, encoder = self._run("single_transformer_blocks", self.single_transformer_blocks, hidden,
