@@ -47,6 +47,7 @@ class _State:
         self.times: List[float] = []       # forecast: their timesteps
         self.n_outputs = 1
         self.reading = False  # dit: this step's range is being skipped
+        self.override: Optional[Action] = None  # begin_step(): this step's action, set from outside
         self.attention: Dict[int, Any] = {}
 
     def release(self) -> None:
@@ -118,6 +119,18 @@ class CacheAgent:
     def step(self) -> int:
         return self._state.step
 
+    def begin_step(self, step: int, action: Optional[Action] = None, timestep: Optional[float] = None) -> None:
+        """Drive the agent from outside (the eager path of ``optimize()``): set the step,
+        override its planned action for this step, and give the timestep for forecasting."""
+        st = self._state
+        if step == 0 and (st.step or st.block):
+            self.reset(self._active)
+            st = self._state
+        st.step, st.block = step, 0
+        st.override = action
+        if timestep is not None:
+            st.last_timestep = float(timestep)
+
     # ------------------------------------------------------------------ apply
     def apply(self, function: Callable, *args, **kwargs):
         if not callable(function):
@@ -126,7 +139,7 @@ class CacheAgent:
         if cfg.bypass:
             return function(*args, **kwargs)
         st = self._state
-        action = self.actions[st.step]
+        action = self.actions[st.step] if st.override is None else st.override
         in_range = cfg.block_start <= st.block < cfg.block_end
         try:
             if cfg.method == "dit_block_cache":

@@ -21,8 +21,11 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import linecache
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -34,6 +37,7 @@ from .backends import Backend, compile_graph, resolve_backend
 from .capture import (AttentionSite, Capture, Region, attention_sites, block_region, capture, find_block_lists,
                       resolve_block_list)
 from .config import CacheConfig, ConfigError
+from .eager import EagerPath
 from .passes import attention_cache_pass, block_cache_pass, lower_cache_ops
 from .passes.attention_cache import attention_slot
 from .passes.common import coef_slot, history_slots
@@ -64,15 +68,18 @@ class Stats:
     captures: int = 0
     variants_built: int = 0
     capture_seconds: float = 0.0
-    path: str = "export"
+    path: str = "export"  # how the model runs: "export" (captured graphs) or "eager" (fallback)
+    fallback_reason: Optional[str] = None
     cache_bytes: int = 0
     cache_bytes_by_context: Dict[str, int] = field(default_factory=dict)
     cache_bytes_by_config: Dict[str, int] = field(default_factory=dict)
 
     def clear(self) -> None:
-        keep = (self.path, self.cache_bytes, self.cache_bytes_by_context, self.cache_bytes_by_config)
+        keep = (self.path, self.fallback_reason, self.cache_bytes, self.cache_bytes_by_context,
+                self.cache_bytes_by_config)
         self.__init__()
-        self.path, self.cache_bytes, self.cache_bytes_by_context, self.cache_bytes_by_config = keep
+        (self.path, self.fallback_reason, self.cache_bytes, self.cache_bytes_by_context,
+         self.cache_bytes_by_config) = keep
 
 
 @dataclass
@@ -143,9 +150,11 @@ def _nbytes(node: fx.Node) -> int:
 class _Entry:
     """One capture (one input signature) and the variants built from it."""
 
-    def __init__(self, cap: Capture, targets: List[_Target]):
+    def __init__(self, cap: Optional[Capture], targets: List[_Target], eager: Optional[EagerPath] = None):
         self.capture = cap
         self.targets = targets
+        self.eager = eager  # the eager path when the model could not be captured
+        self.out_spec = cap.out_spec if cap is not None else None
         self.variants: Dict[Decision, _Variant] = {}
         # Rewrite downstream targets first: an upstream rewrite then redirects the
         # downstream region's input along with every other user.
@@ -263,6 +272,7 @@ class OptimizedModule(torch.nn.Module):
             raise ConfigError(f"CacheConfig(method='adastep') needs the latent input of "
                               f"{type(model).__name__}.forward, one of {LATENT_NAMES}")
         self._entries: Dict[Any, _Entry] = {}
+        self._eager: Optional[EagerPath] = None
         self._contexts: Dict[str, _Context] = {}
         self._active = "default"
         self.stats = Stats()
@@ -357,6 +367,10 @@ class OptimizedModule(torch.nn.Module):
             ctx.pending_refresh.update(i for i, a in enumerate(decision) if a is Action.WRITE)
             return _Call(ctx, None, None, set(), None, [], key, skip=True)
         entry = self._entry(kwargs, leaves, spec, key)
+        if entry.eager is not None:
+            decision = self._refresh_pending(ctx, decision)
+            run = functools.partial(self._run_eager, entry, spec, decision, self._active, ctx.step, t)
+            return _Call(ctx, entry, _Variant(decision, None, run, []), set(), run, leaves, key, timestep=t)
         valid = ctx.valid.setdefault(key, set())
         decision = self._safe_decision(entry, self._refresh_pending(ctx, decision), valid)
         variant = self._variant(entry, decision)
@@ -389,7 +403,7 @@ class OptimizedModule(torch.nn.Module):
                         times.insert(0, call.timestep)
                         del times[target.config.history:]
             self._count(call.entry, decision)
-            out_spec = call.entry.capture.out_spec
+            out_spec = call.entry.out_spec
             if ctx.ada is not None:
                 self._keep_output(ctx, call.key, flat_out, out_spec)
         ctx.step += 1
@@ -506,13 +520,22 @@ class OptimizedModule(torch.nn.Module):
         entry = self._entries.get(key)
         if entry is None:
             cap = self._captures.get(key)
-            if cap is None:
+            if cap is None and self._eager is None:
                 lists = list(dict.fromkeys([c.blocks for c in self.configs]
                                            + [b.fqn for b in find_block_lists(self.model)]))
-                with torch.no_grad():
-                    cap = self._captures[key] = capture(self.model, kwargs, lists)
-                self.stats.captures += 1
-                self.stats.capture_seconds += cap.seconds
+                try:
+                    with torch.no_grad():
+                        cap = self._captures[key] = capture(self.model, kwargs, lists)
+                except ConfigError:
+                    raise
+                except Exception as err:  # export cannot capture this model: same semantics, eagerly
+                    self._fall_back_to_eager(err)
+                else:
+                    self.stats.captures += 1
+                    self.stats.capture_seconds += cap.seconds
+            if cap is None:
+                entry = self._entries[key] = _Entry(None, [], eager=self._eager)
+                return entry
             if cap.in_spec != spec:
                 raise RuntimeError(f"captured input structure {cap.in_spec} differs from the call's {spec}")
             targets = [self._target(i, c, cap, leaves) for i, c in enumerate(self.configs)]
@@ -521,6 +544,23 @@ class OptimizedModule(torch.nn.Module):
                 log.info("new input signature for %s: captured again (%d captures)",
                          type(self.model).__name__, len(self._entries))
         return entry
+
+    def _fall_back_to_eager(self, err: Exception) -> None:
+        reason = _export_failure(err)
+        log.warning("%s cannot be captured by torch.export (%s); npu_cache_fx runs the eager path: the same "
+                    "cache semantics applied around the blocks' forward, without graph rewriting or compilation",
+                    type(self.model).__name__, reason)
+        self._eager = EagerPath(self.model, self.configs, reason)
+        self.stats.path = "eager"
+        self.stats.fallback_reason = reason
+
+    @torch._dynamo.disable
+    def _run_eager(self, entry: "_Entry", spec, decision: Decision, context: str, step: int,
+                   timestep: Optional[float], *leaves):
+        _, kwargs = pytree.tree_unflatten(list(leaves), spec)
+        out = entry.eager.run(kwargs, decision, context, step, timestep)
+        flat, entry.out_spec = pytree.tree_flatten(out)
+        return flat
 
     def _target(self, i: int, cfg: CacheConfig, cap: Capture, leaves) -> _Target:
         target = _Target(i, cfg)
@@ -584,13 +624,15 @@ class OptimizedModule(torch.nn.Module):
 
     def _count(self, entry: _Entry, decision: Decision) -> None:
         self.stats.steps += 1
-        reads = [t for t in entry.targets if decision[t.index] is Action.READ]
+        reads = [i for i, a in enumerate(decision) if a is Action.READ]
         if reads:
             self.stats.steps_reused += 1
-            for t in reads:
-                if t.region is not None:
-                    self.stats.blocks_skipped += t.config.block_end - t.config.block_start
-                self.stats.attention_calls_skipped += len(t.sites)
+            for i in reads:
+                cfg = self.configs[i]
+                if cfg.method == "dit_block_cache":
+                    self.stats.blocks_skipped += cfg.block_end - cfg.block_start
+                elif entry.eager is None:
+                    self.stats.attention_calls_skipped += len(entry.targets[i].sites)
         else:
             self.stats.steps_computed += 1
 
@@ -617,6 +659,18 @@ class CaptureCache(dict):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+
+
+def _export_failure(err: Exception) -> str:
+    """``ErrorType at file:line in fn: <source line>`` from a torch.export error, or its first line."""
+    text = str(err)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    found = re.search(r"Caused by: \((.+?):(\d+) in (\w+)\)", text)
+    if not found:
+        return f"{type(err).__name__}: {first[:300]}"
+    path, line, fn = found.group(1), int(found.group(2)), found.group(3)
+    source = linecache.getline(path, line).strip()
+    return f"{type(err).__name__} at {path}:{line} in {fn}: {source or first[:200]}"
 
 
 def _all_ranks_agree(skip: bool) -> bool:

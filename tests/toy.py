@@ -171,3 +171,20 @@ class QKVDiT(nn.Module):
         for blk in self.blocks:
             h = blk(h, encoder_hidden_states, temb)
         return (h,)
+
+
+class UnexportableDiT(ToyDiT):
+    """Branches on a tensor value in forward (like mask-length code in some DiTs): torch.export fails."""
+
+    def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, return_dict: bool = False):
+        lengths = (encoder_hidden_states.abs().sum(-1) >= 0).sum(-1).tolist()
+        if lengths[0] > 1000:  # never true; export cannot know that
+            hidden_states = hidden_states * 0
+        return super().forward(hidden_states, encoder_hidden_states, timestep, return_dict)
+
+
+class UnexportableAttnDiT(AttnDiT):
+    def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, return_dict: bool = False):
+        if (hidden_states.abs().sum(-1) >= 0).sum(-1).tolist()[0] > 1000:
+            hidden_states = hidden_states * 0
+        return super().forward(hidden_states, encoder_hidden_states, timestep, return_dict)
