@@ -17,7 +17,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-__all__ = ["CacheConfig", "ConfigError", "METHODS", "MINDIE_UNBOUNDED"]
+__all__ = ["CacheConfig", "ConfigError", "METHODS", "MINDIE_UNBOUNDED", "configs_from_json", "configs_to_json"]
 
 METHODS = ("dit_block_cache", "attention_cache", "adastep")
 FORECASTS = {"none": 1, "linear": 2, "taylor2": 3}  # forecast -> values kept per cache slot
@@ -165,6 +165,24 @@ class CacheConfig:
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"CacheConfig.{field} must be a non-empty str, got {value!r}")
 
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        """The fields that differ from their defaults (JSON-ready)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value != f.default:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CacheConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown CacheConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
     # ------------------------------------------------------------------ derived
     def replace(self, **changes) -> "CacheConfig":
         return dataclasses.replace(self, **changes)
@@ -231,3 +249,22 @@ class CacheConfig:
         kind = "dit" if self.method == "dit_block_cache" else "attn"
         end = "" if self.block_end is None else self.block_end
         return f"{kind}[{self.blocks or 'blocks'}:{self.block_start}:{end}]"
+
+
+def configs_to_json(configs) -> list:
+    """A config or list of configs as a JSON-ready list of dicts."""
+    configs = [configs] if isinstance(configs, CacheConfig) else list(configs)
+    return [c.to_dict() for c in configs]
+
+
+def configs_from_json(obj) -> list:
+    """Configs from a dict, a list of dicts, or a search report (``{"best": {"config": ...}}``)."""
+    if isinstance(obj, dict) and "best" in obj:
+        obj = obj["best"]
+    if isinstance(obj, dict) and "config" in obj:
+        obj = obj["config"]
+    if isinstance(obj, dict):
+        obj = [obj]
+    if not isinstance(obj, list) or not all(isinstance(x, dict) for x in obj):
+        raise ConfigError(f"expected a CacheConfig dict or a list of them, got {type(obj).__name__}")
+    return [CacheConfig.from_dict(x) for x in obj]

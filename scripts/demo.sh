@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create or reuse .venv, install the package, run the main job on the shipped tiny model.
-# Usage: bash scripts/demo.sh [demo args...]   (outputs in demo_out/)
+# Create or reuse .venv, install the package, run the main job on the shipped tiny model:
+# digits generated uncached, with a cache plan and with fewer steps; outputs in demo_out/.
+# Usage: bash scripts/demo.sh [demo args...]   (see: .venv/bin/npu-cache-fx demo --help)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -10,5 +11,4 @@ fi
 . .venv/bin/activate
 pip install -q --disable-pip-version-check torch==2.13.0
 pip install -q --disable-pip-version-check -e ".[models]"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-python examples/quickstart.py "$@"
+npu-cache-fx --threads 1 demo "$@"

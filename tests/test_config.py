@@ -80,3 +80,15 @@ def test_frozen_and_label():
         cfg.step_start = 3
     assert cfg.label == "dit[single_transformer_blocks:1:5]"
     assert CacheConfig(steps_count=1, name="x").label == "x"
+
+
+def test_json_round_trip():
+    from npu_cache_fx.config import configs_from_json, configs_to_json
+    cfgs = [CacheConfig(steps_count=28, step_start=4, step_interval=3, blocks="transformer_blocks", forecast="linear"),
+            CacheConfig(steps_count=28, refresh_steps=(2, 5, 9), blocks="single_transformer_blocks")]
+    data = configs_to_json(cfgs)
+    assert data[1] == {"steps_count": 28, "refresh_steps": [2, 5, 9], "blocks": "single_transformer_blocks"}
+    assert configs_from_json(data) == cfgs
+    assert configs_from_json({"best": {"config": data}}) == cfgs
+    with pytest.raises(ConfigError, match=r"unknown CacheConfig field\(s\) \['interval'\]"):
+        configs_from_json({"interval": 2})

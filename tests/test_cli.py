@@ -1,0 +1,46 @@
+"""The CLI: --help for every subcommand, and the demo end to end in a small mode."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from npu_cache_fx.cli import build_parser, main
+
+
+@pytest.mark.parametrize("cmd", [[], ["demo"], ["search"], ["bench"]])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(cmd + ["--help"])
+    assert exit_.value.code == 0
+    assert "usage: npu-cache-fx" in capsys.readouterr().out
+
+
+def test_console_script_installed():
+    out = subprocess.run([sys.executable, "-m", "npu_cache_fx.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "demo" in out.stdout and "search" in out.stdout
+
+
+def test_demo_small_writes_its_files(tmp_path):
+    pytest.importorskip("diffusers")
+    rc = main(["--threads", "1", "demo", "--samples", "4", "--steps", "8", "--repeats", "1",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    for name in ("grid.png", "report.md", "demo.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    result = json.loads((tmp_path / "demo.json").read_text())
+    assert result["speedup"] > 0 and result["cached"]["psnr"] > 20
+    assert result["stats"]["steps_reused"] > 0
+    assert "| fewer steps" in (tmp_path / "report.md").read_text()
+
+
+def test_bench_with_a_plan_file(tmp_path):
+    pytest.importorskip("diffusers")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"best": {"config": [
+        {"steps_count": 8, "step_start": 2, "step_interval": 2, "blocks": "single_transformer_blocks"}]}}))
+    assert build_parser().parse_args(["bench", "--config", str(plan)]).config == str(plan)
+    rc = main(["--threads", "1", "bench", "--config", str(plan), "--samples", "2", "--steps", "8", "--repeats", "1",
+               "--out", str(tmp_path / "b")])
+    assert rc == 0 and (tmp_path / "b" / "report.md").exists()
