@@ -19,7 +19,7 @@ import torch
 from .agent import CacheAgent
 from .capture import _choose_attention, _walk_back
 from .config import CacheConfig
-from .schedule import Action, Decision
+from .schedule import Decision
 
 __all__ = ["EagerPath"]
 

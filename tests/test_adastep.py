@@ -7,6 +7,7 @@ from torch._dynamo.utils import counters
 
 from npu_cache_fx import CacheConfig, ConfigError, optimize
 from npu_cache_fx.timestep import AdaStepRule, fewer_steps_for
+from counting import fresh_dynamo
 from toy import ToyDiT
 
 GAINS = [2.0 ** i for i in range(8)]
@@ -120,18 +121,11 @@ def test_composed_with_dit_cache_refresh_moves_past_a_skip():
 
 
 def test_zero_recompiles_two_generations_with_adastep():
-    torch._dynamo.reset()
-    counters.clear()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-
+    backend = fresh_dynamo()
     cfgs = [CacheConfig(steps_count=8, step_start=1, step_interval=2, blocks="blocks", block_start=1, block_end=3),
             CacheConfig(method="adastep", steps_count=8, threshold=0.1, max_skip_steps=1, decay=1.0)]
     opt = torch.compile(optimize(ToyDiT(single=3), cfgs), backend=backend)
     with torch._dynamo.config.patch(error_on_recompile=True):
         first, second = run(opt), run(opt)
     assert first == second
-    assert len(graphs) == 3 and not counters["graph_break"]  # plain, write, read
+    assert len(backend.graphs) == 3 and not counters["graph_break"]  # plain, write, read

@@ -13,21 +13,10 @@ from torch._dynamo.utils import counters
 pytest.importorskip("diffusers")
 
 from npu_cache_fx import CacheConfig, optimize  # noqa: E402
+from counting import fresh_dynamo  # noqa: E402
 from dit_models import flux_inputs, tiny_flux, tiny_wan, wan_inputs  # noqa: E402
 
 STEPS = 50
-
-
-class CountingBackend:
-    """aot_eager that records every graph it is handed."""
-
-    def __init__(self):
-        self.graphs = []
-        self.inner = torch._dynamo.lookup_backend("aot_eager")
-
-    def __call__(self, gm, example_inputs):
-        self.graphs.append(gm)
-        return self.inner(gm, example_inputs)
 
 
 def configs(model_name):
@@ -77,9 +66,7 @@ def eager_reference():
 @pytest.mark.parametrize("flow", ["optimize_backend", "user_compile"])
 def test_zero_recompiles_one_graph_per_variant(eager_reference, name, flow):
     model, make_inputs, reference, n_variants = eager_reference[name]
-    torch._dynamo.reset()
-    counters.clear()
-    backend = CountingBackend()
+    backend = fresh_dynamo()
     if flow == "optimize_backend":
         opt = optimize(model, configs(name), backend=backend)
     else:

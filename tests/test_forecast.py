@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 from npu_cache_fx import CacheAgent, CacheConfig, ConfigError, optimize
 from npu_cache_fx.schedule import forecast_coefficients
+from counting import fresh_dynamo
 from toy import AttnDiT, ToyDiT, toy_inputs
 
 N = 10
@@ -97,14 +98,7 @@ def test_forecast_cache_bytes_and_timestep_required():
 
 
 def test_zero_recompiles_with_forecasting():
-    torch._dynamo.reset()
-    counters.clear()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-
+    backend = fresh_dynamo()
     model = ToyDiT(single=5)
     want = uncached(model)
     opt = torch.compile(optimize(model, cfg("linear")), backend=backend)
@@ -112,4 +106,4 @@ def test_zero_recompiles_with_forecasting():
         for _ in range(2):
             got = [opt(**toy_inputs(t))[0] for t in TS]
             assert all(torch.equal(got[s], want[s]) for s in range(4, N))
-    assert len(graphs) == 3 and not counters["graph_break"]
+    assert len(backend.graphs) == 3 and not counters["graph_break"]
