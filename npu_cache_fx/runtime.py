@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import inspect
@@ -27,7 +28,7 @@ import linecache
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -276,6 +277,8 @@ class OptimizedModule(torch.nn.Module):
         self._contexts: Dict[str, _Context] = {}
         self._active = "default"
         self.stats = Stats()
+        # (context, step, decision taken or "skip") per call; every rank must log the same sequence
+        self.trace: Deque[Tuple[str, int, Union[Decision, str]]] = collections.deque(maxlen=4096)
         self._warned_same_timestep = False
 
     # ------------------------------------------------------------------ passthrough
@@ -290,10 +293,27 @@ class OptimizedModule(torch.nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # Captures and buffers hold tensors of the old device/dtype: drop them.
+        self.invalidate()
+        return super()._apply(fn, *args, **kwargs)
+
+    def invalidate(self) -> None:
+        """Drop every capture, variant and cache: the wrapped model's forward changed (hooks added or
+        removed, e.g. diffusers' ``enable_parallelism``). The next call captures again."""
         self._entries.clear()
         self._captures.clear()
         self._contexts.clear()
-        return super()._apply(fn, *args, **kwargs)
+        self._eager = None
+        self._update_bytes()
+
+    def enable_parallelism(self, *args, **kwargs):
+        """diffusers' ``enable_parallelism`` on the wrapped model, then :meth:`invalidate`.
+
+        A graph captured before it never calls the context-parallel hooks: it would hold no
+        collectives and run the whole sequence, with full-size caches, on every rank.
+        """
+        out = self.model.enable_parallelism(*args, **kwargs)
+        self.invalidate()
+        return out
 
     def __repr__(self) -> str:
         return (f"OptimizedModule({type(self.model).__name__}, path={self.stats.path}, "
@@ -406,6 +426,7 @@ class OptimizedModule(torch.nn.Module):
             out_spec = call.entry.out_spec
             if ctx.ada is not None:
                 self._keep_output(ctx, call.key, flat_out, out_spec)
+        self.trace.append((self._active, ctx.step, "skip" if call.skip else call.variant.decision))
         ctx.step += 1
         if ctx.step == self.plan.steps_count:
             ctx.new_generation()
