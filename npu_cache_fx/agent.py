@@ -20,13 +20,13 @@ No graph is involved: this is the reference the graph passes are tested against.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from .config import CacheConfig, ConfigError
+from .contexts import CacheContexts
 from .schedule import Action, config_actions, forecast_coefficients
 
 __all__ = ["CacheAgent"]
@@ -68,7 +68,7 @@ def _combine(a, b):
     return None if a is None else a + b
 
 
-class CacheAgent:
+class CacheAgent(CacheContexts):
     """Apply a cached block (``dit_block_cache``) or attention call (``attention_cache``).
 
     ``apply`` must be called once per block per step, in block order: it counts
@@ -84,7 +84,6 @@ class CacheAgent:
         self.output_order = output_order
         self.actions: List[Action] = config_actions(self.config)
         self._states: Dict[str, _State] = {}
-        self._active = "default"
 
     # ------------------------------------------------------------------ state
     @property
@@ -97,14 +96,6 @@ class CacheAgent:
             self._states.clear()
         else:
             self._states.pop(context, None)
-
-    @contextlib.contextmanager
-    def cache_context(self, name: str) -> Iterator[None]:
-        previous, self._active = self._active, name
-        try:
-            yield
-        finally:
-            self._active = previous
 
     def set_timestep(self, timestep: Any) -> None:
         """Tell the agent the step's timestep; a rise starts a new generation."""

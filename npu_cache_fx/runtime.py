@@ -21,14 +21,13 @@ Example::
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import inspect
 import linecache
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -38,6 +37,7 @@ from .backends import Backend, compile_graph, resolve_backend
 from .capture import (AttentionSite, Capture, Region, attention_sites, block_region, capture, find_block_lists,
                       resolve_block_list)
 from .config import CacheConfig, ConfigError
+from .contexts import CacheContexts
 from .eager import EagerPath
 from .passes import attention_cache_pass, block_cache_pass, lower_cache_ops
 from .passes.attention_cache import attention_slot
@@ -221,7 +221,7 @@ def _leaf_key(leaf: Any) -> Any:
         return ("R", type(leaf), repr(leaf))
 
 
-class OptimizedModule(torch.nn.Module):
+class OptimizedModule(CacheContexts, torch.nn.Module):
     """A drop-in for the wrapped model that reuses cached block outputs across steps.
 
     Attributes not defined here (``config``, ``dtype``, ``device``, ...) are read
@@ -275,7 +275,6 @@ class OptimizedModule(torch.nn.Module):
         self._entries: Dict[Any, _Entry] = {}
         self._eager: Optional[EagerPath] = None
         self._contexts: Dict[str, _Context] = {}
-        self._active = "default"
         self.stats = Stats()
         # (context, step, decision taken or "skip") per call; every rank must log the same sequence
         self.trace: Deque[Tuple[str, int, Union[Decision, str]]] = collections.deque(maxlen=4096)
@@ -331,15 +330,6 @@ class OptimizedModule(torch.nn.Module):
         """Free every cache buffer (they are re-allocated on the next write)."""
         self._contexts.clear()
         self._update_bytes()
-
-    @contextlib.contextmanager
-    def cache_context(self, name: str) -> Iterator[None]:
-        """Run calls under a separate step counter and cache (e.g. one per CFG branch)."""
-        previous, self._active = self._active, name
-        try:
-            yield
-        finally:
-            self._active = previous
 
     @property
     def variant_graphs(self) -> Dict[Decision, fx.GraphModule]:
