@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -152,6 +153,16 @@ def _block_signatures(ep, block_fqns: Sequence[str], model: torch.nn.Module) -> 
     return out
 
 
+def _block_outputs(ep, block_fqns: Sequence[str]) -> Dict[str, List[Optional[str]]]:
+    """Block fqn -> the node name of each flat return value in return order (None: not a tensor)."""
+    out: Dict[str, List[Optional[str]]] = {}
+    for entry in ep.module_call_graph:
+        if entry.fqn in block_fqns and entry.signature is not None:
+            out[entry.fqn] = [a.name if type(a).__name__ == "TensorArgument" else None
+                              for a in entry.signature.outputs]
+    return out
+
+
 def _spans(gm: fx.GraphModule, model: torch.nn.Module, lists: Sequence[str]) -> Dict[str, List[List[str]]]:
     spans: Dict[str, List[List[str]]] = {}
     for fqn in lists:
@@ -193,6 +204,7 @@ def capture(model: torch.nn.Module, kwargs: Mapping[str, Any], block_lists: Sequ
                               f"{type(model).__name__}; they are not called in forward")
     sigs = _block_signatures(ep, block_fqns, model)
     cap = Capture(gm, info.in_spec, info.out_spec, spans, sigs, time.perf_counter() - start)
+    cap.meta["block_outputs"] = _block_outputs(ep, block_fqns)  # return order, for forward-pattern reports
     log.info("captured %s in %.2fs (%d nodes)", type(model).__name__, cap.seconds, len(gm.graph.nodes))
     return cap
 
@@ -302,10 +314,72 @@ def _convex_closure(gm: fx.GraphModule, names: set) -> set:
     return set(names) | (after & before)
 
 
+_ALIASING = {
+    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.alias.default,
+    aten.detach.default, aten.contiguous.default, aten.clone.default, aten.type_as.default,
+}
+
+
+def _peel_aliases(gm: fx.GraphModule, names: set) -> Tuple[set, Dict[str, str]]:
+    """Move no-op casts of region inputs out of the region; map each to the input it aliases.
+
+    Export rebinds a tensor to the node of a no-op ``x.float()``/``x.to(dtype)`` that returns
+    ``x`` itself, so code after a block reads a node inside the block's span (Wan's and
+    HunyuanDiT's ``temb``, HunyuanDiT's long-skip tensors). Left in the region, such a node is
+    an output that "continues" its input with a zero delta (a wasted stream) or a second
+    output of one input (an error). Outside, it is a side input that is always computed.
+    """
+    by_name = {n.name: n for n in gm.graph.nodes}
+    peeled: Dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.name not in names or node.target not in _ALIASING or not node.args:
+            continue
+        src = node.args[0]
+        val, src_val = node.meta.get("val"), getattr(src, "meta", {}).get("val")
+        if not (isinstance(val, torch.Tensor) and isinstance(src_val, torch.Tensor)
+                and (val.dtype, val.shape, val.device) == (src_val.dtype, src_val.shape, src_val.device)):
+            continue
+        if all(a.name not in names or a.name in peeled for a in node.all_input_nodes):
+            peeled[node.name] = peeled.get(src.name, src.name)
+    # Only the chains that reach a user outside the region; the others stay inside.
+    keep: set = set()
+    for name in reversed(list(peeled)):
+        if any(u.name not in names or u.name in keep for u in by_name[name].users):
+            keep.add(name)
+    return names - keep, {k: peeled[k] for k in keep}
+
+
+_SPLITS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.tensor_split.sections,
+           aten.tensor_split.indices, aten.unbind.int}
+
+
+def _peel_shards(gm: fx.GraphModule, names: set, roles: Optional[Mapping[str, str]]) -> Tuple[set, Dict[str, str]]:
+    """Move splits of region inputs (and their ``getitem``s) out of the region; a piece keeps its input's role.
+
+    diffusers' context parallelism shards the sequence in a pre-forward hook of the first block
+    (``x.chunk(world, dim)[rank]``), which export records inside that block's span: left there, the
+    range's output continues the rank's shard, not a range input, and cannot be paired. Outside,
+    the shard is the stream's input (any other split of an input just becomes a side input).
+    """
+    names, roles = set(names), dict(roles or {})
+    for node in gm.graph.nodes:
+        src = node.args[0] if node.args else None
+        if node.name in names and node.target in _SPLITS and isinstance(src, fx.Node) and src.name not in names:
+            names.discard(node.name)
+            for user in node.users:
+                if user.target is operator.getitem:
+                    names.discard(user.name)
+                    if src.name in roles:
+                        roles.setdefault(user.name, roles[src.name])
+    return names, roles
+
+
 def region_from_nodes(gm: fx.GraphModule, names: set, label: str,
                       roles: Optional[Mapping[str, str]] = None) -> Region:
     """Build a :class:`Region` from node names: pair its outputs with its inputs by dataflow."""
-    names = _convex_closure(gm, set(names))
+    names, roles = _peel_shards(gm, _convex_closure(gm, set(names)), roles)
+    names, aliases = _peel_aliases(gm, names)
+    roles = {**{k: (roles or {}).get(v) for k, v in aliases.items() if (roles or {}).get(v)}, **(roles or {})}
     region = frozenset(names)
     by_name = {n.name: n for n in gm.graph.nodes}
     inputs: List[str] = []
@@ -318,9 +392,21 @@ def region_from_nodes(gm: fx.GraphModule, names: set, label: str,
         if any(u.name not in region for u in node.users):
             outputs.append(node)
     input_set = frozenset(inputs)
+    sources = {out.name: _walk_back(out, None, region, input_set) for out in outputs}
+    unpaired = [name for name, src in sources.items() if src is None]
+    roots = {i: aliases.get(i, i) for i in inputs}
+    hidden = sorted((by_name[i] for i in inputs if roles.get(roots[i]) == "hidden_states"),
+                    key=lambda n: n.name != roots[n.name])  # the aliased input itself first
+    if (len(unpaired) == 1 and len({roots[n.name] for n in hidden}) == 1
+            and not any(src is not None and roots.get(src.name) == roots[hidden[0].name] for src in sources.values())
+            and _shape(hidden[0]) == _shape(by_name[unpaired[0]])):
+        # A block that re-projects its stream instead of adding to it (HunyuanDiT's long-skip blocks:
+        # hidden = skip_linear(cat(hidden, skip))): the one output no residual path explains continues
+        # the range's ``hidden_states`` input (by the block signature), as CacheAgent pairs them.
+        sources[unpaired[0]] = hidden[0]
     streams: List[Stream] = []
     for out in outputs:
-        src = _walk_back(out, None, region, input_set)
+        src = sources[out.name]
         if src is None:
             raise ConfigError(
                 f"{label}: output {out.name} ({out.target}) of the block range does not continue any "
@@ -328,9 +414,9 @@ def region_from_nodes(gm: fx.GraphModule, names: set, label: str,
         if _shape(src) != _shape(out):
             raise ConfigError(f"{label}: stream {src.name} -> {out.name} changes shape "
                               f"{_shape(src)} -> {_shape(out)}")
-        if any(s.input == src.name for s in streams):
-            raise ConfigError(f"{label}: outputs {[s.output for s in streams if s.input == src.name]} and "
-                              f"{out.name} both continue input {src.name}")
+        same = [s.output for s in streams if roots.get(s.input, s.input) == roots.get(src.name, src.name)]
+        if same:
+            raise ConfigError(f"{label}: outputs {same} and {out.name} both continue input {src.name}")
         role = (roles or {}).get(src.name) or f"stream{len(streams)}"
         streams.append(Stream(role, src.name, out.name))
     side = tuple(i for i in inputs if i not in {s.input for s in streams})

@@ -183,6 +183,7 @@ class _Context:
     def __init__(self, adastep: Optional[CacheConfig] = None) -> None:
         self.step = 0
         self.last_timestep: Optional[float] = None
+        self.wrapped_at: Optional[float] = None  # timestep of the last step before the counter wrapped
         self.buffers: Dict[Any, Dict[str, torch.Tensor]] = {}
         self.valid: Dict[Any, set] = {}
         self.pending_refresh: set = set()  # targets whose refresh step AdaStep skipped
@@ -279,6 +280,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         # (context, step, decision taken or "skip") per call; every rank must log the same sequence
         self.trace: Deque[Tuple[str, int, Union[Decision, str]]] = collections.deque(maxlen=4096)
         self._warned_same_timestep = False
+        self._warned_overrun = False
 
     # ------------------------------------------------------------------ passthrough
     def __getattr__(self, name: str) -> Any:
@@ -330,6 +332,13 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         """Free every cache buffer (they are re-allocated on the next write)."""
         self._contexts.clear()
         self._update_bytes()
+
+    def _on_context(self, name: str, info: dict) -> None:
+        steps = info.get("num_inference_steps")
+        if isinstance(steps, int) and steps != self.plan.steps_count:
+            raise ConfigError(
+                f"the pipeline runs num_inference_steps={steps} but CacheConfig.steps_count is "
+                f"{self.plan.steps_count}: the plan is per step; build the configs with steps_count={steps}")
 
     @property
     def variant_graphs(self) -> Dict[Decision, fx.GraphModule]:
@@ -420,6 +429,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         ctx.step += 1
         if ctx.step == self.plan.steps_count:
             ctx.new_generation()
+            ctx.wrapped_at = call.timestep
         return pytree.tree_unflatten(list(flat_out), out_spec)
 
     # ------------------------------------------------------------------ AdaStep
@@ -515,6 +525,13 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
     def _maybe_new_generation(self, ctx: _Context, value: Optional[float]) -> None:
         if value is None:
             return
+        if ctx.wrapped_at is not None:
+            if value < ctx.wrapped_at and not self._warned_overrun:
+                self._warned_overrun = True
+                log.warning("%s: the generation goes on past CacheConfig.steps_count=%d (the timestep kept "
+                            "falling); the plan restarts from step 0 mid-generation. Set steps_count to the "
+                            "pipeline's num_inference_steps.", type(self.model).__name__, self.plan.steps_count)
+            ctx.wrapped_at = None
         if ctx.last_timestep is not None:
             if value > ctx.last_timestep and ctx.step:
                 log.debug("timestep rose %s -> %s: new generation", ctx.last_timestep, value)

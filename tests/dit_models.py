@@ -1,13 +1,8 @@
-"""Tiny random-init diffusers DiTs (no hub) and a by-hand CacheAgent hook, for tests."""
+"""Tiny random-init diffusers DiTs (no hub), for tests. The by-hand CacheAgent hooks are in hooks.py."""
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-
 import torch
-
-from npu_cache_fx import CacheAgent
 
 
 def tiny_flux(layers=2, single=4):
@@ -42,25 +37,3 @@ def wan_inputs(t: float, seed: int = 0, batch: int = 1):
     return dict(hidden_states=torch.randn(batch, 4, 2, 8, 8, generator=g),
                 timestep=torch.full((batch,), t * 1000),
                 encoder_hidden_states=torch.randn(batch, 6, 16, generator=g), return_dict=False)
-
-
-@contextlib.contextmanager
-def agent_on_blocks(blocks: torch.nn.ModuleList, agent: CacheAgent):
-    """Apply ``agent`` around every block's forward, as MindIE's docs do by hand."""
-    originals = []
-    for block in blocks:
-        orig = block.forward
-        sig = inspect.signature(orig)
-
-        def forward(*args, _orig=orig, _sig=sig, **kwargs):
-            bound = _sig.bind(*args, **kwargs).arguments
-            hidden = bound.pop("hidden_states")
-            return agent.apply(_orig, hidden_states=hidden, **bound)
-
-        originals.append(orig)
-        block.forward = forward
-    try:
-        yield agent
-    finally:
-        for block, orig in zip(blocks, originals):
-            block.forward = orig

@@ -1,7 +1,6 @@
 """Attention cache: the pass (FileCheck + numerics), exact step semantics, parity with CacheAgent,
 combined plans and the cache-memory budget."""
 
-import contextlib
 import logging
 
 import pytest
@@ -14,6 +13,7 @@ from npu_cache_fx.capture import attention_sites, capture
 from npu_cache_fx.ops import SlotStore
 from npu_cache_fx.passes import attention_cache_pass
 from npu_cache_fx.schedule import Action
+from hooks import agent_on_attention
 from toy import AttnDiT, QKVDiT, toy_inputs
 
 
@@ -105,21 +105,6 @@ def test_attention_steps_exact_two_generations(kw, plan, blocks):
 
 
 # ----------------------------------------------------------------------------- diffusers parity
-@contextlib.contextmanager
-def agent_on_attention(blocks, agent, name):
-    saved = []
-    for block in blocks:
-        attn = getattr(block, name)
-        orig = attn.forward
-        attn.forward = lambda *a, _o=orig, **k: agent.apply(_o, *a, **k)
-        saved.append((attn, orig))
-    try:
-        yield
-    finally:
-        for attn, orig in saved:
-            attn.forward = orig
-
-
 def parity(model, make_inputs, cfg, name="attn", steps=8):
     opt = optimize(model, cfg)
     rc = opt.configs[0]

@@ -10,7 +10,8 @@ pytest.importorskip("diffusers")
 from npu_cache_fx import CacheAgent, CacheConfig, optimize  # noqa: E402
 from npu_cache_fx.capture import find_block_lists  # noqa: E402
 from npu_cache_fx.schedule import Action  # noqa: E402
-from dit_models import agent_on_blocks, flux_inputs, tiny_flux, tiny_wan, wan_inputs  # noqa: E402
+from dit_models import flux_inputs, tiny_flux, tiny_wan, wan_inputs  # noqa: E402
+from hooks import agent_on_blocks  # noqa: E402
 
 STEPS = 10
 TS = [1.0 - s / STEPS for s in range(STEPS)]

@@ -181,3 +181,19 @@ def test_capture_cache_shared_between_plans():
     assert (first.stats.captures, second.stats.captures, len(cache)) == (1, 0, 1)
     with pytest.raises(ValueError, match="another model"):
         optimize(ToyDiT(single=7), ref_cfg(), captures=cache)
+
+
+def test_longer_generation_than_steps_count_warns(caplog):
+    opt = optimize(ToyDiT(single=7), ref_cfg())
+    with caplog.at_level(logging.WARNING):
+        run(opt, [float(900 - 100 * s) for s in range(7)])  # 7 steps, steps_count=5
+    assert "past CacheConfig.steps_count=5" in caplog.text
+
+
+def test_pipeline_num_inference_steps_must_match():
+    opt = optimize(ToyDiT(single=7), ref_cfg())
+    with opt.cache_context("cond", step_index=0, sigma=1.0, num_inference_steps=5):
+        opt(**toy_inputs(900.0))
+    with pytest.raises(ConfigError, match="num_inference_steps=8 but CacheConfig.steps_count is 5"):
+        with opt.cache_context("cond", num_inference_steps=8):
+            pass

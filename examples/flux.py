@@ -1,0 +1,31 @@
+"""FLUX.1 with MindIE-SD's shipped DiT-cache config: double blocks [5, 13), single blocks [1, 23),
+refresh from step 18 every 2 steps, 28 steps.
+
+    python examples/flux.py                                   # tiny random pipeline (default, CPU)
+    python examples/flux.py --model-id black-forest-labs/FLUX.1-dev [--backend torchair] [--out flux.png]
+"""
+
+from _common import Range, Recipe, backend_arg, parse_args, run_real, run_tiny_pipeline
+
+RECIPE = Recipe(
+    family="FLUX.1", source="MindIE-SD shipped config (FLUX.1-dev, 28 steps)",
+    steps=28, step_start=18, step_interval=2,
+    ranges=(Range("transformer_blocks", 19, 5, 13), Range("single_transformer_blocks", 38, 1, 23)),
+    call=dict(height=1024, width=1024, guidance_scale=3.5))
+
+
+def main() -> None:
+    args = parse_args(RECIPE, __doc__)
+    from diffusers import FluxPipeline
+    if args.tiny:
+        from tiny_pipelines import flux_pipeline
+        run_tiny_pipeline(RECIPE, flux_pipeline(), dict(prompt="a photo of an astronaut riding a horse", height=32,
+                                                        width=32, max_sequence_length=16, output_type="pt"),
+                          backend_arg(args.backend))
+    else:
+        run_real(RECIPE, FluxPipeline, args, dict(prompt=args.prompt),
+                 lambda out, path: (out.images[0].save(path + ".png"), print(f"saved {path}.png")))
+
+
+if __name__ == "__main__":
+    main()

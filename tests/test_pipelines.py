@@ -1,0 +1,245 @@
+"""optimize() inside real diffusers pipelines built offline from tiny random components.
+
+``pipe.transformer = optimize(pipe.transformer, cfg)``, then the unmodified
+pipeline: FluxPipeline (guidance-distilled, true CFG over two cache contexts,
+a batch of prompts, a second resolution), StableDiffusion3Pipeline (batched
+CFG: cond + uncond in one call of batch 2) and WanPipeline (sequential CFG).
+Every cached run equals the same pipeline whose transformer applies
+:class:`~npu_cache_fx.CacheAgent` by hand (allclose 1e-5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from npu_cache_fx import CacheAgent, CacheConfig, ConfigError, optimize  # noqa: E402
+from npu_cache_fx.runtime import CaptureCache, OptimizedModule  # noqa: E402
+from hooks import agent_on_blocks  # noqa: E402
+from tiny_pipelines import flux_pipeline, sd3_pipeline, wan_pipeline  # noqa: E402
+
+STEPS = 6
+SCHEDULE = dict(steps_count=STEPS, step_start=1, step_interval=2)  # compute, write, read, write, read, compute
+FLUX_CFGS = [CacheConfig(blocks="transformer_blocks", block_start=1, **SCHEDULE),
+             CacheConfig(blocks="single_transformer_blocks", **SCHEDULE)]
+FLUX_KW = dict(height=32, width=32, num_inference_steps=STEPS, max_sequence_length=8, output_type="latent")
+
+
+class ByHand(torch.nn.Module):
+    """A pipeline's transformer with one CacheAgent per config applied by hand: the reference."""
+
+    def __init__(self, model, configs, order):
+        super().__init__()
+        self.model = model
+        self.configs = configs
+        self.agents = [CacheAgent(c, output_order=order) for c in configs]
+
+    def __getattr__(self, name):  # config, dtype, device, ... of the wrapped model
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+    @contextlib.contextmanager
+    def cache_context(self, name, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for agent in self.agents:
+                stack.enter_context(agent.cache_context(name))
+            yield
+
+    def forward(self, *args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for cfg, agent in zip(self.configs, self.agents):
+                stack.enter_context(agent_on_blocks(self.model.get_submodule(cfg.blocks), agent))
+            return self.model(*args, **kwargs)
+
+
+def generate(pipe, transformer, seed=0, **kw):
+    """Run ``pipe`` with ``transformer`` swapped in (and the original put back)."""
+    original = pipe.transformer
+    pipe.transformer = transformer
+    try:
+        out = pipe(generator=torch.Generator().manual_seed(seed), **kw)
+    finally:
+        pipe.transformer = original
+    return out.frames if hasattr(out, "frames") else out.images
+
+
+@pytest.fixture(scope="module")
+def flux():
+    pipe = flux_pipeline()
+    return pipe, CaptureCache(pipe.transformer)
+
+
+def flux_check(pipe, captures, **kw):
+    model = pipe.transformer
+    opt = optimize(model, FLUX_CFGS, captures=captures)
+    with torch.no_grad():
+        got = generate(pipe, opt, **kw)
+        want = generate(pipe, ByHand(model, opt.configs, "encoder_first"), **kw)
+        plain = generate(pipe, model, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, plain)  # the cache was used
+    return opt, got
+
+
+@pytest.mark.parametrize("prompt", ["a photo of a cat", ["a photo of a cat", "a red car on the sky"]],
+                         ids=["one-prompt", "two-prompts"])
+def test_flux_pipeline_matches_agent(flux, prompt):
+    pipe, captures = flux
+    opt, _ = flux_check(pipe, captures, prompt=prompt, guidance_scale=3.5, **FLUX_KW)
+    assert pipe.transformer.config.guidance_embeds  # guidance is a transformer input
+    assert opt.stats.steps == STEPS and opt.stats.steps_reused == len(opt.plan.reuse_steps()) == 2
+    assert set(opt.stats.cache_bytes_by_context) == {"cond"}  # FluxPipeline always names its context
+
+
+def test_flux_decoded_output(flux):
+    pipe, captures = flux
+    opt = optimize(pipe.transformer, FLUX_CFGS, captures=captures)
+    with torch.no_grad():
+        image = generate(pipe, opt, prompt="a cat", **{**FLUX_KW, "output_type": "pt"})
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+
+
+def test_flux_true_cfg_two_contexts(flux):
+    pipe, captures = flux
+    kw = dict(prompt="a photo of a cat", negative_prompt="blurry low quality", true_cfg_scale=2.0, **FLUX_KW)
+    steps = {}
+
+    def spy(p, i, t, kwargs):  # per-context step counters of the optimized module after each step
+        if isinstance(p.transformer, OptimizedModule):
+            steps[i] = {name: ctx.step for name, ctx in p.transformer._contexts.items()}
+        return {}
+    opt, _ = flux_check(pipe, captures, callback_on_step_end=spy, **kw)
+    # one transformer call per context per step; both counters advance (and wrap after the last step)
+    assert steps == {i: {"cond": (i + 1) % STEPS, "uncond": (i + 1) % STEPS} for i in range(STEPS)}
+    assert opt.stats.steps == 2 * STEPS and opt.stats.steps_reused == 2 * 2 and opt.stats.generations == 2
+    assert set(opt.stats.cache_bytes_by_context) == {"cond", "uncond"}
+    assert opt.stats.stale_reads_avoided == 0
+
+
+def test_flux_second_call_is_a_new_generation(flux):
+    pipe, captures = flux
+    opt = optimize(pipe.transformer, FLUX_CFGS, captures=captures)
+    with torch.no_grad():
+        a = generate(pipe, opt, prompt="a cat", **FLUX_KW)
+        b = generate(pipe, opt, prompt="a cat", **FLUX_KW)
+        c = generate(pipe, opt, prompt="a cat", seed=1, **FLUX_KW)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert opt.stats.generations == 3 and opt.stats.steps_reused == 3 * 2
+
+
+def test_flux_num_inference_steps_other_than_steps_count(flux):
+    """What happens today when the pipeline runs more or fewer steps than ``steps_count``.
+
+    Fewer: the plan is cut short (its last write may go unread); the next call starts a new
+    generation (the timestep rises) and equals a fresh module. More: the step counter wraps
+    at ``steps_count`` mid-generation and the plan starts over on the remaining steps (two
+    "generations" in one pipeline call), without a warning. No stale cache is ever read.
+    """
+    pipe, captures = flux
+    opt = optimize(pipe.transformer, FLUX_CFGS, captures=captures)
+    fresh = optimize(pipe.transformer, FLUX_CFGS, captures=captures)
+    with torch.no_grad():
+        generate(pipe, opt, prompt="a cat", **{**FLUX_KW, "num_inference_steps": 4})
+        assert opt.stats.generations == 1 and opt.stats.steps_reused == 1  # plan steps 0-3: C W R W
+        assert torch.equal(generate(pipe, opt, prompt="a cat", **FLUX_KW),
+                           generate(pipe, fresh, prompt="a cat", **FLUX_KW))
+        opt.stats.clear()
+        generate(pipe, opt, prompt="a cat", **{**FLUX_KW, "num_inference_steps": 10})
+    assert opt.stats.generations == 2  # steps 6-9 ran as plan steps 0-3 (C W R W)
+    assert opt.stats.steps_reused == 2 + 1 and opt.stats.stale_reads_avoided == 0
+
+
+def test_flux_second_resolution_recaptures_once_and_never_mixes(flux, capsys):
+    pipe, _ = flux
+    captures = CaptureCache(pipe.transformer)  # empty: opt.stats.captures counts every capture
+    opt = optimize(pipe.transformer, FLUX_CFGS, captures=captures)
+    seconds = {}
+    outs = {}
+    with torch.no_grad():
+        for size in (32, 48, 32):
+            before = opt.stats.capture_seconds
+            outs.setdefault(size, []).append(generate(pipe, opt, prompt="a cat",
+                                                      **{**FLUX_KW, "height": size, "width": size}))
+            seconds.setdefault(size, opt.stats.capture_seconds - before)
+        assert opt.stats.captures == 2  # one per latent shape, none for the repeat
+        for size in (32, 48):
+            alone = optimize(pipe.transformer, FLUX_CFGS, captures=captures)  # fresh contexts and buffers
+            want = generate(pipe, alone, prompt="a cat", **{**FLUX_KW, "height": size, "width": size})
+            assert all(torch.equal(o, want) for o in outs[size]), size
+    assert outs[48][0].shape == (1, (48 // 2) ** 2, 4)
+    with capsys.disabled():
+        print("\ncapture seconds per shape (tiny Flux): " + ", ".join(f"{s}x{s}: {v:.2f}s" for s, v in seconds.items()))
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return sd3_pipeline()
+
+
+SD3_KW = dict(prompt="a cat", negative_prompt="blurry", height=32, width=32, num_inference_steps=STEPS,
+              guidance_scale=5.0, max_sequence_length=8, output_type="latent")
+
+
+def test_sd3_batched_cfg(sd3):
+    pipe, kw = sd3, SD3_KW
+    model = pipe.transformer
+    opt = optimize(model, CacheConfig(block_start=1, block_end=3, **SCHEDULE))
+    with torch.no_grad():
+        got = generate(pipe, opt, **kw)
+        want = generate(pipe, ByHand(model, opt.configs, "encoder_first"), **kw)
+        plain = generate(pipe, model, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, plain)
+    # cond and uncond share each call (batch 2): one step per call, one context
+    (key,) = opt._entries
+    assert key[1][0][1][0] == 2
+    assert opt.stats.steps == STEPS and opt.stats.steps_reused == 2 and opt.stats.generations == 1
+
+
+@pytest.mark.xfail(strict=True, raises=ConfigError,
+                   reason="skip_guidance_layers: StableDiffusion3Pipeline calls the transformer a second time per "
+                          "step with skip_layers=[...] and no cache_context; that call's capture has blocks without "
+                          "nodes, which capture() rejects for every block list (and the extra call would count as "
+                          "a step of the default context)")
+def test_sd3_skip_layer_guidance(sd3):
+    opt = optimize(sd3.transformer, CacheConfig(block_start=2, block_end=3, **SCHEDULE))
+    with torch.no_grad():
+        generate(sd3, opt, skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0,
+                 **SD3_KW)
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return wan_pipeline()
+
+
+WAN_KW = dict(prompt="a cat", negative_prompt="blurry", height=16, width=16, num_frames=5,
+              num_inference_steps=STEPS, guidance_scale=5.0, max_sequence_length=8, output_type="pt")
+
+
+def test_wan_pipeline_checks_num_inference_steps(wan):
+    # WanPipeline passes cache_context("cond", step_index=i, sigma=..., num_inference_steps=N)
+    opt = optimize(wan.transformer, CacheConfig(block_start=1, block_end=3, **SCHEDULE))
+    with torch.no_grad(), pytest.raises(ConfigError, match=f"num_inference_steps={STEPS + 2} but "
+                                                             f"CacheConfig.steps_count is {STEPS}"):
+        generate(wan, opt, **dict(WAN_KW, num_inference_steps=STEPS + 2))
+
+
+def test_wan_pipeline_sequential_cfg(wan):
+    model = wan.transformer
+    opt = optimize(model, CacheConfig(block_start=1, block_end=3, **SCHEDULE))
+    with torch.no_grad():
+        got = generate(wan, opt, **WAN_KW)
+        want = generate(wan, ByHand(model, opt.configs, "hidden_first"), **WAN_KW)
+        plain = generate(wan, model, **WAN_KW)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.shape == (1, 5, 3, 16, 16) and not torch.equal(got, plain)
+    assert opt.stats.steps == 2 * STEPS and opt.stats.steps_reused == 2 * 2
+    assert set(opt.stats.cache_bytes_by_context) == {"cond", "uncond"}
