@@ -41,7 +41,7 @@ from .contexts import CacheContexts
 from .eager import EagerPath
 from .passes import attention_cache_pass, block_cache_pass, lower_cache_ops
 from .passes.attention_cache import attention_slot
-from .passes.common import coef_slot, history_slots
+from .passes.common import coef_slot, eliminate_dead_code, history_slots
 from .profile import span_costs
 from .schedule import Action, Decision, Plan, forecast_coefficients, make_plan
 from .timestep import AdaStepRule
@@ -135,6 +135,13 @@ class _Target:
             out[coef_slot(self.prefix)] = 4 * k
         return out
 
+    @property
+    def nodes(self) -> frozenset:
+        """The nodes a read removes (the block range, or the attention calls)."""
+        if self.region is not None:
+            return self.region.nodes
+        return frozenset(n for site in self.sites for n in site.nodes)
+
     def rewrite(self, gm: fx.GraphModule, action: Action) -> None:
         k = self.config.history
         if self.region is not None:
@@ -169,10 +176,14 @@ class _Entry:
         gm = fx.GraphModule(cap.gm, graph, class_name="CacheVariant")
         # No DCE until every target is rewritten: a write keeps alive a stream that a
         # downstream read made dead, so the recorded cache is complete.
+        removed: set = set()
         for target in self.rewrite_order:
             action = decision[target.index]
             if action is not Action.COMPUTE:
                 target.rewrite(gm, action)
+            if action is Action.READ:
+                removed |= target.nodes
+        eliminate_dead_code(gm, pure=removed)
         lower_cache_ops(gm)
         return gm
 

@@ -153,3 +153,17 @@ def test_dce_drops_export_asserts_but_keeps_cache_writes(single):
     eliminate_dead_code(gm)
     assert len(gm.graph.nodes) <= n_before
     FileCheck().check_count("npu_cache_fx.cache_write", 1, exactly=True).run(gm.code)
+
+
+def test_read_variant_drops_in_place_ops_of_the_range():
+    # diffusers Wan applies rotary embeddings with an in-place copy_ into a slice; a reuse variant
+    # must still drop the whole range (fx treats mutable ops as impure).
+    from dit_models import tiny_wan, wan_inputs
+    from npu_cache_fx import CacheConfig, optimize
+    from npu_cache_fx.schedule import Action
+    opt = optimize(tiny_wan(4), CacheConfig(steps_count=6, step_start=1, step_interval=2))
+    full = opt.build_variant((Action.COMPUTE,), **wan_inputs(0.5))
+    assert any(n.target is torch.ops.aten.copy_.default for n in full.graph.nodes)
+    read = opt.build_variant((Action.READ,), **wan_inputs(0.5))
+    FileCheck().check_not("aten.copy_").check_not("scaled_dot_product").run(read.code)
+    assert len(read.graph.nodes) < len(full.graph.nodes) // 5

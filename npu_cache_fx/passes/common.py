@@ -22,6 +22,8 @@ def eliminate_dead_code(gm: fx.GraphModule, pure: Optional[Iterable[str]] = None
 
     Plain ``graph.eliminate_dead_code()`` keeps most of a removed block: fx treats
     ``_assert_tensor_metadata`` and (with ``impure_random``) SDPA/dropout as impure.
+    An in-place op inside ``pure`` (e.g. Wan's rotary ``copy_`` into a slice) is
+    dead with the region, unless it mutates a tensor from outside ``pure``.
     """
     pure = frozenset(pure or ())
 
@@ -30,8 +32,13 @@ def eliminate_dead_code(gm: fx.GraphModule, pure: Optional[Iterable[str]] = None
             return True
         if node.target is CACHE_WRITE:
             return True
-        if node.name in pure or node.target in _DROPPABLE:
+        if node.target in _DROPPABLE:
             return False
+        if node.name in pure:
+            mutated = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            schema = getattr(node.target, "_schema", None)
+            return bool(schema is not None and schema.is_mutable and mutated is not None
+                        and mutated.name not in pure)
         return node.is_impure(impure_random=False)
 
     changed = gm.graph.eliminate_dead_code(is_impure_node=is_impure)
