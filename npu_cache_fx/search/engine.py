@@ -1,0 +1,537 @@
+"""``search()``: our cost-model + proxy search, and MindIE's search as the baseline, on one capture.
+
+Ours (``strategy="ours"``):
+
+1. one uncached generation (reference output), one recorded generation through the
+   captured graph (per-step signals), the measured cost model (:mod:`.costs`), a warm
+   uncached generation timed;
+2. screening of every (range x schedule) plan (:mod:`.screen`): predicted speedup from the
+   per-step plan and the measured costs, error proxy from the recorded trajectory;
+3. full generations only for a short, diverse list of the best-proxy plans predicted to
+   reach the target (``max_full_runs``, default 6 in all, refinement included);
+4. non-uniform refinement (:mod:`.refine`) of the best periodic plan at the same cost,
+   2 of its plans fully evaluated;
+5. the best periodic and the best refined plan timed against the uncached model
+   (interleaved repeats); the lowest-MSE plan whose measured speedup is at least
+   ``accept * target`` wins.
+
+MindIE (``strategy="mindie"``): :mod:`.mindie`, every candidate a full generation, the
+winner timed the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from ..config import CacheConfig
+from ..schedule import Action
+from . import mindie as mi
+from .refine import actions_to_reads, hill_climb, reads_to_schedule
+from .screen import ScreenTable, pick_diverse, screen
+from .session import SearchSession
+from .space import ATTN, DIT, Candidate, Part, Schedule, schedule_actions
+
+__all__ = ["SearchResult", "search", "search_ours", "search_mindie"]
+
+log = logging.getLogger(__name__)
+METHODS = ("dit_block_cache", "attention_cache", "auto")
+
+
+@dataclass
+class SearchResult:
+    """What a search found and what it cost.
+
+    ``config``: the winning plan as a list of :class:`CacheConfig` (``[]`` if nothing was found);
+    ``candidates``: every fully evaluated plan plus the best screened ones;
+    ``full_runs``: distinct candidate plans run as full generations for quality (MindIE's cost
+    measure; a plan an earlier search of the same session already ran counts, without a new run);
+    ``timing_runs``: generations run only to time finalists (uncached included);
+    ``reference_runs``: uncached/recorded generations of the setup.
+    """
+
+    strategy: str
+    method: str
+    target_speedup: float
+    best: Optional[Candidate]
+    candidates: List[Candidate]
+    full_runs: int
+    timing_runs: int
+    reference_runs: int
+    seconds: float
+    target_met: bool
+    accept: float = 0.95
+    clock: str = "cpu"
+    notes: Dict[str, Any] = field(default_factory=dict)
+    screened: Dict[str, Any] = field(default_factory=dict)  # arrays for the Pareto plot
+
+    @property
+    def config(self) -> List[CacheConfig]:
+        return self.best.configs() if self.best is not None else []
+
+    @property
+    def evaluated(self) -> List[Candidate]:
+        return [c for c in self.candidates if c.evaluated]
+
+    def to_json(self) -> Dict[str, Any]:
+        from .report import result_to_json
+        return result_to_json(self)
+
+    def write(self, out_dir: str) -> Dict[str, str]:
+        from .report import write_report
+        return write_report(self, out_dir)
+
+    def summary(self) -> str:
+        from .report import summary_line
+        return summary_line(self)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+    except ImportError:  # pragma: no cover
+        class _Null:
+            def update(self, n=1): pass
+            def close(self): pass
+            def set_postfix_str(self, s): pass
+        return _Null()
+
+
+def _exact(session: SearchSession, cand: Candidate) -> Candidate:
+    """Predicted speedup from make_plan's decisions (exact per-step costs) and bytes."""
+    pred = session.cost.predict(cand.configs())
+    cand.predicted_speedup = pred["predicted_speedup"]
+    cand.cache_bytes = session.cost.cache_bytes(cand.configs())
+    if math.isnan(cand.proxy):
+        cand.proxy = proxy_of(session, cand)
+    return cand
+
+
+def proxy_of(session: SearchSession, cand: Candidate) -> float:
+    px, n = session.proxy, session.steps_count
+    total = 0.0
+    for p in cand.parts:
+        acts = schedule_actions(p.method, p.schedule, n)
+        matrix = px.dit_matrix(p.start, p.end) if p.method == DIT else px.attention_matrix(p.start, p.end)
+        total += px.score(matrix, acts)
+    return total
+
+
+def _evaluate_all(session: SearchSession, cands: Sequence[Candidate], desc: str, progress: bool) -> None:
+    bar = _progress(len(cands), desc, progress)
+    for c in cands:
+        session.evaluate(c)
+        bar.update(1)
+        bar.set_postfix_str(f"mse={c.mse:.3g} x{c.measured_speedup:.2f}")
+    bar.close()
+
+
+def _fit(cands: Sequence[Candidate]) -> Optional[Dict[str, float]]:
+    """``log mse = log c + k log proxy`` on evaluated plans (``k`` in [0.5, 2])."""
+    pts = [(c.proxy, c.mse) for c in cands if c.mse and c.proxy and c.mse > 0 and c.proxy > 0
+           and math.isfinite(c.proxy)]
+    if len(pts) < 2:
+        if len(pts) == 1:
+            p, m = pts[0]
+            return {"log_c": math.log(m) - math.log(p), "k": 1.0, "n": 1}
+        return None
+    x = np.log([p for p, _ in pts])
+    y = np.log([m for _, m in pts])
+    if np.ptp(x) < 1e-9:
+        k = 1.0
+    else:
+        k = float(np.clip(np.polyfit(x, y, 1)[0], 0.5, 2.0))
+    log_c = float(np.mean(y - k * x))
+    resid = y - (log_c + k * x)
+    return {"log_c": log_c, "k": k, "n": len(pts), "rms_log_error": float(np.sqrt(np.mean(resid ** 2)))}
+
+
+def _predict_mse(fit: Optional[Dict[str, float]], proxy) -> Any:
+    if fit is None:
+        return None
+    proxy = np.asarray(proxy, dtype=float)
+    with np.errstate(divide="ignore"):
+        return np.exp(fit["log_c"] + fit["k"] * np.log(np.maximum(proxy, 1e-300)))
+
+
+def _finalize(session: SearchSession, finalists: List[Candidate], target: float, accept: float,
+              pool: List[Candidate], repeats: int, progress: bool, extra_rounds: int = 2) -> Optional[Candidate]:
+    """Time finalists; the lowest-MSE one with timed speedup >= accept * target wins.
+
+    If none passes, the next best untimed evaluated plans (by MSE, predicted >= target) are
+    timed, up to ``extra_rounds`` more; failing that, the fastest timed plan is returned.
+    """
+    timed: List[Candidate] = []
+    todo = [c for c in finalists if c is not None]
+    for round_ in range(1 + extra_rounds):
+        todo = [c for c in {id(c): c for c in todo}.values() if c.timed_speedup is None]
+        if not todo:
+            break
+        bar = _progress(1, f"timing {len(todo)} plan(s) x{repeats}", progress)
+        session.time(todo, repeats=repeats)
+        bar.update(1)
+        bar.close()
+        timed += todo
+        ok = [c for c in timed if c.timed_speedup >= accept * target]
+        if ok:
+            return min(ok, key=lambda c: c.mse)
+        rest = sorted((c for c in pool if c.evaluated and c.timed_speedup is None
+                       and c.predicted_speedup >= target), key=lambda c: c.mse)
+        todo = rest[:1]
+    return max(timed, key=lambda c: c.timed_speedup) if timed else None
+
+
+# ----------------------------------------------------------------------------- ours
+def search_ours(session: SearchSession, method: str, target: float, *, max_cache_bytes: Optional[int] = None,
+                max_full_runs: int = 6, refine: bool = True, refine_runs: int = 2, repeats: int = 3,
+                accept: float = 0.95, intervals: Iterable[int] = range(2, 7), attention: Optional[str] = None,
+                progress: bool = True, top_rows: int = 40, margin: float = 1.0) -> SearchResult:
+    t0 = time.perf_counter()
+    counts0 = session.counts()
+    session.prepare()
+    n = session.steps_count
+    refine = refine and method in (DIT, "auto")
+    refine_runs = min(refine_runs, max(max_full_runs - 2, 0)) if refine else 0
+    k_periodic = max(max_full_runs - refine_runs, 1)
+    notes: Dict[str, Any] = {"steps_count": n, "blocks": session.seq.describe(), "B": session.seq.total}
+
+    tables: List[ScreenTable] = []
+    if method in (DIT, "auto"):
+        tables.append(screen(session, DIT, intervals=intervals))
+    if method in (ATTN, "auto"):
+        tables.append(screen(session, ATTN, intervals=intervals, attention=attention))
+    screened = sum(len(t) for t in tables)
+    notes["screened_plans"] = screened
+
+    # Candidates predicted to reach the target, best proxy first, across tables.
+    pool: List[Candidate] = []
+    for t in tables:
+        order = t.order(target * margin, max_cache_bytes)
+        pool += [t.candidate(i) for i in pick_diverse(t, order, 4 * k_periodic, per_family=2)]
+    if method == "auto":
+        pool += _combos(session, tables, target * margin, max_cache_bytes, 4 * k_periodic)
+    reachable = bool(pool)
+    if not pool:  # nothing predicted to reach the target: the fastest plans in budget, best proxy among them
+        fits = [(t, np.nonzero(t.nbytes <= max_cache_bytes)[0] if max_cache_bytes is not None
+                 else np.arange(len(t))) for t in tables]
+        fits = [(t, idx) for t, idx in fits if len(idx)]
+        budget = f" within max_cache_bytes={max_cache_bytes}" if max_cache_bytes is not None else ""
+        if not fits:
+            notes["unreachable"] = f"no {method} plan fits{budget}"
+        else:
+            best_speed = max(float(t.speedup[idx].max()) for t, idx in fits)
+            notes["unreachable"] = (f"no {method} plan{budget} is predicted to reach x{target:g} "
+                                    f"(fastest predicted: x{best_speed:.2f})")
+            for t, idx in fits:
+                close = idx[t.speedup[idx] >= 0.97 * best_speed]
+                close = close[np.argsort(t.proxy[close])]
+                pool += [t.candidate(i) for i in pick_diverse(t, close, k_periodic, per_family=2)]
+        log.warning(notes["unreachable"])
+    if not pool:
+        counts = {k: v - counts0[k] for k, v in session.counts().items()}
+        result = SearchResult("ours", method, target, None, [], counts["full_runs"], counts["timing_runs"],
+                              counts["reference_runs"], time.perf_counter() - t0, False, accept,
+                              session.clock_name, notes, _screened_arrays(tables, None, max_cache_bytes))
+        _common_notes(session, result)
+        return result
+    pool.sort(key=lambda c: c.proxy)
+    short = [_exact(session, c) for c in pool[:k_periodic]]
+    _evaluate_all(session, short, f"ours {method} x{target:g}", progress)
+    fit = _fit(short)
+
+    refined: List[Candidate] = []
+    periodic_ok = [c for c in short if c.predicted_speedup >= target] or short
+    best_periodic = min(periodic_ok, key=lambda c: c.mse)
+    if refine and refine_runs and best_periodic.parts[0].method == DIT and len(best_periodic.parts) == 1:
+        refined = _refine(session, best_periodic, tables[0], refine_runs)
+        _evaluate_all(session, refined, "refine", progress)
+        fit = _fit(short + refined)
+        notes["refine"] = {"from": best_periodic.label, "plans": [c.label for c in refined]}
+
+    finalists = [best_periodic]
+    ok_refined = [c for c in refined if c.predicted_speedup >= min(target, best_periodic.predicted_speedup) * 0.999]
+    best_refined = min(ok_refined, key=lambda c: c.mse) if ok_refined else None
+    if best_refined is not None:
+        finalists.append(best_refined)
+    best = _finalize(session, finalists, target, accept, short + refined, repeats, progress)
+    if best_refined is not None and best_refined.timed_speedup is not None:
+        notes["refine"].update({
+            "best_periodic": {"label": best_periodic.label, "mse": best_periodic.mse,
+                              "timed_speedup": best_periodic.timed_speedup,
+                              "predicted_speedup": best_periodic.predicted_speedup},
+            "best_refined": {"label": best_refined.label, "mse": best_refined.mse,
+                             "timed_speedup": best_refined.timed_speedup,
+                             "predicted_speedup": best_refined.predicted_speedup},
+            "refined_beats_periodic": bool(best_refined.mse < best_periodic.mse
+                                           and best_refined.timed_speedup >= accept * target),
+        })
+
+    evaluated = short + refined
+    for c in evaluated:
+        mse_hat = _predict_mse(fit, c.proxy)
+        c.predicted_mse = float(mse_hat) if mse_hat is not None else None
+    notes["proxy_fit"] = fit
+    rows = _top_rows(tables, target, max_cache_bytes, top_rows, fit, exclude={c.key for c in evaluated})
+    counts = {k: v - counts0[k] for k, v in session.counts().items()}
+    notes["new_full_runs"] = counts["full_runs"]  # the rest were run by an earlier search of the session
+    result = SearchResult(
+        "ours", method, target, best, evaluated + rows, len({c.key for c in evaluated}), counts["timing_runs"],
+        counts["reference_runs"], time.perf_counter() - t0,
+        bool(best is not None and best.timed_speedup is not None and best.timed_speedup >= accept * target),
+        accept, session.clock_name, notes, _screened_arrays(tables, fit, max_cache_bytes))
+    result.notes["target_predicted_reachable"] = reachable
+    _common_notes(session, result)
+    return result
+
+
+def _refine(session: SearchSession, base: Candidate, table: ScreenTable, k: int) -> List[Candidate]:
+    """Hill-climb the READ steps of ``base``'s range from the best periodic starts; k best new plans."""
+    px, n = session.proxy, session.steps_count
+    part = base.parts[0]
+    matrix = px.dit_matrix(part.start, part.end)
+    w = px.weights()
+    base_reads = actions_to_reads(schedule_actions(DIT, part.schedule, n))
+    target_reads = int(base_reads.sum())
+    # starts: the base plan, and the best-proxy periodic schedules of this range with as many reads
+    starts = [base_reads]
+    ri = table.ranges.index((part.start, part.end)) if (part.start, part.end) in table.ranges else None
+    if ri is not None:
+        idx = np.nonzero(table.rng == ri)[0]
+        idx = idx[np.argsort(table.proxy[idx])]
+        for i in idx:
+            reads = actions_to_reads(table.actions[table.sch[i]])
+            if int(reads.sum()) == target_reads:
+                starts.append(reads)
+            if len(starts) >= 4:
+                break
+    found: Dict[tuple, float] = {}
+    base_key = tuple(base_reads)
+    for s in starts:
+        reads, score = hill_climb(matrix, w, s)
+        key = tuple(reads)
+        if key != base_key and math.isfinite(score):
+            found[key] = min(score, found.get(key, math.inf))
+    out = []
+    for key, score in sorted(found.items(), key=lambda kv: kv[1])[:k]:
+        sched = reads_to_schedule(np.array(key))
+        c = Candidate((Part(DIT, part.start, part.end, sched),), n, session.seq, source="refine")
+        c.proxy = score
+        _exact(session, c)
+        c.notes["periodic_proxy"] = base.proxy
+        out.append(c)
+    return out
+
+
+def _combos(session: SearchSession, tables: List[ScreenTable], target: float, max_cache_bytes: Optional[int],
+            k: int) -> List[Candidate]:
+    """DiT plans below the target completed by an attention cache on the blocks the DiT range leaves out."""
+    dit = next((t for t in tables if t.method == DIT), None)
+    att = next((t for t in tables if t.method == ATTN), None)
+    if dit is None or att is None or not len(dit) or not len(att):
+        return []
+    cm = session.cost
+    B = session.seq.total
+    # DiT bases: the best proxy per predicted-speedup bin below the target
+    bins = np.floor(dit.speedup / 0.05)
+    bases = []
+    for b in np.unique(bins[(dit.speedup < target) & (dit.speedup >= 1.1)]):
+        idx = np.nonzero(bins == b)[0]
+        bases.append(int(idx[np.argmin(dit.proxy[idx])]))
+    plain = cm.plain_seconds()
+    out: List[Candidate] = []
+    for i in bases:
+        a, b = dit.ranges[dit.rng[i]]
+        comp = [(lo, hi) for lo, hi in ((0, a), (b, B)) if hi > lo]
+        for lo, hi in comp:
+            if (lo, hi) not in att.ranges:
+                continue
+            ri = att.ranges.index((lo, hi))
+            idx = np.nonzero(att.rng == ri)[0]
+            # seconds of both = DiT plan + what the attention plan saves over an all-compute run
+            base_sec = cm.calls * (cm.t_graph + cm.t_outside)
+            combined = dit.seconds[i] + (att.seconds[idx] - base_sec)
+            speed = plain / np.maximum(combined, 1e-12)
+            ok = idx[speed >= target]
+            if max_cache_bytes is not None:
+                ok = ok[dit.nbytes[i] + att.nbytes[ok] <= max_cache_bytes]
+            if not len(ok):
+                continue
+            j = ok[np.argmin(att.proxy[ok])]
+            c = Candidate((dit.part(i), att.part(j)), session.steps_count, session.seq)
+            c.proxy = float(dit.proxy[i] + att.proxy[j])
+            c.predicted_speedup = float(plain / (dit.seconds[i] + att.seconds[j] - base_sec))
+            out.append(c)
+    out.sort(key=lambda c: c.proxy)
+    return out[:k]
+
+
+def _top_rows(tables: List[ScreenTable], target: float, max_cache_bytes, n: int, fit, exclude) -> List[Candidate]:
+    rows: List[Candidate] = []
+    for t in tables:
+        for i in t.order(target, max_cache_bytes)[: 3 * n]:
+            c = t.candidate(int(i))
+            if c.key in exclude:
+                continue
+            mse_hat = _predict_mse(fit, c.proxy)
+            c.predicted_mse = float(mse_hat) if mse_hat is not None else None
+            rows.append(c)
+    rows.sort(key=lambda c: c.proxy)
+    return rows[:n]
+
+
+def _screened_arrays(tables: List[ScreenTable], fit, max_cache_bytes) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for t in tables:
+        front = t.pareto(max_cache_bytes)
+        out[t.method] = {
+            "count": len(t),
+            "speedup": t.speedup, "proxy": t.proxy,
+            "predicted_mse": _predict_mse(fit, t.proxy),
+            "pareto": front,
+        }
+    return out
+
+
+def _common_notes(session: SearchSession, result: SearchResult) -> None:
+    result.notes.setdefault("cost_model", session.cost.summary())
+    result.notes.setdefault("prepare_seconds", session.prepare_seconds)
+    result.notes.setdefault("reference_check_mse", session.reference_check_mse)
+    result.notes.setdefault("clock", session.clock_name)
+    result.notes["plain_seconds"] = list(session.plain_seconds)
+    result.notes["plain_wall_seconds"] = list(session.plain_wall)
+    cands = [c for c in result.candidates if c.evaluated]
+    result.notes["predicted_vs_measured"] = [
+        {"label": c.label, "predicted_speedup": c.predicted_speedup, "measured_speedup": c.measured_speedup,
+         "timed_speedup": c.timed_speedup, "mse": c.mse, "psnr": c.psnr} for c in cands]
+
+
+# ----------------------------------------------------------------------------- MindIE
+def search_mindie(session: SearchSession, method: str, target: float, *, interval: Optional[int] = None,
+                  repeats: int = 3, accept: float = 0.95, attention: Optional[str] = None,
+                  progress: bool = True) -> SearchResult:
+    t0 = time.perf_counter()
+    counts0 = session.counts()
+    session.prepare()
+    n, B = session.steps_count, session.seq.total
+    notes: Dict[str, Any] = {"steps_count": n, "blocks": session.seq.describe(), "B": B, "s0": mi.S0}
+    evaluated: List[Candidate] = []
+
+    def make(a: int, b: int, sched: Schedule, src: str, m: str = DIT) -> Candidate:
+        c = Candidate((Part(m, a, b, sched, attention if m == ATTN else None),), n, session.seq, source=src)
+        _exact(session, c)
+        acts = schedule_actions(m, sched, n)
+        reads = sum(a_ is Action.READ for a_ in acts)
+        if m == DIT:
+            c.notes["mindie_predicted_speedup"] = mi.equal_cost_speedup(B, n, reads, b - a)
+        return c
+
+    best: Optional[Candidate] = None
+    if method in (DIT, "auto"):
+        if interval is None:
+            I, L, reachable = mi.mindie_interval(B, n, target)
+        else:
+            I, raw = interval, mi.mindie_lmin(B, n, target, interval)
+            L, reachable = min(max(raw, 1), B - 1), 1 <= raw <= B - 1
+        notes.update({"interval": I, "L_min": L, "L_min_raw": mi.mindie_lmin(B, n, target, I),
+                      "reachable": reachable})
+        stage1 = [make(a, b, Schedule(mi.S0, I), "mindie-stage1") for a, b in mi.stage1_windows(B, L)]
+        _evaluate_all(session, stage1, f"mindie stage 1 x{target:g}", progress)
+        top3 = sorted(stage1, key=lambda c: c.mse)[:3]
+        starts = [c.parts[0].start for c in top3]
+        seen = {c.key: c for c in stage1}
+        stage2 = []
+        for a, b, ss in mi.stage2_candidates(starts, B, L):
+            c = make(a, b, Schedule(ss, I), "mindie-stage2")
+            stage2.append(seen.get(c.key, c))
+        _evaluate_all(session, [c for c in stage2 if not c.evaluated], "mindie stage 2", progress)
+        evaluated += stage1 + [c for c in stage2 if c.key not in {s.key for s in stage1}]
+        best = min(stage2, key=lambda c: c.mse) if stage2 else min(stage1, key=lambda c: c.mse)
+        notes["stage1"] = [c.label for c in stage1]
+        notes["stage1_top3_starts"] = starts
+        notes["stage2"] = [c.label for c in stage2]
+    if method in (ATTN, "auto"):
+        specs = mi.attention_candidates(n, target)
+        notes["attention_candidates"] = specs
+        att = [make(0, B, Schedule(s["step_start"], s["step_interval"], s["step_end"]), "mindie-attn", ATTN)
+               for s in specs]
+        _evaluate_all(session, att, f"mindie attention x{target:g}", progress)
+        evaluated += att
+        best_att = min(att, key=lambda c: c.mse) if att else None
+        if method == ATTN or best is None:
+            best = best_att
+        elif best_att is not None:
+            # MindIE has no combined search: of its two plans, the lower-MSE one among those its
+            # own estimates say reach the target.
+            ok = [c for c, r in ((best, notes.get("reachable")),
+                                 (best_att, any(s["reachable"] for s in specs))) if r]
+            best = min(ok or [best], key=lambda c: c.mse)
+    if best is not None:
+        session.time([best], repeats=repeats)
+    counts = {k: v - counts0[k] for k, v in session.counts().items()}
+    notes["new_full_runs"] = counts["full_runs"]
+    result = SearchResult(
+        "mindie", method, target, best, evaluated, len({c.key for c in evaluated}), counts["timing_runs"],
+        counts["reference_runs"], time.perf_counter() - t0,
+        bool(best is not None and best.timed_speedup is not None and best.timed_speedup >= accept * target),
+        accept, session.clock_name, notes)
+    _common_notes(session, result)
+    return result
+
+
+# ----------------------------------------------------------------------------- public entry
+def search(model, run_fn: Callable[[Any], Any], method: str = "dit_block_cache", target_speedup: float = 2.0,
+           max_cache_bytes: Optional[int] = None, steps_count: Optional[int] = None, strategy: str = "ours", *,
+           session: Optional[SearchSession] = None, max_full_runs: int = 6, refine: bool = True,
+           repeats: int = 3, accept: float = 0.95, intervals: Iterable[int] = range(2, 7),
+           attention: Optional[str] = None, blocks: Optional[Sequence[str]] = None,
+           mindie_interval: Optional[int] = None, progress: bool = True, clock: str = "auto",
+           backend=None, backend_options: Optional[Dict[str, Any]] = None, margin: float = 1.0) -> SearchResult:
+    """Search a cache plan for ``model`` that reaches ``target_speedup`` with the least error.
+
+    Args:
+        model: the DiT (e.g. ``pipe.transformer``); never modified.
+        run_fn: ``run_fn(transformer) -> output``: one full, deterministic generation (same seed
+            every call) with the given transformer (the plain model or an optimized one).
+        method: ``"dit_block_cache"``, ``"attention_cache"`` or ``"auto"`` (both, and DiT plans
+            completed by an attention cache on the other blocks).
+        target_speedup: wanted speedup of the whole generation over the uncached model.
+        max_cache_bytes: cache memory budget per cache context; plans over it are never run.
+        steps_count: denoising steps per generation (default: counted in the reference run).
+        strategy: ``"ours"`` (cost model + proxy, few full runs) or ``"mindie"`` (the baseline).
+        session: a :class:`SearchSession` to share the reference and capture between searches.
+        max_full_runs: full generations ours may spend on candidates (refinement included).
+        refine: also try non-uniform refresh steps (``CacheConfig(refresh_steps=...)``).
+        repeats: interleaved timing rounds for finalists; ``accept``: a plan "meets" the target
+            when its measured speedup is at least ``accept * target_speedup``.
+        intervals: periodic refresh intervals screened (ours).
+        margin: ours short-lists plans predicted to reach ``margin * target_speedup`` (headroom for
+            timing noise; 1.0 by default).
+        mindie_interval: MindIE's refresh interval (default: the smallest that can reach the target).
+        clock: ``"auto"`` | ``"cpu"`` | ``"wall"`` (see :class:`SearchSession`).
+
+    Returns:
+        :class:`SearchResult`; ``result.config`` is the plan (list of CacheConfig).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if strategy not in ("ours", "mindie"):
+        raise ValueError(f"strategy must be 'ours' or 'mindie', got {strategy!r}")
+    if not target_speedup > 1.0:
+        raise ValueError(f"target_speedup must be > 1, got {target_speedup!r}")
+    if session is None:
+        session = SearchSession(model, run_fn, steps_count=steps_count, blocks=blocks, attention=attention,
+                                progress=progress, clock=clock, backend=backend, backend_options=backend_options)
+    elif session.model is not model:
+        raise ValueError("session= belongs to another model")
+    if strategy == "mindie":
+        return search_mindie(session, method, target_speedup, interval=mindie_interval, repeats=repeats,
+                             accept=accept, attention=attention, progress=progress)
+    return search_ours(session, method, target_speedup, max_cache_bytes=max_cache_bytes,
+                       max_full_runs=max_full_runs, refine=refine, repeats=repeats, accept=accept,
+                       intervals=intervals, attention=attention, progress=progress, margin=margin)

@@ -1,0 +1,306 @@
+"""Cache-plan search: MindIE's formulas (exact), the cost model, the proxy, the report files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from npu_cache_fx import CacheConfig
+from npu_cache_fx.schedule import Action
+from npu_cache_fx.search import (Part, Schedule, SearchSession, config_from_json, config_to_json,
+                                 mindie_interval, mindie_lmin, search, stage1_windows, stage2_candidates)
+from npu_cache_fx.search.mindie import attention_candidates, attention_reuse_count, equal_cost_speedup
+from npu_cache_fx.search.refine import hill_climb, reads_to_schedule, score_reads
+from npu_cache_fx.search.screen import screen
+from npu_cache_fx.search.space import BlockSeq
+
+
+# ----------------------------------------------------------------------------- MindIE, exact
+@pytest.mark.parametrize("B,N,r,I,expected", [
+    # A = 23, U = 7, R = 16: 57 * (1 - (14 - 5 - 7) / 16) = 49.875
+    (57, 28, 2.0, 3, 49),
+    # A = 23, U = 11, R = 12: 8 * (1 - (18.67 - 16) / 12) = 6.22
+    (8, 28, 1.5, 2, 6),
+    # 8 * (1 - (14 - 12) / 16) = 7.0
+    (8, 28, 2.0, 3, 7),
+    # 8 * (1 + 2 / 12) = 9.33: more blocks than exist (interval 2 cannot reach 2x)
+    (8, 28, 2.0, 2, 9),
+    # A = 45, U = 15, R = 30: 38 * (1 - (20 - 20) / 30) = 38
+    (38, 50, 2.5, 3, 38),
+    # A = 45, U = 11, R = 34: 38 * (1 - (25 - 16) / 34) = 27.94
+    (38, 50, 2.0, 4, 27),
+])
+def test_mindie_lmin(B, N, r, I, expected):
+    assert mindie_lmin(B, N, r, I) == expected
+
+
+def test_mindie_interval_is_smallest_that_fits():
+    assert mindie_interval(8, 28, 1.5) == (2, 6, True)
+    assert mindie_interval(8, 28, 2.0) == (3, 7, True)
+    assert mindie_interval(8, 28, 2.5) == (4, 7, True)   # I = 3 needs 8 > B - 1 blocks
+    # I = 2: int(57 * (1 + 2/12)) = 66 > 56 blocks after block 0; I = 3: 49
+    assert mindie_lmin(57, 28, 2.0, 2) == 66
+    assert mindie_interval(57, 28, 2.0) == (3, 49, True)
+
+
+def test_mindie_interval_unreachable_clamps():
+    interval, L, ok = mindie_interval(4, 8, 6.0)
+    assert not ok and L == 3
+
+
+def test_stage_lists_exact():
+    assert stage1_windows(8, 6) == [(1, 7), (2, 8)]
+    assert stage1_windows(8, 7) == [(1, 8)]
+    assert stage1_windows(10, 3) == [(1, 4), (2, 5), (3, 6), (4, 7), (5, 8), (6, 9), (7, 10)]
+    assert stage2_candidates([1, 2], 8, 6) == [(1, 7, 0), (1, 7, 5), (1, 8, 0), (1, 8, 5), (2, 8, 0), (2, 8, 5)]
+    # lengths L_min .. L_min + 7 when they fit
+    got = stage2_candidates([3], 20, 4)
+    assert got == [(3, 3 + L, ss) for L in range(4, 12) for ss in (0, 5)]
+    # B = 57, L_min = 49: start 1 fits lengths 49..56, start 5 49..52, start 8 only 49
+    assert len(stage2_candidates([1, 5, 8], 57, 49)) == 2 * (8 + 4 + 1)
+
+
+def test_mindie_attention_candidates_exact():
+    # N = 28, r = 2: K = 14 reuse steps; starts ceil(4.2) = 5 .. floor(9.8) = 9; step_end = 26
+    got = [(c["step_start"], c["step_interval"], c["step_end"]) for c in attention_candidates(28, 2.0)]
+    assert got == [(5, 3, 26), (6, 3, 26), (7, 4, 26), (8, 4, 26), (9, 5, 26)]
+    for s, i, e in got:  # the smallest interval reaching K
+        assert attention_reuse_count(28, s, i, e) >= 14 > attention_reuse_count(28, s, i - 1, e)
+    assert attention_reuse_count(28, 5, 3) == 14
+
+
+def test_equal_cost_speedup():
+    assert equal_cost_speedup(8, 28, 0, 7) == 1.0
+    assert math.isclose(equal_cost_speedup(8, 28, 14, 8), 2.0)
+
+
+# ----------------------------------------------------------------------------- plans as JSON
+def test_config_json_roundtrip():
+    cfgs = [CacheConfig(method="dit_block_cache", steps_count=28, blocks="transformer_blocks", block_start=1,
+                        block_end=2, step_start=1, step_end=20, refresh_steps=(1, 4, 9)),
+            CacheConfig(method="attention_cache", steps_count=28, step_start=5, step_interval=3)]
+    obj = json.loads(json.dumps(config_to_json(cfgs)))
+    assert obj[0]["refresh_steps"] == [1, 4, 9] and obj[0]["method"] == "dit_block_cache"
+    assert config_from_json(obj) == cfgs
+    assert config_from_json({"best": {"config": obj}}) == cfgs
+    assert config_from_json(obj[1]) == cfgs[1:]
+    with pytest.raises(ValueError, match="unknown CacheConfig field"):
+        config_from_json([{"method": "dit_block_cache", "bogus": 1}])
+
+
+def test_block_seq_split_and_configs():
+    seq = BlockSeq((("transformer_blocks", 2), ("single_transformer_blocks", 6)))
+    assert seq.total == 8 and seq.locate(2) == ("single_transformer_blocks", 0)
+    part = Part("dit_block_cache", 1, 8, Schedule(5, 3))
+    cfgs = part.configs(seq, 28)
+    assert [(c.blocks, c.block_start, c.block_end, c.step_start, c.step_interval) for c in cfgs] == [
+        ("transformer_blocks", 1, 2, 5, 3), ("single_transformer_blocks", 0, 6, 5, 3)]
+
+
+# ----------------------------------------------------------------------------- proxy (synthetic)
+def test_proxy_ranks_synthetic_trajectory():
+    """Three ranges: a static residual, a slowly drifting one, a fast one; reuse error ranks them in that order,
+    and for one range, reading from a step far away is worse than from a close one."""
+    n = 12
+    steps = np.arange(n, dtype=float)
+    rng = np.random.default_rng(0)
+    direction = rng.standard_normal(64)
+
+    def pairwise(delta):
+        return np.linalg.norm(delta[:, None, :] - delta[None, :, :], axis=2)
+
+    static = pairwise(np.tile(direction, (n, 1)))
+    slow = pairwise(np.outer(0.1 * steps, direction) + direction)
+    fast = pairwise(np.outer(1.0 * steps, direction) + direction)
+    w = np.ones(n)
+    reads = np.array([s % 3 != 0 for s in range(n)])
+    scores = [float(score_reads(m, w, reads)[0]) for m in (static, slow, fast)]
+    assert scores[0] == 0 and scores[0] < scores[1] < scores[2]
+    every2 = np.array([s % 2 == 1 for s in range(n)])
+    every4 = np.array([s % 4 != 0 for s in range(n)])
+    assert score_reads(slow, w, every2)[0] < score_reads(slow, w, every4)[0]
+    # hill climbing keeps the READ count and never gets worse; the plan converts to refresh_steps
+    climbed, best = hill_climb(fast, np.linspace(0.2, 2.0, n), every4)
+    assert climbed.sum() == every4.sum() and best <= score_reads(fast, np.linspace(0.2, 2.0, n), every4)[0]
+    sched = reads_to_schedule(climbed)
+    cfg = CacheConfig(steps_count=n, blocks_count=2, block_start=0, block_end=2, **sched.fields()).resolved()
+    from npu_cache_fx.schedule import config_actions
+    assert [a is Action.READ for a in config_actions(cfg)] == list(climbed)
+
+
+# ----------------------------------------------------------------------------- cost model on a toy DiT
+class _Block(nn.Module):
+    """``h + mlp(norm(h)) * temb`` with ``depth`` matmuls."""
+
+    def __init__(self, dim: int, depth: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+
+    def forward(self, hidden_states, temb):
+        x = self.norm(hidden_states)
+        for lin in self.layers:
+            x = torch.tanh(lin(x))
+        return hidden_states + 0.1 * x * temb
+
+
+class _ToyDiT(nn.Module):
+    """6 blocks; block 3 does 10x the matmuls of the others."""
+
+    def __init__(self, dim: int = 192, heavy: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(_Block(dim, 10 if i == heavy else 1) for i in range(6))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states, timestep, return_dict: bool = False):
+        temb = timestep.reshape(-1, 1, 1)
+        h = hidden_states
+        for blk in self.blocks:
+            h = blk(h, temb)
+        return (self.proj(h),)
+
+
+def _toy_run(model, steps=8, tokens=96, dim=192):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, tokens, dim, generator=g)
+
+    def run_fn(tr):
+        x = x0.clone()
+        ts = torch.linspace(1.0, 0.0, steps + 1)
+        with torch.no_grad():
+            for i in range(steps):
+                v = tr(hidden_states=x, timestep=ts[i:i + 1], return_dict=False)[0]
+                x = x + (ts[i + 1] - ts[i]) * v
+        return x
+
+    return run_fn
+
+
+@pytest.fixture(scope="module")
+def toy_session():
+    model = _ToyDiT().eval()
+    session = SearchSession(model, _toy_run(model), progress=False, profile_repeats=2)
+    session.prepare()
+    return session
+
+
+def test_cost_model_sees_the_heavy_block(toy_session):
+    cm = toy_session.cost
+    blocks = cm.summary()["block_seconds"]
+    light = [blocks[f"blocks.{i}"] for i in (0, 1, 2, 4, 5)]
+    assert blocks["blocks.3"] > 4 * max(light), blocks
+    # one-block ranges: caching block 3 saves the most by far (MindIE would rank them all equal)
+    cfgs = lambda a: Part("dit_block_cache", a, a + 1, Schedule(1, 2)).configs(toy_session.seq, 8)  # noqa: E731
+    savings = {a: cm.saving(cm.resolve(cfgs(a))) for a in range(6)}
+    assert max(savings, key=savings.get) == 3
+    # predicted speedup comes from make_plan's decisions; the screening table agrees with predict()
+    table = screen(toy_session, "dit_block_cache")
+    i = int(table.order(1.0)[0])
+    cand = table.candidate(i)
+    assert math.isclose(cm.predict(cand.configs())["predicted_speedup"], table.speedup[i], rel_tol=1e-6)
+
+
+def test_search_picks_the_range_a_human_would(toy_session):
+    # Target reachable only by caching the heavy block; a human caches just block 3.
+    cm = toy_session.cost
+    one = Part("dit_block_cache", 3, 4, Schedule(1, 2)).configs(toy_session.seq, 8)
+    target = 0.9 * cm.predict(one)["predicted_speedup"]
+    others = max(cm.predict(Part("dit_block_cache", a, a + 1, Schedule(0, 8)).configs(toy_session.seq, 8))
+                 ["predicted_speedup"] for a in (0, 1, 2, 4, 5))
+    assert others < target
+    result = search(toy_session.model, toy_session.run_fn, target_speedup=target, session=toy_session,
+                    max_full_runs=3, refine=False, repeats=1, progress=False)
+    part = result.best.parts[0]
+    assert part.start <= 3 < part.end and part.end - part.start <= 2, result.best.label
+    assert result.full_runs <= 3
+    for c in result.evaluated:  # every candidate was built on the shared capture
+        assert c.notes["stats"]["captures"] == 0
+
+
+# ----------------------------------------------------------------------------- cost model vs real variants
+def test_live_nodes_match_variant_graph():
+    pytest.importorskip("diffusers")
+    from dit_models import flux_inputs, tiny_flux
+
+    from npu_cache_fx import optimize
+    from npu_cache_fx.runtime import CaptureCache
+    from npu_cache_fx.search.costs import CostModel, live_nodes
+    from npu_cache_fx.search.session import block_sequence
+
+    model = tiny_flux(layers=2, single=3)
+    cache = CaptureCache(model)
+    kw = flux_inputs(0.5)
+    probe = optimize(model, CacheConfig(steps_count=1), captures=cache)
+    probe.build_variant((Action.COMPUTE,), **kw)
+    cap = next(iter(cache.values()))
+    seq = block_sequence(model, cap)
+    cm = CostModel(cap, model, seq, {}, 0.0, 0.0, 0.0, 1, 1)
+    original = {n.name for n in cap.gm.graph.nodes}
+    for cfg in (CacheConfig(steps_count=4, step_interval=2, blocks="single_transformer_blocks", block_start=0,
+                            block_end=3),
+                CacheConfig(steps_count=4, step_interval=2, blocks="transformer_blocks", block_start=1, block_end=2),
+                CacheConfig(method="attention_cache", steps_count=4, step_interval=2,
+                            blocks="single_transformer_blocks", block_start=1, block_end=3)):
+        opt = optimize(model, cfg, captures=cache)
+        graph = opt.build_variant((Action.READ,), **kw)
+        assert opt.stats.captures == 0
+        kept = {n.name for n in graph.graph.nodes} & original
+        live = live_nodes(cap.gm, [cm.removal(cm.resolve([cfg])[0])])
+        assert live == kept, (cfg.label, sorted(live ^ kept)[:10])
+
+
+# ----------------------------------------------------------------------------- CLI and report files
+def test_cli_search_writes_report(tmp_path):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("matplotlib")
+    from npu_cache_fx.cli import main
+    out = tmp_path / "s"
+    rc = main(["search", "--model", "tiny-flux", "--method", "dit_block_cache", "--target", "1.5",
+               "--samples", "2", "--steps", "8", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "search.json").read_text())
+    for key in ("best", "candidates", "full_runs", "seconds"):
+        assert key in data, key
+    for key in ("config", "predicted_speedup", "measured_speedup", "mse", "psnr"):
+        assert key in data["best"], key
+    cfgs = config_from_json(data["best"]["config"])
+    assert cfgs and all(isinstance(c, CacheConfig) and c.steps_count == 8 for c in cfgs)
+    assert 1 <= data["full_runs"] <= 6
+    assert (out / "search.md").read_text().startswith("# ")
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert any(c["source"] == "screen" and c["mse"] is not None for c in data["candidates"])
+
+
+class _InplaceBlock(_Block):
+    """Like _Block, but writes through an in-place copy (as diffusers Wan's rotary embedding does)."""
+
+    def forward(self, hidden_states, temb):
+        x = self.norm(hidden_states)
+        out = torch.empty_like(x)
+        out.copy_(x)
+        for lin in self.layers:
+            out = torch.tanh(lin(out))
+        return hidden_states + 0.1 * out * temb
+
+
+def test_cost_model_follows_the_real_variant_graphs():
+    """Whatever the runtime's DCE keeps of a READ variant is what the prediction costs."""
+    model = _ToyDiT().eval()
+    model.blocks = nn.ModuleList(_InplaceBlock(192, 1) for _ in range(4))
+    session = SearchSession(model, _toy_run(model, steps=6), progress=False, profile_repeats=1)
+    session.prepare()
+    cm = session.cost
+    cfgs = cm.resolve(Part("dit_block_cache", 0, 4, Schedule(0, 2)).configs(session.seq, 6))
+    real = cm.variant_nodes(cfgs, (Action.READ,)) & {n.name for n in cm.cap.gm.graph.nodes}
+    from npu_cache_fx.search.costs import live_nodes
+    ideal = live_nodes(cm.cap.gm, [cm.removal(cfgs[0])])
+    assert cm.exact == (real != ideal)
+    t_read = cm.decision_time(cfgs, (Action.READ,))
+    extra = cm.byte_cost * cm.stream_bytes(cfgs[0])
+    assert math.isclose(t_read - extra, sum(cm.node_cost.get(n, 0.0) for n in real), rel_tol=1e-9)
