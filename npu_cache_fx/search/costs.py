@@ -221,12 +221,14 @@ class CostModel:
         return Removal(nodes, tuple((o, None) for s in sites for o in s.outputs))
 
     def stream_bytes(self, cfg: CacheConfig) -> int:
-        """Bytes one cache context holds for ``cfg`` (dit: one delta per carried stream)."""
+        """Bytes one cache context holds for ``cfg`` (dit: one delta per carried stream), times the
+        forecast history (``cfg.history`` values kept per slot: 1 plain, 2 linear, 3 taylor2)."""
         nodes = self.cap.nodes()
+        k = getattr(cfg, "history", 1)
         if cfg.method == DIT:
             reg = self.region(cfg.blocks, cfg.block_start, cfg.block_end)
-            return sum(_nbytes(nodes[s.input]) for s in reg.streams)
-        return sum(_nbytes(nodes[o]) for s in self.sites(cfg.blocks, cfg.block_start, cfg.block_end, cfg.attention)
+            return k * sum(_nbytes(nodes[s.input]) for s in reg.streams)
+        return k * sum(_nbytes(nodes[o]) for s in self.sites(cfg.blocks, cfg.block_start, cfg.block_end, cfg.attention)
                    for o in s.outputs)
 
     def cache_bytes(self, configs: Sequence[CacheConfig]) -> int:

@@ -118,6 +118,11 @@ def proxy_of(session: SearchSession, cand: Candidate) -> float:
     total = 0.0
     for p in cand.parts:
         acts = schedule_actions(p.method, p.schedule, n)
+        if p.forecast != "none":
+            reads = np.array([[a is Action.READ for a in acts]])
+            writes = np.array([[a is Action.WRITE for a in acts]])
+            total += float(px.score_forecast(p.method, p.start, p.end, reads, writes, p.forecast)[0])
+            continue
         matrix = px.dit_matrix(p.start, p.end) if p.method == DIT else px.attention_matrix(p.start, p.end)
         total += px.score(matrix, acts)
     return total
@@ -191,7 +196,9 @@ def _finalize(session: SearchSession, finalists: List[Candidate], target: float,
 def search_ours(session: SearchSession, method: str, target: float, *, max_cache_bytes: Optional[int] = None,
                 max_full_runs: int = 6, refine: bool = True, refine_runs: int = 2, repeats: int = 3,
                 accept: float = 0.95, intervals: Iterable[int] = range(2, 7), attention: Optional[str] = None,
-                progress: bool = True, top_rows: int = 40, margin: float = 1.0) -> SearchResult:
+                progress: bool = True, top_rows: int = 40, margin: float = 1.0,
+                adastep_thresholds: Sequence[float] = (0.015, 0.05),
+                run_fn_steps: Optional[Callable[[Any, int], Any]] = None) -> SearchResult:
     t0 = time.perf_counter()
     counts0 = session.counts()
     session.prepare()
@@ -203,11 +210,15 @@ def search_ours(session: SearchSession, method: str, target: float, *, max_cache
 
     tables: List[ScreenTable] = []
     if method in (DIT, "auto"):
-        tables.append(screen(session, DIT, intervals=intervals))
+        tables.append(screen(session, DIT, intervals=intervals, max_cache_bytes=max_cache_bytes))
     if method in (ATTN, "auto"):
-        tables.append(screen(session, ATTN, intervals=intervals, attention=attention))
+        tables.append(screen(session, ATTN, intervals=intervals, attention=attention,
+                             max_cache_bytes=max_cache_bytes))
     screened = sum(len(t) for t in tables)
     notes["screened_plans"] = screened
+    notes["forecast"] = {t.method: {"scored": list(t.forecasts),
+                                    "chosen": {f: int((t.forecast == k).sum()) for k, f in enumerate(t.forecasts)}}
+                         for t in tables if t.forecast is not None}
 
     # Candidates predicted to reach the target, best proxy first, across tables.
     pool: List[Candidate] = []
@@ -260,6 +271,10 @@ def search_ours(session: SearchSession, method: str, target: float, *, max_cache
     if best_refined is not None:
         finalists.append(best_refined)
     best = _finalize(session, finalists, target, accept, short + refined, repeats, progress)
+    baselines: List[Candidate] = []
+    if method == "auto":
+        best, baselines = _baselines(session, best, target, accept, repeats, adastep_thresholds, run_fn_steps,
+                                     progress, notes)
     if best_refined is not None and best_refined.timed_speedup is not None:
         notes["refine"].update({
             "best_periodic": {"label": best_periodic.label, "mse": best_periodic.mse,
@@ -272,7 +287,7 @@ def search_ours(session: SearchSession, method: str, target: float, *, max_cache
                                            and best_refined.timed_speedup >= accept * target),
         })
 
-    evaluated = short + refined
+    evaluated = short + refined + baselines
     for c in evaluated:
         mse_hat = _predict_mse(fit, c.proxy)
         c.predicted_mse = float(mse_hat) if mse_hat is not None else None
@@ -288,6 +303,55 @@ def search_ours(session: SearchSession, method: str, target: float, *, max_cache
     result.notes["target_predicted_reachable"] = reachable
     _common_notes(session, result)
     return result
+
+
+def _meets(c: Candidate, target: float, accept: float) -> bool:
+    return c.speedup is not None and c.speedup >= accept * target
+
+
+def _baselines(session: SearchSession, best: Optional[Candidate], target: float, accept: float, repeats: int,
+               thresholds: Sequence[float], run_fn_steps, progress: bool, notes: Dict[str, Any]):
+    """``method="auto"``: AdaStep (runtime whole-model skips) and fewer sampler steps, each run in full.
+
+    AdaStep rows that reach the target in their full run are timed like the finalists; the
+    lowest-MSE plan meeting the target wins. Fewer steps (``fewer_steps_for(target, N)``, needs
+    ``run_fn_steps(transformer, steps)``) wins only if nothing else meets the target with a lower
+    MSE; otherwise it is reported as the baseline (``notes["fewer_steps"]``).
+    """
+    from ..timestep import fewer_steps_for
+    n = session.steps_count
+    rows: List[Candidate] = []
+    ada = [Candidate((), n, session.seq, source="adastep",
+                     extra=(CacheConfig(method="adastep", steps_count=n, threshold=float(th)),))
+           for th in thresholds]
+    for c in ada:
+        try:
+            session.evaluate(c)
+            rows.append(c)
+        except Exception as err:  # an AdaStep plan the runtime refuses is reported, not fatal
+            log.warning("adastep threshold %s failed: %s", c.extra[0].threshold, err)
+            notes.setdefault("adastep_errors", []).append(f"{c.label}: {err}")
+    fast = [c for c in rows if c.measured_speedup is not None and c.measured_speedup >= accept * target]
+    if fast:
+        session.time(fast, repeats=repeats)
+    fewer = None
+    k = fewer_steps_for(target, n)
+    if run_fn_steps is not None and k < n:
+        fewer = Candidate((), n, session.seq, source="fewer_steps", sampler_steps=k)
+        fewer = session.evaluate_steps(fewer, run_fn_steps)
+        rows.append(fewer)
+    pool = ([best] if best is not None else []) + rows
+    ok = [c for c in pool if _meets(c, target, accept) and c.mse is not None]
+    if ok:
+        best = min(ok, key=lambda c: c.mse)  # fewer steps only when nothing meeting the target is better
+    if fewer is not None:
+        notes["fewer_steps"] = {"label": fewer.label, "steps": fewer.sampler_steps, "mse": fewer.mse,
+                                "psnr": fewer.psnr, "measured_speedup": fewer.measured_speedup,
+                                "is_best": best is fewer}
+    notes["adastep"] = [{"label": c.label, "threshold": c.extra[0].threshold, "mse": c.mse,
+                         "measured_speedup": c.measured_speedup, "timed_speedup": c.timed_speedup}
+                        for c in rows if c.extra]
+    return best, rows
 
 
 def _refine(session: SearchSession, base: Candidate, table: ScreenTable, k: int) -> List[Candidate]:
@@ -320,8 +384,10 @@ def _refine(session: SearchSession, base: Candidate, table: ScreenTable, k: int)
     out = []
     for key, score in sorted(found.items(), key=lambda kv: kv[1])[:k]:
         sched = reads_to_schedule(np.array(key))
-        c = Candidate((Part(DIT, part.start, part.end, sched),), n, session.seq, source="refine")
-        c.proxy = score
+        c = Candidate((Part(DIT, part.start, part.end, sched, forecast=part.forecast),), n, session.seq,
+                      source="refine")
+        # hill climbing scores plain reuse; a forecasting plan is rescored with its forecast
+        c.proxy = score if part.forecast == "none" else proxy_of(session, c)
         _exact(session, c)
         c.notes["periodic_proxy"] = base.proxy
         out.append(c)
@@ -491,7 +557,9 @@ def search(model, run_fn: Callable[[Any], Any], method: str = "dit_block_cache",
            repeats: int = 3, accept: float = 0.95, intervals: Iterable[int] = range(2, 7),
            attention: Optional[str] = None, blocks: Optional[Sequence[str]] = None,
            mindie_interval: Optional[int] = None, progress: bool = True, clock: str = "auto",
-           backend=None, backend_options: Optional[Dict[str, Any]] = None, margin: float = 1.0) -> SearchResult:
+           backend=None, backend_options: Optional[Dict[str, Any]] = None, margin: float = 1.0,
+           run_fn_steps: Optional[Callable[[Any, int], Any]] = None,
+           adastep_thresholds: Sequence[float] = (0.015, 0.05)) -> SearchResult:
     """Search a cache plan for ``model`` that reaches ``target_speedup`` with the least error.
 
     Args:
@@ -514,6 +582,10 @@ def search(model, run_fn: Callable[[Any], Any], method: str = "dit_block_cache",
             timing noise; 1.0 by default).
         mindie_interval: MindIE's refresh interval (default: the smallest that can reach the target).
         clock: ``"auto"`` | ``"cpu"`` | ``"wall"`` (see :class:`SearchSession`).
+        run_fn_steps: ``run_fn_steps(transformer, steps) -> output`` (same seed, ``steps`` sampler
+            steps); with ``method="auto"`` the fewer-steps baseline (``fewer_steps_for(target, N)``)
+            is run in full and reported (it wins only if nothing else meets the target with a lower MSE).
+        adastep_thresholds: ``method="auto"`` also runs AdaStep with these thresholds in full.
 
     Returns:
         :class:`SearchResult`; ``result.config`` is the plan (list of CacheConfig).
@@ -534,4 +606,5 @@ def search(model, run_fn: Callable[[Any], Any], method: str = "dit_block_cache",
                              accept=accept, attention=attention, progress=progress)
     return search_ours(session, method, target_speedup, max_cache_bytes=max_cache_bytes,
                        max_full_runs=max_full_runs, refine=refine, repeats=repeats, accept=accept,
-                       intervals=intervals, attention=attention, progress=progress, margin=margin)
+                       intervals=intervals, attention=attention, progress=progress, margin=margin,
+                       adastep_thresholds=adastep_thresholds, run_fn_steps=run_fn_steps)

@@ -50,7 +50,76 @@ from .costs import CostModel
 from .signals import Recorder
 from .space import BlockSeq
 
-__all__ = ["Proxy", "StreamPair", "watch_nodes"]
+__all__ = ["FORECAST_ORDERS", "Proxy", "StreamPair", "forecast_errors", "forecast_weights", "refresh_history",
+           "watch_nodes"]
+
+# CacheConfig.forecast -> extrapolation order (refreshes used): plain reuse is order 1.
+FORECAST_ORDERS = {"none": 1, "linear": 2, "taylor2": 3}
+
+
+def refresh_history(writes: np.ndarray, depth: int = 3) -> np.ndarray:
+    """``H[m, s, k]``: the k-th latest WRITE step strictly before ``s`` (newest first), -1 if none.
+
+    ``writes``: (M, N) bool WRITE masks (after :func:`config_actions`'s pruning: exactly the
+    refreshes the runtime records in its forecast history).
+    """
+    writes = np.atleast_2d(np.asarray(writes, dtype=bool))
+    m, n = writes.shape
+    out = np.full((m, n, depth), -1, dtype=np.int64)
+    h = np.full((m, depth), -1, dtype=np.int64)
+    for s in range(n):
+        out[:, s, :] = h
+        w = writes[:, s]
+        if w.any():
+            h[w, 1:] = h[w, :-1]
+            h[w, 0] = s
+    return out
+
+
+def forecast_weights(timesteps: np.ndarray, hist: np.ndarray, order: int) -> np.ndarray:
+    """Vectorised :func:`npu_cache_fx.schedule.forecast_coefficients` for every step of every plan.
+
+    ``hist``: (M, N, >=order) refresh steps, newest first (-1: none). Returns (M, N, order)
+    Lagrange weights at ``t_s`` through the newest ``order`` distinct refresh timesteps
+    (fewer when fewer refreshes exist; unused slots 0).
+    """
+    t = np.asarray(timesteps, dtype=np.float64)
+    h = hist[..., :order]
+    n = t.shape[0]
+    ts = np.broadcast_to(t[None, :, None], h.shape)
+    tk = t[np.clip(h, 0, n - 1)]
+    valid = h >= 0
+    for k in range(1, order):  # a repeated timestep counts once (forecast_coefficients' rule)
+        for j in range(k):
+            valid[..., k] &= ~(valid[..., j] & (tk[..., k] == tk[..., j]))
+    c = np.where(valid, 1.0, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for k in range(order):
+            for j in range(order):
+                if j == k:
+                    continue
+                f = (ts[..., k] - tk[..., j]) / (tk[..., k] - tk[..., j])
+                c[..., k] *= np.where(valid[..., j] & valid[..., k], f, 1.0)
+    return c
+
+
+def forecast_errors(terms: Sequence[Tuple[float, np.ndarray]], hist: np.ndarray, coefs: np.ndarray) -> np.ndarray:
+    """``E[m, s] = sum_terms w * |x(s) - sum_k c_k x(r_k)|`` from each term's Gram matrix ``G = X X^T``.
+
+    Exact (no projection): ``|x_s - sum c_k x_k|^2 = G_ss - 2 sum c_k G_sk + sum c_j c_k G_jk``.
+    """
+    order = coefs.shape[-1]
+    m, n = coefs.shape[:2]
+    h = np.clip(hist[..., :order], 0, None)
+    s = np.broadcast_to(np.arange(n)[None, :], (m, n))
+    total = np.zeros((m, n))
+    for w, G in terms:
+        if not w:
+            continue
+        q = G[s, s] - 2.0 * (coefs * G[s[..., None], h]).sum(-1)
+        q = q + np.einsum("msj,msk,msjk->ms", coefs, coefs, G[h[..., :, None], h[..., None, :]])
+        total += w * np.sqrt(np.maximum(q, 0.0))
+    return total
 
 
 @dataclass(frozen=True)
@@ -99,6 +168,9 @@ class Proxy:
         calls = [c for c in rec.calls if c["primary"] and c["context"] == self.context]
         self.steps = len(calls)
         ts = [c["timestep"] for c in calls]
+        # forecasting extrapolates in timestep: only scored when the reference run saw them
+        self.timesteps = (np.array(ts, dtype=np.float64) if all(t is not None for t in ts) and self.steps > 1
+                          and len(set(ts)) == len(ts) else None)
         if all(t is not None for t in ts) and self.steps > 1:
             nxt = ts[1:] + [0.0]
             dt = np.abs(np.array(ts, dtype=np.float64) - np.array(nxt, dtype=np.float64))
@@ -188,6 +260,50 @@ class Proxy:
 
     def attention_matrix(self, a: int, b: int) -> np.ndarray:
         return sum(self.site_error(g) for g in range(a, b)) * self.gain[:, None]
+
+    # ------------------------------------------------------------------ forecast
+    def forecasts(self) -> Tuple[str, ...]:
+        """Forecast modes the proxy can score: all of them when the trajectory's timesteps are known."""
+        return tuple(FORECAST_ORDERS) if self.timesteps is not None else ("none",)
+
+    def gram_terms(self, method: str, a: int, b: int) -> List[Tuple[float, np.ndarray]]:
+        """``(weight, X X^T)`` per cached value of the range, on the same scale as :meth:`dit_matrix`."""
+        key = ("gram", method, a, b)
+        if key not in self._D:
+            terms: List[Tuple[float, np.ndarray]] = []
+            if method == "dit_block_cache":
+                for pair in self.window_pairs(a, b):
+                    w = 1.0 if _primary_role(pair.role) else self.encoder_weight
+                    if w:
+                        x = self.series(pair.output) - self.series(pair.input)
+                        terms.append((w, (x @ x.T).numpy() * self._scale(pair.output) ** 2))
+            else:
+                for g in range(a, b):
+                    fqn, i = self.seq.locate(g)
+                    sg = self.site_gain(g)
+                    for site in self.cm.sites(fqn, i, i + 1, self.attention):
+                        for o in site.outputs:
+                            x = self.series(o)
+                            terms.append((sg, (x @ x.T).numpy() * self._scale(o) ** 2))
+            self._D[key] = terms
+        return self._D[key]
+
+    def score_forecast(self, method: str, a: int, b: int, reads: np.ndarray, writes: np.ndarray,
+                       forecast: str) -> np.ndarray:
+        """Proxy of (M, N) plans of one range whose READ steps extrapolate the last refreshes.
+
+        ``forecast="none"`` equals :meth:`score_many` (plain reuse: order 1).
+        """
+        order = FORECAST_ORDERS[forecast]
+        reads = np.atleast_2d(np.asarray(reads, dtype=bool))
+        hist = refresh_history(writes, max(order, 1))
+        if order == 1 or self.timesteps is None:
+            matrix = self.dit_matrix(a, b) if method == "dit_block_cache" else self.attention_matrix(a, b)
+            return self.score_many(matrix, reads, hist[..., 0])
+        coefs = forecast_weights(self.timesteps, hist, order)
+        err = forecast_errors(self.gram_terms(method, a, b), hist, coefs) * self.gain[None, :]
+        ok = reads & (hist[..., 0] >= 0)
+        return (np.square(err * self.weights()[None, :]) * ok).sum(1)
 
     # ------------------------------------------------------------------ scoring
     def weights(self) -> np.ndarray:

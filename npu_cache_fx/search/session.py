@@ -294,6 +294,23 @@ class SearchSession:
             self._modules[key] = opt
         return cand
 
+    def evaluate_steps(self, cand: Candidate, run_fn_steps: Callable[[Any, int], Any]) -> Candidate:
+        """One full generation of the plain model with ``cand.sampler_steps`` steps (fewer-steps baseline)."""
+        self.prepare()
+        done = self._evaluated.get(cand.key)
+        if done is not None:
+            return done
+        out, secs, wall = self._timed(lambda: run_fn_steps(self.model, cand.sampler_steps))
+        self.full_runs += 1
+        out = as_tensor(out)
+        cand.mse = mse_fn(out, self.reference)
+        cand.psnr = psnr_fn(out, self.reference)
+        cand.seconds = secs
+        cand.measured_speedup = self.plain_median / max(secs, 1e-12)
+        cand.notes["wall_seconds"] = wall
+        self._evaluated[cand.key] = cand
+        return cand
+
     def time(self, cands: Sequence[Candidate], repeats: int = 3) -> Dict[str, float]:
         """Interleaved timing: per round the uncached model and every candidate once (order alternates).
 

@@ -116,6 +116,7 @@ class Part:
     end: int
     schedule: Schedule
     attention: Optional[str] = None
+    forecast: str = "none"  # CacheConfig.forecast: none | linear | taylor2 (same speed, more memory)
 
     def configs(self, seq: BlockSeq, steps_count: int) -> List[CacheConfig]:
         out = []
@@ -124,13 +125,16 @@ class Part:
                       block_start=lo, block_end=hi, **self.schedule.fields())
             if self.method == ATTN and self.attention is not None:
                 kw["attention"] = self.attention
+            if self.forecast != "none":
+                kw["forecast"] = self.forecast
             out.append(CacheConfig(**kw))
         return out
 
     @property
     def label(self) -> str:
         kind = "dit" if self.method == DIT else "attn"
-        return f"{kind}[{self.start}:{self.end}]@{self.schedule.label}"
+        fc = "" if self.forecast == "none" else f"~{self.forecast}"
+        return f"{kind}[{self.start}:{self.end}]@{self.schedule.label}{fc}"
 
 
 @dataclass
@@ -157,22 +161,31 @@ class Candidate:
     timed_speedup: Optional[float] = None     # median of interleaved repeats
     timed_seconds: List[float] = field(default_factory=list)
     notes: Dict[str, Any] = field(default_factory=dict)
+    extra: Tuple[CacheConfig, ...] = ()  # configs outside the block/step space (AdaStep rows)
+    sampler_steps: Optional[int] = None  # fewer-steps baseline: the plain model with this many steps
 
     @property
     def method(self) -> str:
-        methods = {p.method for p in self.parts}
+        if self.sampler_steps is not None:
+            return "fewer_steps"
+        methods = {p.method for p in self.parts} | {c.method for c in self.extra}
         return methods.pop() if len(methods) == 1 else "combined"
 
     @property
     def label(self) -> str:
-        return " + ".join(p.label for p in self.parts)
+        labels = [p.label for p in self.parts] + [f"{c.method}[th={c.threshold:g}]" for c in self.extra]
+        if self.sampler_steps is not None:
+            labels.append(f"plain@{self.sampler_steps}/{self.steps_count} steps")
+        return " + ".join(labels)
 
     @property
     def key(self) -> Tuple:
-        return tuple(self.parts)
+        if not self.extra and self.sampler_steps is None:
+            return tuple(self.parts)
+        return tuple(self.parts) + tuple(self.extra) + (("sampler_steps", self.sampler_steps),)
 
     def configs(self) -> List[CacheConfig]:
-        return [c for p in self.parts for c in p.configs(self.seq, self.steps_count)]
+        return [c for p in self.parts for c in p.configs(self.seq, self.steps_count)] + list(self.extra)
 
     @property
     def evaluated(self) -> bool:
