@@ -1,7 +1,7 @@
 """The main job: ``npu-cache-fx demo`` (and ``bench``) on a shipped tiny trained model.
 
-Generates digits uncached, with a cache plan and with fewer steps at the same
-measured speed (the honest baseline); prints speedup, PSNR and class fidelity;
+Generates digits uncached, with a cache plan, with fewer steps at the same
+measured speed (the honest baseline) and with AdaStep; prints speedup, PSNR and class fidelity;
 writes ``grid.png`` (rows labelled), ``report.md`` and ``demo.json``.
 """
 
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 def _all_blocks(steps: int, lists, **kw) -> List[CacheConfig]:
     return [CacheConfig(steps_count=steps, blocks=b, **kw) for b in lists]
 
+
+ADASTEP_THRESHOLD = 0.002  # skips about a third of tiny-flux's 28 steps (benchmarks/timestep.py)
 
 # Plans measured on the shipped models (see README "Demo"); the search replaces them per run.
 SHIPPED_PLANS: Dict[str, Callable[[int], List[CacheConfig]]] = {
@@ -110,9 +112,15 @@ def _evaluate(args, title: str, out_dir: Path) -> Dict[str, Any]:
     times = _measure({"uncached": lambda: sample(), "cached": lambda: sample(fast)}, args.repeats)
     speedup = times["uncached"] / times["cached"]
     fewer = fewer_steps_for(speedup, steps)
-    fewer_time = _measure({"fewer": lambda: sample(n=fewer)}, args.repeats)["fewer"]
+    ada = optimize(model.transformer, CacheConfig(method="adastep", steps_count=steps, threshold=ADASTEP_THRESHOLD,
+                                                  max_skip_steps=2))
+    sample(ada)
+    other = _measure({"fewer": lambda: sample(n=fewer), "adastep": lambda: sample(ada)}, args.repeats)
+    fewer_time = other["fewer"]
 
     ref, cached, few = sample(), sample(fast), sample(n=fewer)
+    ada.stats.clear()
+    skipped = sample(ada)
     rows = {"uncached": ref, "cached": cached, f"{fewer} steps": few}
     result = {
         "model": args.model, "steps": steps, "samples": len(labels), "backend": args.backend,
@@ -124,6 +132,10 @@ def _evaluate(args, title: str, out_dir: Path) -> Dict[str, Any]:
         "fewer_steps": {"steps": fewer, "seconds": fewer_time, "speedup": times["uncached"] / fewer_time,
                         "psnr": metrics.psnr(few, ref), "mse": metrics.mse(few, ref),
                         "class_fidelity": metrics.class_fidelity(few, labels)},
+        "adastep": {"threshold": ADASTEP_THRESHOLD, "max_skip_steps": 2, "seconds": other["adastep"],
+                    "speedup": times["uncached"] / other["adastep"], "steps_skipped": ada.stats.steps_skipped,
+                    "psnr": metrics.psnr(skipped, ref), "mse": metrics.mse(skipped, ref),
+                    "class_fidelity": metrics.class_fidelity(skipped, labels)},
         "stats": {k: v for k, v in vars(fast.stats).items()},
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
@@ -137,7 +149,7 @@ def _evaluate(args, title: str, out_dir: Path) -> Dict[str, Any]:
 
 
 def _report(r: Dict[str, Any]) -> str:
-    c, f = r["cached"], r["fewer_steps"]
+    c, f, a = r["cached"], r["fewer_steps"], r["adastep"]
     verdict = ("the cache plan beats fewer steps at equal speed" if c["psnr"] > f["psnr"]
                else "fewer steps beats this cache plan at equal speed: do not ship it")
     return "\n".join([
@@ -152,6 +164,8 @@ def _report(r: Dict[str, Any]) -> str:
         f"| cached | {r['seconds']['cached']:.2f} | {r['speedup']:.2f} | {c['psnr']:.2f} | {c['class_fidelity']:.2f} |",
         f"| fewer steps ({f['steps']}) | {f['seconds']:.2f} | {f['speedup']:.2f} | {f['psnr']:.2f} | "
         f"{f['class_fidelity']:.2f} |",
+        f"| AdaStep (thr {a['threshold']}, {a['steps_skipped']} steps skipped) | {a['seconds']:.2f} | "
+        f"{a['speedup']:.2f} | {a['psnr']:.2f} | {a['class_fidelity']:.2f} |",
         "",
         f"Verdict: {verdict}.",
         "",
@@ -173,6 +187,9 @@ def _print(r: Dict[str, Any]) -> None:
           f"fidelity {c['class_fidelity']:.2f}")
     print(f"fewer steps ({f['steps']}) speedup {f['speedup']:.2f}x  PSNR {f['psnr']:.2f} dB  "
           f"fidelity {f['class_fidelity']:.2f}")
+    a = r["adastep"]
+    print(f"AdaStep ({a['steps_skipped']} steps skipped) speedup {a['speedup']:.2f}x  PSNR {a['psnr']:.2f} dB  "
+          f"fidelity {a['class_fidelity']:.2f}")
 
 
 def run_demo(args) -> int:

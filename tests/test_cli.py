@@ -32,7 +32,8 @@ def test_demo_small_writes_its_files(tmp_path):
     result = json.loads((tmp_path / "demo.json").read_text())
     assert result["speedup"] > 0 and result["cached"]["psnr"] > 20
     assert result["stats"]["steps_reused"] > 0
-    assert "| fewer steps" in (tmp_path / "report.md").read_text()
+    assert "| fewer steps" in (tmp_path / "report.md").read_text() and "| AdaStep" in (tmp_path / "report.md").read_text()
+    assert result["adastep"]["speedup"] > 0
 
 
 def test_bench_with_a_plan_file(tmp_path):
