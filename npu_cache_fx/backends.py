@@ -116,4 +116,5 @@ def compile_graph(gm: fx.GraphModule, backend: Backend, options: Optional[Dict[s
         return gm
     if backend == "torchair":
         prepare_for_torchair(gm, options)
-    return torch.compile(gm, backend=resolved, fullgraph=True, dynamic=False)
+    mode = (options or {}).get("mode") if backend == "inductor" else None  # e.g. "reduce-overhead": CUDA graphs
+    return torch.compile(gm, backend=resolved, fullgraph=True, dynamic=False, mode=mode)

@@ -1,0 +1,710 @@
+"""Graph-mode compilation figures: graphs per variant, compile time, recompiles, steady-state step time and
+realised vs ideal speedup with a compiler backend (inductor on CPU by default; CUDA graphs on a GPU).
+
+    python benchmarks/compile.py                              # tiny-flux (+ tiny-wan), inductor, CPU
+    python benchmarks/compile.py --quick                      # smoke: aot_eager, tiny-flux, short
+    python benchmarks/compile.py --device cuda --size flux-dev   # Flux-dev shapes, bf16, reduce-overhead
+
+Five flows per model, with a ~2x plan (tiny models: ``npu_cache_fx.demo.shipped_plan``,
+3 graph variants; flux-dev: MindIE's shipped Flux config, double [5,13) + single
+[1,23), step_start 18, interval 2, 28 steps):
+
+* ``uncached eager``: the model;
+* ``uncached <backend>``: ``torch.compile(model, backend=B)``;
+* ``cached eager``: ``optimize(model, plan)``;
+* ``cached <backend>``: ``optimize(model, plan, backend=B)`` (each variant compiled once);
+* ``user compile <backend>``: ``torch.compile(optimize(model, plan), backend=B)``.
+
+``B`` is a counting backend wrapping the real one (``--backend``; with ``--mode`` other
+than ``default`` the inductor wrapper that ``torch.compile(mode=...)`` builds, e.g.
+``reduce-overhead`` = CUDA graphs). It records every graph it is handed, the step
+variant that triggered it and the seconds spent in the backend.
+
+Measured:
+
+1. compile: graphs per variant (expect 1) and backend compile seconds per graph, plus the
+   wall time of the first call of each variant (dynamo tracing + compile + one run);
+   warm-up = 2 generations (CUDA graph trees record on a variant's 2nd call).
+2. recompiles: graphs compiled after the warm-up (expect 0); the timed generations run
+   under ``torch._dynamo.config.patch(error_on_recompile=True)``; graph breaks from
+   ``torch._dynamo.utils.counters``. CUDA: ``counters["inductor"]["cudagraph_skips"]``
+   and CUDA-graph captures (warm-up: one per variant; timed phase: 0 = pure replay).
+3. steady state: generations of all flows interleaved round-robin (``--repeats``),
+   per-step time = median generation / steps, and the median call time per variant;
+   process CPU time by default (``--clock``; CUDA: wall), wall-clock speedup alongside.
+4. realised vs ideal: as in overhead.py, ideal = uncached / (uncached - blocks skipped),
+   with the blocks' costs taken as *shares of a model call* (blocks and the call timed
+   together; absolute times measured minutes apart on a shared machine do not compare):
+   ideal = steps / (steps - sum over READ steps of the skipped blocks' share). Eager
+   flow: shares from forward hooks on the eager blocks. Compiled flows: shares from
+   ``split`` (default for tiny models: the captured graph split at block boundaries with
+   ``torch.fx.passes.split_module``, every segment compiled with the same backend and
+   timed per call) or ``eager`` (the eager hook shares; default for flux-dev, where
+   compiling ~60 segments is too slow). Target: realised/ideal >= 0.95.
+
+``--inductor-cache fresh`` (default) points ``TORCHINDUCTOR_CACHE_DIR`` at an empty
+temporary folder, so compile times are cold (graphs identical to an earlier one in the
+same run still hit the cache, as they would for a user).
+Writes JSON (``--out``) and a Markdown table next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import tinybench as tb  # noqa: E402
+
+from npu_cache_fx import CacheConfig, metrics, models, optimize  # noqa: E402
+from npu_cache_fx.demo import shipped_plan  # noqa: E402
+from npu_cache_fx.profile import synchronize  # noqa: E402
+from npu_cache_fx.runtime import CaptureCache  # noqa: E402
+from npu_cache_fx.schedule import Action  # noqa: E402
+
+DEFAULT_OUT = os.path.join("benchmarks", "out", "compile.json")
+REALISED_MIN = 0.95
+FLUX_DEV_STEPS = 28
+
+
+def mindie_flux_plan(steps: int = FLUX_DEV_STEPS) -> List[CacheConfig]:
+    """MindIE-SD's shipped Flux DiT-cache config: double [5,13), single [1,23), start 18, interval 2."""
+    return [CacheConfig(steps_count=steps, step_start=18, step_interval=2, block_start=5, block_end=13,
+                        blocks="transformer_blocks", name="double"),
+            CacheConfig(steps_count=steps, step_start=18, step_interval=2, block_start=1, block_end=23,
+                        blocks="single_transformer_blocks", name="single")]
+
+
+# ----------------------------------------------------------------------------- workloads
+class Workload:
+    """A model, a plan and a generation loop (``generate(transformer) -> output``)."""
+
+    name: str
+    steps: int
+    lists: Tuple[str, ...]
+    plan: List[CacheConfig]
+    device: torch.device
+    transformer: torch.nn.Module
+
+    def generate(self, transformer: Optional[Callable] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def call_kwargs(self) -> Dict[str, Any]:
+        """Keyword inputs of one model call (mid-trajectory), for the cost measurements."""
+        raise NotImplementedError
+
+    def quality(self, out: torch.Tensor, ref: torch.Tensor) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+class TinyWorkload(Workload):
+    def __init__(self, name: str, samples: int, steps: Optional[int], device: torch.device):
+        self.model = models.load(name, device=device)
+        self.name, self.device = name, device
+        self.steps = steps or self.model.default_steps
+        self.labels = models.eval_labels(samples)
+        self.lists = tb.block_lists(name)
+        self.plan = shipped_plan(name, self.steps)
+        self.transformer = self.model.transformer
+
+    def generate(self, transformer=None):
+        out = self.model.sample(self.labels, steps=self.steps, seed=0, transformer=transformer)
+        synchronize(self.device)
+        return out
+
+    def call_kwargs(self):
+        return self.model.inputs(self.labels, t=0.5)
+
+    def quality(self, out, ref):
+        return {"psnr": metrics.psnr(out, ref), "class_fidelity": metrics.class_fidelity(out, self.labels)}
+
+    def describe(self):
+        return (f"{self.name}: {type(self.transformer).__name__}, {self.model.num_parameters() / 1e6:.2f} M params, "
+                f"{len(self.labels)} samples, {self.steps} steps, {self.device}")
+
+
+class FluxDevWorkload(Workload):
+    """diffusers' default ``FluxTransformer2DModel`` config, random bf16 weights, 1024x1024 (4096 + 512 tokens)."""
+
+    def __init__(self, steps: Optional[int], device: torch.device, dtype=torch.bfloat16, seed: int = 0):
+        from diffusers import FluxTransformer2DModel
+        from diffusers.utils import logging as dlogging
+        self.name, self.device, self.dtype = "flux-dev", device, dtype
+        self.steps = steps or FLUX_DEV_STEPS
+        self.lists = ("transformer_blocks", "single_transformer_blocks")
+        self.plan = mindie_flux_plan(self.steps)
+        with torch.device("meta"):
+            model = FluxTransformer2DModel()  # diffusers' defaults: 19 double + 38 single blocks, 24 x 128 heads
+        level = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()  # "modules that should be kept in float32: []"
+        try:
+            model = model.to(dtype).to_empty(device=device)  # bf16 on meta first: 24 GB on the GPU, never fp32
+        finally:
+            dlogging.set_verbosity(level)
+        g = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(mean=0.0, std=0.02, generator=g)
+            for b in model.buffers():  # none in diffusers 0.42; to_empty leaves any uninitialised
+                b.zero_()
+        self.transformer = model.eval().requires_grad_(False)
+        cfg = model.config
+        self.guidance = cfg.guidance_embeds
+        self.image_tokens, self.text_tokens = 4096, 512
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.inputs = dict(
+            encoder_hidden_states=torch.randn(1, self.text_tokens, cfg.joint_attention_dim, generator=g),
+            pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+        )
+        self.inputs = {k: v.to(device, dtype) for k, v in self.inputs.items()}
+        side = 64  # 1024 px / 8 (VAE) / 2 (packing) = 64 -> 4096 image tokens
+        img_ids = torch.zeros(side, side, 3)
+        img_ids[..., 1] = torch.arange(side)[:, None]
+        img_ids[..., 2] = torch.arange(side)[None, :]
+        self.inputs["img_ids"] = img_ids.reshape(-1, 3).to(device, dtype)
+        self.inputs["txt_ids"] = torch.zeros(self.text_tokens, 3, device=device, dtype=dtype)
+        self.noise = torch.randn(1, self.image_tokens, cfg.in_channels, generator=g).to(device, dtype)
+        self.params = sum(p.numel() for p in model.parameters())
+
+    def _kwargs(self, x, t):
+        kw = dict(hidden_states=x, timestep=t, return_dict=False, **self.inputs)
+        kw["guidance"] = torch.full_like(t, 3.5) if self.guidance else None
+        return kw
+
+    def generate(self, transformer=None):
+        tr = transformer or self.transformer
+        ts = torch.linspace(1.0, 0.0, self.steps + 1)
+        x = self.noise.clone()
+        with torch.no_grad():
+            for i in range(self.steps):
+                if self.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()
+                t = ts[i:i + 1].to(self.device, self.dtype)
+                v = tr(**self._kwargs(x, t))[0]
+                x = x + (ts[i + 1] - ts[i]).item() * v
+        synchronize(self.device)
+        return x
+
+    def call_kwargs(self):
+        return self._kwargs(self.noise, torch.full((1,), 0.5, device=self.device, dtype=self.dtype))
+
+    def quality(self, out, ref):
+        a, b = out.double().cpu(), ref.double().cpu()
+        return {"mse": metrics.mse(a, b), "rel_l2": float((a - b).norm() / b.norm().clamp_min(1e-30)),
+                "psnr": None}
+
+    def describe(self):
+        return (f"flux-dev: FluxTransformer2DModel() defaults (19 double + 38 single blocks, hidden 3072), "
+                f"{self.params / 1e9:.2f} B params, random bf16 weights, batch 1, {self.image_tokens} image + "
+                f"{self.text_tokens} text tokens, {self.steps} steps, {self.device}")
+
+
+# ----------------------------------------------------------------------------- counting backend
+def real_backend(backend: str, mode: str) -> Callable:
+    if backend == "inductor" and mode != "default":
+        return torch._TorchCompileInductorWrapper(mode, None, False)  # what torch.compile(mode=...) builds
+    return torch._dynamo.lookup_backend(backend)
+
+
+class CountingBackend:
+    """Wraps a real backend; records every graph it compiles, the variant label and the backend seconds."""
+
+    def __init__(self, backend: str, mode: str = "default"):
+        self.inner = real_backend(backend, mode)
+        self.graphs: List[Dict[str, Any]] = []
+        self.label: Optional[str] = None
+        self.phase = "warmup"
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        t0 = time.perf_counter()
+        fn = self.inner(gm, example_inputs)
+        self.graphs.append({"label": self.label, "phase": self.phase, "backend_s": time.perf_counter() - t0,
+                            "nodes": sum(1 for n in gm.graph.nodes if n.op == "call_function"),
+                            "inputs": len(example_inputs)})
+        return fn
+
+
+def kind(decision) -> str:
+    """Variant label: 'compute' / 'write' / 'read', or one action per config joined by '|'."""
+    values = [a.value for a in decision]
+    return values[0] if len(set(values)) == 1 else "|".join(values)
+
+
+class Recorder:
+    """A transformer stand-in that labels each call with its step's variant and times it."""
+
+    def __init__(self, fn: Callable, steps: int, plan=None, backend: Optional[CountingBackend] = None,
+                 device: torch.device = torch.device("cpu"), sync: bool = False,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.fn, self.steps, self.plan, self.backend, self.device, self.sync = fn, steps, plan, backend, device, sync
+        self.clock = clock
+        self.calls = 0
+        self.times: Dict[str, List[float]] = {}
+        self.first: Dict[str, float] = {}
+        self.record = False
+
+    def label(self) -> str:
+        if self.plan is None:
+            return "full"
+        return kind(self.plan.decision(self.calls % self.steps))
+
+    def __call__(self, *args, **kwargs):
+        label = self.label()
+        if self.backend is not None:
+            self.backend.label = label
+        w0, t0 = time.perf_counter(), self.clock()
+        out = self.fn(*args, **kwargs)
+        if self.sync:
+            synchronize(self.device)
+        dt = self.clock() - t0
+        self.calls += 1
+        self.first.setdefault(label, time.perf_counter() - w0)  # wall: compiles run partly in worker processes
+        if self.record:
+            self.times.setdefault(label, []).append(dt)
+        return out
+
+
+@contextmanager
+def count_cuda_graph_captures() -> Iterator[List[int]]:
+    """Count ``torch.cuda.CUDAGraph.capture_begin`` calls (CUDA graph trees record through it)."""
+    box = [0]
+    if not torch.cuda.is_available():
+        yield box
+        return
+    cls = torch.cuda.graphs.CUDAGraph
+    original = cls.capture_begin
+
+    def counted(self, *a, **k):
+        box[0] += 1
+        return original(self, *a, **k)
+
+    cls.capture_begin = counted
+    try:
+        yield box
+    finally:
+        cls.capture_begin = original
+
+
+# ----------------------------------------------------------------------------- block costs
+def eager_block_costs(w: Workload, repeats: int, clock: Callable[[], float] = time.perf_counter) -> Dict[str, Any]:
+    """Median seconds per block (forward hooks, synchronised) and per hooked model call."""
+    per: Dict[Tuple[str, int], List[float]] = {}
+    start: Dict[Tuple[str, int], float] = {}
+    handles = []
+    for fqn in w.lists:
+        for i, block in enumerate(w.transformer.get_submodule(fqn)):
+            def pre(_m, _a, key=(fqn, i)):
+                synchronize(w.device)
+                start[key] = clock()
+
+            def post(_m, _a, _o, key=(fqn, i)):
+                synchronize(w.device)
+                per.setdefault(key, []).append(clock() - start[key])
+
+            handles.append(block.register_forward_pre_hook(pre))
+            handles.append(block.register_forward_hook(post))
+    kwargs = w.call_kwargs()
+    calls = []
+    try:
+        with torch.no_grad(), common.no_gc():
+            for r in range(repeats + 1):
+                synchronize(w.device)
+                t0 = clock()
+                w.transformer(**kwargs)
+                synchronize(w.device)
+                if r == 0:
+                    per.clear()
+                    continue
+                calls.append(clock() - t0)
+    finally:
+        for h in handles:
+            h.remove()
+    blocks = {fqn: [common.median(per[(fqn, i)]) for i in range(len(w.transformer.get_submodule(fqn)))]
+              for fqn in w.lists}
+    return {"blocks_s": blocks, "call_s": common.median(calls)}
+
+
+def split_block_costs(w: Workload, captures: CaptureCache, backend: str, mode: str, repeats: int,
+                      clock: Callable[[], float] = time.perf_counter) -> Dict[str, Any]:
+    """Per-block seconds in compiled mode: the captured graph split at block boundaries, each segment compiled."""
+    from torch.fx.passes.split_module import split_module
+
+    cap = next(iter(captures.values()))
+    kwargs = w.call_kwargs()
+    bound = inspect.signature(w.transformer.forward).bind(**kwargs)
+    leaves, spec = pytree.tree_flatten(((), dict(bound.arguments)))
+    if spec != cap.in_spec:
+        raise RuntimeError("call inputs differ in structure from the capture")
+    owner = {n: (fqn, i) for fqn, per in cap.spans.items() if fqn in w.lists
+             for i, names in enumerate(per) for n in names}
+    seg: Dict[str, int] = {}
+    labels: List[Any] = []
+    for node in cap.gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        lab = owner.get(node.name, "rest")
+        if not labels or labels[-1] != lab:
+            labels.append(lab)
+        seg[node.name] = len(labels) - 1
+    split = split_module(cap.gm, w.transformer, lambda n: seg[n.name])
+    counting = CountingBackend(backend, mode)
+    t0 = time.perf_counter()
+    for name, sub in list(split.named_children()):
+        if name.startswith("submod_"):
+            setattr(split, name, torch.compile(sub, backend=counting, fullgraph=True, dynamic=False))
+    samples: Dict[int, List[float]] = {}
+
+    class Timer(fx.Interpreter):
+        record = False
+
+        def call_module(self, target, args, kw):
+            if not target.startswith("submod_"):
+                return super().call_module(target, args, kw)
+            synchronize(w.device)
+            s = clock()
+            out = super().call_module(target, args, kw)
+            synchronize(w.device)
+            if self.record:
+                samples.setdefault(int(target.split("_")[1]), []).append(clock() - s)
+            return out
+
+    timer = Timer(split)
+    with torch.no_grad():
+        timer.run(*leaves)  # compiles every segment
+        compile_s = time.perf_counter() - t0
+        ref = cap.gm(*leaves)
+        got = timer.run(*leaves)
+        err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, ref)
+                  if isinstance(a, torch.Tensor))
+        timer.record = True
+        with common.no_gc():
+            for _ in range(repeats):
+                timer.run(*leaves)
+    med = {k: common.median(v) for k, v in samples.items()}
+    blocks = {fqn: [0.0] * len(w.transformer.get_submodule(fqn)) for fqn in w.lists}
+    rest = 0.0
+    for k, lab in enumerate(labels):
+        if lab == "rest":
+            rest += med.get(k, 0.0)
+        else:
+            blocks[lab[0]][lab[1]] += med.get(k, 0.0)
+    return {"blocks_s": blocks, "rest_s": rest, "total_s": rest + sum(sum(v) for v in blocks.values()),
+            "segments": len(labels), "graphs": len(counting.graphs), "compile_s": compile_s,
+            "max_abs_err_vs_graph": err}
+
+
+def skipped_per_generation(plan, blocks: Dict[str, List[float]]) -> float:
+    """Seconds of blocks skipped over one generation (READ steps), from per-block costs."""
+    total = 0.0
+    for decision in plan.decisions:
+        for cfg, action in zip(plan.configs, decision):
+            if action is Action.READ:
+                total += sum(blocks[cfg.blocks][cfg.block_start:cfg.block_end])
+    return total
+
+
+# ----------------------------------------------------------------------------- per workload
+def run_workload(w: Workload, args) -> Dict[str, Any]:
+    b, mode = args.backend, args.mode
+    print(f"\n## {w.describe()}")
+    print(f"   plan: {' + '.join(c.label for c in w.plan)}; backend {b}, mode {mode}")
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    captures = CaptureCache(w.transformer)
+    sync = w.device.type != "cpu"
+    backends = {f"uncached {b}": CountingBackend(b, mode), f"cached {b}": CountingBackend(b, mode),
+                f"user compile {b}": CountingBackend(b, mode)}
+    opt_eager = optimize(w.transformer, w.plan, captures=captures)
+    opt_comp = optimize(w.transformer, w.plan, backend=backends[f"cached {b}"], captures=captures)
+    opt_user = optimize(w.transformer, w.plan, captures=captures)
+    user = torch.compile(opt_user, backend=backends[f"user compile {b}"])
+    plan = opt_eager.plan
+    print(f"   {len(plan.variants())} variant(s); {len(plan.reuse_steps())} of {w.steps} steps reuse")
+    clock = tb.CLOCKS[args.clock]
+    kw = dict(device=w.device, sync=sync, clock=clock)
+    flows: Dict[str, Recorder] = {
+        "uncached eager": Recorder(w.transformer, w.steps, **kw),
+        f"uncached {b}": Recorder(torch.compile(w.transformer, backend=backends[f"uncached {b}"]), w.steps,
+                                  backend=backends[f"uncached {b}"], **kw),
+        "cached eager": Recorder(opt_eager, w.steps, plan, **kw),
+        f"cached {b}": Recorder(opt_comp, w.steps, plan, backends[f"cached {b}"], **kw),
+        f"user compile {b}": Recorder(user, w.steps, plan, backends[f"user compile {b}"], **kw),
+    }
+    # 1. warm-up: 2 generations per flow (compiles; CUDA graph trees record on the 2nd call of a variant)
+    outputs, warm, cg_flow, skips_flow = {}, {}, {}, {}
+    with count_cuda_graph_captures() as cg_warm:
+        skips0 = counters["inductor"]["cudagraph_skips"]
+        for name, rec in flows.items():
+            t0 = time.perf_counter()
+            c0, k0 = cg_warm[0], counters["inductor"]["cudagraph_skips"]
+            with torch.no_grad():
+                w.generate(rec)
+                outputs[name] = w.generate(rec)
+            warm[name] = time.perf_counter() - t0
+            cg_flow[name], skips_flow[name] = cg_warm[0] - c0, counters["inductor"]["cudagraph_skips"] - k0
+            print(f"   warm-up {name:<24} {warm[name]:7.1f} s", flush=True)
+        skips_warm = counters["inductor"]["cudagraph_skips"] - skips0
+    for bk in backends.values():
+        bk.phase = "timed"
+    ref = outputs["uncached eager"]
+    # 2-3. timed generations under error_on_recompile
+    for rec in flows.values():
+        rec.record = True
+    recompile_error = None
+    fns = {name: (lambda rec=rec: w.generate(rec)) for name, rec in flows.items()}
+    with count_cuda_graph_captures() as cg_timed:
+        skips1 = counters["inductor"]["cudagraph_skips"]
+        try:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                all_times = tb.time_generations(fns, repeats=args.repeats)
+        except Exception as err:  # a recompile: report it, time again without the check
+            recompile_error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            print(f"   RECOMPILE during the timed generations: {recompile_error}")
+            for rec in flows.values():
+                rec.times.clear()
+            all_times = tb.time_generations(fns, repeats=args.repeats)
+        skips_timed = counters["inductor"]["cudagraph_skips"] - skips1
+
+    # 4. block costs and ideals
+    times = all_times[args.clock]
+    wall = tb.speedups(all_times, "uncached eager")["wall"]
+    eager_costs = eager_block_costs(w, args.cost_repeats, clock)
+    split = None
+    ideal_source = args.ideal if args.ideal != "auto" else ("eager" if w.name == "flux-dev" else "split")
+    if ideal_source == "split":
+        try:
+            split = split_block_costs(w, captures, b, mode, args.cost_repeats, clock)
+        except Exception as err:  # noqa: BLE001 - report, fall back to eager fractions
+            print(f"   split block costs failed ({type(err).__name__}: {err}); using eager fractions")
+            ideal_source = "eager"
+
+    med = {k: common.median(v) for k, v in times.items()}
+    unc_eager, unc_comp = med["uncached eager"], med[f"uncached {b}"]
+    # Ideal = steps / (steps - sum over steps of the skipped share of a model call), each share measured
+    # within one cost measurement (blocks and the call they belong to, timed together): absolute times taken
+    # minutes apart on a shared machine do not compare. The sampler's own per-step work counts as remainder.
+    share_eager = skipped_per_generation(plan, eager_costs["blocks_s"]) / eager_costs["call_s"]
+    ideals = {"eager": w.steps / (w.steps - share_eager), f"{b} (eager shares)": w.steps / (w.steps - share_eager)}
+    if split is not None:
+        share_split = skipped_per_generation(plan, split["blocks_s"]) / split["total_s"]
+        ideals[f"{b} (split)"] = w.steps / (w.steps - share_split)
+        comp_call = common.median(flows[f"uncached {b}"].times.get("full", [float("nan")]))
+        split["total_over_compiled_call"] = split["total_s"] / comp_call
+    ideal_comp = ideals[f"{b} (split)"] if split is not None else ideals[f"{b} (eager shares)"]
+
+    rows: Dict[str, Dict[str, Any]] = {}
+    for name, rec in flows.items():
+        bk = backends.get(name)
+        graphs = bk.graphs if bk else []
+        per_label: Dict[str, Dict[str, Any]] = {}
+        for g in graphs:
+            d = per_label.setdefault(g["label"], {"graphs": 0, "backend_s": 0.0, "timed_graphs": 0})
+            d["graphs"] += 1
+            d["backend_s"] += g["backend_s"]
+            d["timed_graphs"] += g["phase"] == "timed"
+        for label, first in rec.first.items():
+            per_label.setdefault(label, {"graphs": 0, "backend_s": 0.0, "timed_graphs": 0})["first_call_s"] = first
+        compiled = name not in ("uncached eager", "cached eager")
+        same = unc_comp if compiled else unc_eager
+        row = {"flow": name, "generation_s": common.summary(times[name], scale=1),
+               "per_step_ms": med[name] / w.steps * 1e3,
+               "call_ms": {k: common.median(v) * 1e3 for k, v in rec.times.items()},
+               "speedup_vs_uncached_eager": unc_eager / med[name], "speedup_vs_uncached_same": same / med[name],
+               "wall_speedup_vs_uncached_eager": wall[name], "clock": args.clock,
+               "variants": per_label, "graphs": len(graphs),
+               "recompiles": sum(1 for g in graphs if g["phase"] == "timed"), "warmup_s": warm[name],
+               **w.quality(outputs[name], ref)}
+        if name.startswith("cached") or name.startswith("user"):
+            ideal = ideals["eager"] if not compiled else ideal_comp
+            row["ideal"] = ideal
+            row["realised"] = same / med[name]
+            row["realised_over_ideal"] = row["realised"] / ideal
+        rows[name] = row
+    graph_breaks = sum(counters["graph_break"].values())
+
+    # tables
+    t_compile = []
+    for name, row in rows.items():
+        for label, d in row["variants"].items():
+            t_compile.append([name, label, d["graphs"], d["backend_s"], d.get("first_call_s")])
+    order = ["full", "compute", "write", "read"]
+    labels = sorted({lab for r in rows.values() for lab in r["call_ms"]},
+                    key=lambda lab: (order.index(lab) if lab in order else len(order), lab))
+    t_steady = [[name, r["per_step_ms"], *[r["call_ms"].get(lab) for lab in labels], r["speedup_vs_uncached_eager"],
+                 r["wall_speedup_vs_uncached_eager"], r["speedup_vs_uncached_same"], r["graphs"], r["recompiles"],
+                 r.get("psnr") if r.get("psnr") is not None else r.get("rel_l2")] for name, r in rows.items()]
+    t_ideal = [[name, r["ideal"], r["realised"], r["realised_over_ideal"],
+                "ok" if r["realised_over_ideal"] >= REALISED_MIN else "MISSED"]
+               for name, r in rows.items() if "ideal" in r]
+    qual = "PSNR dB" if rows["cached eager"].get("psnr") is not None else "rel L2"
+    h_compile = ["flow", "variant", "graphs", "backend compile s", "first call s"]
+    h_steady = ["flow", "per-step ms", *[f"{lab} call ms" for lab in labels], "vs uncached eager", "(wall)",
+                "vs uncached same", "graphs", "recompiles", qual]
+    h_ideal = ["flow", "ideal", "realised", "realised/ideal", f">= {REALISED_MIN}"]
+    print("   1. graphs and compile time per variant (warm-up; wall seconds)")
+    tb.print_table(h_compile, t_compile)
+    print(f"   2-3. steady state, {args.repeats} interleaved generations per flow, {args.clock} time "
+          f"(wall-clock speedup alongside; recompiles = graphs compiled after "
+          f"warm-up; graph breaks {graph_breaks}"
+          + (f"; RECOMPILE ERROR {recompile_error}" if recompile_error else "; error_on_recompile: none") + ")")
+    tb.print_table(h_steady, t_steady)
+    if w.device.type == "cuda":
+        print(f"   CUDA graphs: captures in warm-up {cg_warm[0]} (per flow {cg_flow}; expect 1 per compiled "
+              f"variant), in the timed phase {cg_timed[0]} (expect 0 = replay only); cudagraph_skips warm-up "
+              f"{skips_warm} (per flow {skips_flow}), timed {skips_timed}")
+    ev = ", ".join(f"{k} {v:.3f}x" for k, v in ideals.items())
+    print(f"   4. realised vs ideal (ideal speedups: {ev}; compiled flows use "
+          f"{'split' if split is not None else 'eager shares'})")
+    tb.print_table(h_ideal, t_ideal)
+    if split is not None:
+        print(f"      split: {split['segments']} segments, {split['graphs']} graphs compiled in "
+              f"{split['compile_s']:.1f} s, block share {1 - split['rest_s'] / split['total_s']:.1%} of "
+              f"{split['total_s'] * 1e3:.2f} ms = {split['total_over_compiled_call']:.2f} x the compiled full call "
+              f"(max |err| vs graph {split['max_abs_err_vs_graph']:.1e})")
+    return {"workload": w.describe(), "model": w.name, "steps": w.steps, "backend": b, "mode": mode,
+            "plan": [c.to_dict() for c in w.plan], "plan_table": str(plan), "variants": len(plan.variants()),
+            "flows": rows, "graph_breaks": graph_breaks, "recompile_error": recompile_error,
+            "cuda_graphs": {"captures_warmup": cg_warm[0], "captures_timed": cg_timed[0],
+                            "captures_warmup_per_flow": cg_flow, "cudagraph_skips_per_flow": skips_flow,
+                            "cudagraph_skips_warmup": skips_warm, "cudagraph_skips_timed": skips_timed}
+            if w.device.type == "cuda" else None,
+            "ideals": ideals, "ideal_source": "split" if split is not None else "eager shares",
+            "block_costs": {"eager_ms": {k: [x * 1e3 for x in v] for k, v in eager_costs["blocks_s"].items()},
+                            "eager_call_ms": eager_costs["call_s"] * 1e3,
+                            "split": None if split is None else {
+                                **{k: v for k, v in split.items() if k != "blocks_s"},
+                                "blocks_ms": {k: [x * 1e3 for x in v] for k, v in split["blocks_s"].items()}}},
+            "stats": {"cached eager": tb.stats_dict(opt_eager), f"cached {b}": tb.stats_dict(opt_comp),
+                      f"user compile {b}": tb.stats_dict(opt_user)},
+            "tables": {"compile": {"headers": h_compile, "rows": t_compile},
+                       "steady": {"headers": h_steady, "rows": t_steady},
+                       "ideal": {"headers": h_ideal, "rows": t_ideal}}}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=None,
+                   help="tiny models, comma list of tiny-flux,tiny-wan (default: both; tiny-wan skipped without "
+                        "weights; --quick: tiny-flux); ignored with --size flux-dev")
+    p.add_argument("--size", choices=("tiny", "flux-dev"), default="tiny",
+                   help="tiny: the shipped models; flux-dev: diffusers' default Flux config, random bf16 weights, "
+                        "1024x1024 (needs --device cuda)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default cpu)")
+    p.add_argument("--backend", default=None, help="compile backend (default inductor; --quick: aot_eager)")
+    p.add_argument("--mode", default=None,
+                   help="torch.compile mode for inductor (default: 'default' on CPU, 'reduce-overhead' = CUDA "
+                        "graphs on CUDA)")
+    p.add_argument("--samples", type=int, default=10, help="tiny models: samples per generation (default 10)")
+    p.add_argument("--steps", type=int, default=None, help="steps (default: the model's; flux-dev 28)")
+    p.add_argument("--repeats", type=int, default=5, help="timed generations per flow (default 5)")
+    p.add_argument("--cost-repeats", type=int, default=10, help="forwards per block-cost measurement (default 10)")
+    p.add_argument("--ideal", choices=("auto", "split", "eager"), default="auto",
+                   help="compiled-mode block costs: split graph compiled per segment, or eager hook fractions "
+                        "(auto: split for tiny models, eager for flux-dev)")
+    p.add_argument("--inductor-cache", choices=("fresh", "default"), default="fresh",
+                   help="fresh: empty TORCHINDUCTOR_CACHE_DIR (cold compile times, default); default: the user's")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto", help=tb.CLOCK_HELP)
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output path (default {DEFAULT_OUT})")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: aot_eager, tiny-flux, 2 samples, 8 steps, 1 repeat, eager-fraction ideal "
+                        "(numbers are not meaningful)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.backend = args.backend or "aot_eager"
+        args.samples, args.repeats, args.cost_repeats = min(args.samples, 2), 1, 2
+        args.steps = args.steps or 8
+        args.ideal = "eager" if args.ideal == "auto" else args.ideal
+    args.backend = args.backend or "inductor"
+    args.mode = args.mode or ("reduce-overhead" if args.device == "cuda" and args.backend == "inductor"
+                              else "default")
+    if args.mode != "default" and args.backend != "inductor":
+        p.error("--mode applies to --backend inductor only")
+    if args.size == "flux-dev" and args.device != "cuda":
+        p.error("--size flux-dev needs --device cuda (12 B parameters in bf16; not a CPU benchmark)")
+    if args.repeats < 1 or args.samples < 1 or args.cost_repeats < 1:
+        p.error("--repeats, --samples and --cost-repeats must be >= 1")
+    args.clock = tb.resolve_clock(args.clock, args.threads, args.device)
+    return args
+
+
+def check_device(args) -> torch.device:
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                f"benchmarks/compile.py --device cuda: no CUDA device (torch {torch.__version__}, built with CUDA "
+                f"{torch.version.cuda or 'none'}; torch.cuda.is_available() is False). Run it on a machine with an "
+                "NVIDIA GPU and a CUDA build of torch, or drop --device cuda.")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def main(argv=None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    device = check_device(args)
+    tmp = None
+    if args.inductor_cache == "fresh":
+        tmp = tempfile.TemporaryDirectory(prefix="inductor_cache_")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tmp.name
+    info = tb.start(args, "compile", argv)
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        print(f"gpu     : {info['gpu']}")
+    print(f"inductor cache: {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')} ({args.inductor_cache})")
+    if args.size == "flux-dev":
+        names, notes = ["flux-dev"], []
+    else:
+        names, notes = tb.models_to_run(args.models, args.quick)
+    result: Dict[str, Any] = {"machine": info, "settings": {
+        "size": args.size, "device": str(device), "backend": args.backend, "mode": args.mode,
+        "samples": args.samples, "steps": args.steps, "repeats": args.repeats, "cost_repeats": args.cost_repeats,
+        "ideal": args.ideal, "inductor_cache": args.inductor_cache, "quick": args.quick, "clock": args.clock,
+        "models": names,
+        "notes": notes}, "targets": {"graphs_per_variant": 1, "recompiles": 0, "realised_over_ideal_min":
+                                     REALISED_MIN}, "models": {}}
+    md = tb.md_header("Graph-mode compilation (benchmarks/compile.py)", info)
+    md += [f"Not run: {n}" for n in notes] + ([""] if notes else [])
+    try:
+        for name in names:
+            w = FluxDevWorkload(args.steps, device) if name == "flux-dev" else TinyWorkload(
+                name, args.samples, args.steps, device)
+            r = run_workload(w, args)
+            result["models"][name] = r
+            t = r["tables"]
+            plan_names = ", ".join(c.get("name") or c.get("blocks", "") for c in r["plan"])
+            md += [f"## {r['workload']}", "", f"Plan: {plan_names} ({r['variants']} variants); backend "
+                   f"{r['backend']}, mode {r['mode']}.", "",
+                   "Graphs and compile time per variant:", "",
+                   tb.markdown_table(t["compile"]["headers"], t["compile"]["rows"]), "",
+                   f"Steady state (graph breaks: {r['graph_breaks']}; recompile error: {r['recompile_error']}):", "",
+                   tb.markdown_table(t["steady"]["headers"], t["steady"]["rows"]), "",
+                   f"Realised vs ideal (ideal from {r['ideal_source']} block costs):", "",
+                   tb.markdown_table(t["ideal"]["headers"], t["ideal"]["rows"]), ""]
+            if r["cuda_graphs"]:
+                md += [f"CUDA graphs: {r['cuda_graphs']}", ""]
+            del w
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    path, mdpath = tb.write_outputs(args.out, result, "\n".join(md))
+    print(f"\nwrote {path}, {mdpath}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Smoke tests: benchmarks/{compile,timestep,forecast,attention}.py --quick run end to end.
+
+Each script runs in a subprocess on tiny-flux (the --quick default) and must write its JSON,
+the Markdown table next to it (and the Pareto PNGs where the script draws them), with the
+documented keys. Timing values are not checked against targets: a --quick run is too short
+to mean anything.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("matplotlib")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, tmp_path, *extra):
+    out = tmp_path / f"{script}.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.join("benchmarks", f"{script}.py"), "--quick", "--out", str(out),
+                           *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    assert "command :" in proc.stdout and "torch" in proc.stdout
+    assert out.exists() and (tmp_path / f"{script}.md").exists()
+    data = json.loads(out.read_text())
+    for key in ("command", "torch", "threads", "processor", "cpu_count"):
+        assert key in data["machine"], key
+    assert data["settings"]["quick"] is True
+    assert "tiny-flux" in data["models"]
+    return data["models"]["tiny-flux"], proc.stdout, data
+
+
+def _finite_positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_compile_quick(tmp_path):
+    r, stdout, data = _run("compile", tmp_path)
+    assert data["settings"]["backend"] == "aot_eager"
+    flows = r["flows"]
+    assert set(flows) == {"uncached eager", "uncached aot_eager", "cached eager", "cached aot_eager",
+                          "user compile aot_eager"}
+    # one compiled graph per variant, nothing compiled after warm-up
+    for name in ("cached aot_eager", "user compile aot_eager"):
+        per_variant = flows[name]["variants"]
+        assert len(per_variant) == r["variants"], per_variant
+        assert all(v["graphs"] == 1 for v in per_variant.values()), per_variant
+        assert flows[name]["recompiles"] == 0
+        assert _finite_positive(flows[name]["realised_over_ideal"])
+    assert flows["uncached aot_eager"]["graphs"] >= 1
+    assert r["recompile_error"] is None
+    assert all(_finite_positive(f["per_step_ms"]) for f in flows.values())
+    assert "realised/ideal" in stdout
+
+
+def test_compile_cuda_fails_clearly_without_gpu(tmp_path):
+    pytest.importorskip("torch")
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = subprocess.run([sys.executable, os.path.join("benchmarks", "compile.py"), "--device", "cuda", "--size",
+                           "flux-dev", "--out", str(tmp_path / "c.json")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode != 0
+    assert "no CUDA device" in proc.stderr
+
+
+def test_timestep_quick(tmp_path):
+    r, stdout, _ = _run("timestep", tmp_path)
+    kinds = {row["kind"] for row in r["rows"]}
+    assert kinds == {"uncached", "fewer", "adastep", "dit", "attention", "dit+adastep"}
+    assert len([row for row in r["rows"] if row["kind"] == "adastep"]) == 2
+    assert all(_finite_positive(row["speedup"]) for row in r["rows"])
+    assert any(row["steps_skipped"] > 0 for row in r["rows"] if row["kind"] == "adastep")
+    assert os.path.exists(r["png"])
+    assert "beats fewer?" in stdout
+
+
+def test_forecast_quick(tmp_path):
+    r, stdout, _ = _run("forecast", tmp_path)
+    forecasts = {row.get("forecast") for row in r["rows"] if row["kind"] == "cache"}
+    assert forecasts == {"none", "linear", "taylor2"}
+    assert len([row for row in r["rows"] if row["kind"] == "fewer"]) >= 2
+    assert {"target1", "target2_linear", "target2_taylor2"} <= set(r["targets"])
+    assert os.path.exists(r["png"])
+    assert "target 1" in stdout and "target 2" in stdout
+
+
+def test_attention_quick(tmp_path):
+    r, stdout, data = _run("attention", tmp_path)
+    total = [m for m in r["memory"] if m["config"].startswith("total")][0]
+    assert total["measured_bytes"] > 0
+    assert total["measured_bytes"] == total["formula_bytes"]  # the formula is exact on tiny-flux
+    assert {row["plan"] for row in r["speedup"]} == {"attn i2", "attn i3"}
+    for row in r["speedup"]:
+        assert _finite_positive(row["realised"]) and row["ideal_span"] > 1 and row["ideal_hooks"] > 1
+    scaled = {row["model"]: row for row in data["scaled"]["rows"] if row["attention"] == "self"}
+    assert scaled["Flux-dev 1024x1024"]["bytes"]["none"] == 57 * 4608 * 3072 * 2
+    assert scaled["Wan2.1-14B 720p"]["bytes"]["none"] == 40 * 75600 * 5120 * 2
