@@ -16,7 +16,6 @@ same run, interleaved (:func:`interleaved`), and report medians and ratios.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -25,10 +24,11 @@ import shlex
 import statistics
 import sys
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
+
+from npu_cache_fx.profile import no_gc
 
 __all__ = [
     "build_flux", "euler_sample", "flux_inputs", "interleaved", "machine_info", "median", "no_gc",
@@ -73,19 +73,6 @@ def summary(xs: Sequence[float], scale: float = 1e3) -> Dict[str, float]:
     if not xs:
         return {"median": math.nan, "min": math.nan, "max": math.nan, "n": 0}
     return {"median": median(xs) * scale, "min": min(xs) * scale, "max": max(xs) * scale, "n": len(xs)}
-
-
-@contextmanager
-def no_gc() -> Iterator[None]:
-    """Collect once, then keep the cyclic GC out of the timed region."""
-    was = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:

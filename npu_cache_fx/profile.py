@@ -11,14 +11,29 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import statistics
 import time
-from typing import Dict, Iterable, List, Mapping, Sequence
+from typing import Dict, Iterable, Iterator, List, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 
-__all__ = ["node_costs", "span_costs", "synchronize"]
+__all__ = ["no_gc", "node_costs", "span_costs", "synchronize"]
+
+
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """Collect once, then keep the cyclic GC out of a timed region."""
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def synchronize(device: torch.device) -> None:

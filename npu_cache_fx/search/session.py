@@ -15,12 +15,10 @@ generations run to measure quality -- what MindIE's search spends),
 
 from __future__ import annotations
 
-import gc
 import logging
 import statistics
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -33,6 +31,7 @@ from .costs import CostModel
 from .proxy import Proxy, watch_nodes
 from .signals import Recorder, Sketch
 from .space import BlockSeq, Candidate
+from ..profile import no_gc
 
 __all__ = ["SearchSession", "block_sequence", "as_tensor"]
 
@@ -74,18 +73,6 @@ def make_clock(kind: str = "auto", device=None) -> Callable[[], float]:
         raise ValueError(f"clock must be 'auto', 'wall' or 'cpu', got {kind!r}")
     on_cpu = device is None or torch.device(device).type == "cpu"
     return time.process_time if on_cpu and torch.get_num_threads() == 1 else time.perf_counter
-
-
-@contextmanager
-def _no_gc() -> Iterator[None]:
-    was = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 class SearchSession:
@@ -137,7 +124,7 @@ class SearchSession:
 
     # ------------------------------------------------------------------ helpers
     def _timed(self, fn: Callable[[], Any]):
-        with torch.no_grad(), _no_gc():
+        with torch.no_grad(), no_gc():
             w0, c0 = time.perf_counter(), self.clock()
             out = fn()
             return out, self.clock() - c0, time.perf_counter() - w0
