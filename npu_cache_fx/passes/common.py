@@ -9,11 +9,27 @@ import torch.fx as fx
 
 from ..ops import CACHE_READ, CACHE_WRITE
 
-__all__ = ["coef_slot", "eliminate_dead_code", "emit_cache_read", "emit_cache_write", "history_slots", "set_val",
+__all__ = ["coef_slot", "eliminate_dead_code", "is_impure", "emit_cache_read", "emit_cache_write", "history_slots", "set_val",
            "slot_meta"]
 
 # Export keeps these for input checking; they must not pin a removed computation.
 _DROPPABLE = {torch.ops.aten._assert_tensor_metadata.default}
+
+
+def is_impure(node: fx.Node, pure: frozenset = frozenset()) -> bool:
+    """The liveness rule of :func:`eliminate_dead_code` (the search's cost model predicts with it too)."""
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.target is CACHE_WRITE:
+        return True
+    if node.target in _DROPPABLE:
+        return False
+    if node.name in pure:
+        mutated = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        schema = getattr(node.target, "_schema", None)
+        return bool(schema is not None and schema.is_mutable and mutated is not None
+                    and mutated.name not in pure)
+    return node.is_impure(impure_random=False)
 
 
 def eliminate_dead_code(gm: fx.GraphModule, pure: Optional[Iterable[str]] = None) -> bool:
@@ -26,22 +42,7 @@ def eliminate_dead_code(gm: fx.GraphModule, pure: Optional[Iterable[str]] = None
     dead with the region, unless it mutates a tensor from outside ``pure``.
     """
     pure = frozenset(pure or ())
-
-    def is_impure(node: fx.Node) -> bool:
-        if node.op in ("placeholder", "output"):
-            return True
-        if node.target is CACHE_WRITE:
-            return True
-        if node.target in _DROPPABLE:
-            return False
-        if node.name in pure:
-            mutated = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-            schema = getattr(node.target, "_schema", None)
-            return bool(schema is not None and schema.is_mutable and mutated is not None
-                        and mutated.name not in pure)
-        return node.is_impure(impure_random=False)
-
-    changed = gm.graph.eliminate_dead_code(is_impure_node=is_impure)
+    changed = gm.graph.eliminate_dead_code(is_impure_node=lambda node: is_impure(node, pure))
     gm.recompile()
     return changed
 

@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from ..capture import AttentionSite, Capture, Region, attention_sites, block_region, resolve_block_list
 from ..config import CacheConfig
-from ..ops import CACHE_WRITE
+from ..passes.common import is_impure
 from ..profile import node_costs, synchronize
 from ..schedule import Action, Decision, make_plan
 from .space import DIT, BlockSeq
@@ -39,21 +39,6 @@ from .space import DIT, BlockSeq
 __all__ = ["CostModel", "Removal", "live_nodes", "time_calls"]
 
 aten = torch.ops.aten
-_DROPPABLE = {aten._assert_tensor_metadata.default}
-
-
-def _is_impure(node: fx.Node) -> bool:
-    """Mirror of :func:`npu_cache_fx.passes.common.eliminate_dead_code`'s rule (outside rewritten nodes)."""
-    if node.op in ("placeholder", "output"):
-        return True
-    if node.target is CACHE_WRITE:
-        return True
-    if node.target in _DROPPABLE:
-        return False
-    try:
-        return node.is_impure(impure_random=False)
-    except TypeError:  # older torch
-        return node.is_impure()
 
 
 @dataclass(frozen=True)
@@ -80,7 +65,7 @@ def live_nodes(gm: fx.GraphModule, removals: Iterable[Removal]) -> FrozenSet[str
             if name in subst and (users_live or name in demanded) and subst[name] is not None:
                 demanded.add(subst[name])
             continue
-        if node.op == "output" or _is_impure(node) or users_live or name in demanded:
+        if node.op == "output" or is_impure(node) or users_live or name in demanded:
             live.add(name)
     return frozenset(live)
 
