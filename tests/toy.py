@@ -120,10 +120,8 @@ class AttnBlock(nn.Module):
         return hidden_states + self.attn(self.norm1(hidden_states), temb) + temb
 
 
-class AttnDiT(nn.Module):
-    def __init__(self, n: int = 4):
-        super().__init__()
-        self.blocks = nn.ModuleList(AttnBlock(i) for i in range(n))
+class _BlocksDiT(nn.Module):
+    """Runs ``self.blocks`` in order on (hidden, context, temb); returns ``(hidden,)``."""
 
     def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, return_dict: bool = False):
         temb = timestep.reshape(-1, 1, 1)
@@ -131,6 +129,12 @@ class AttnDiT(nn.Module):
         for blk in self.blocks:
             h = blk(h, encoder_hidden_states, temb)
         return (h,)
+
+
+class AttnDiT(_BlocksDiT):
+    def __init__(self, n: int = 4):
+        super().__init__()
+        self.blocks = nn.ModuleList(AttnBlock(i) for i in range(n))
 
 
 class QKVAttention(nn.Module):
@@ -160,17 +164,10 @@ class QKVBlock(nn.Module):
         return h + self.ff(h) * temb
 
 
-class QKVDiT(nn.Module):
+class QKVDiT(_BlocksDiT):
     def __init__(self, n: int = 3, dim: int = 8):
         super().__init__()
         self.blocks = nn.ModuleList(QKVBlock(dim) for _ in range(n))
-
-    def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, return_dict: bool = False):
-        temb = timestep.reshape(-1, 1, 1)
-        h = hidden_states
-        for blk in self.blocks:
-            h = blk(h, encoder_hidden_states, temb)
-        return (h,)
 
 
 class UnexportableDiT(ToyDiT):
