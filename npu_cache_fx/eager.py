@@ -1,10 +1,24 @@
-"""The eager path: the same cache semantics applied around the blocks' forward, no graph.
+"""The paths for models ``torch.export`` cannot capture: Dynamo, then eager.
 
-``optimize()`` falls back to it when ``torch.export`` cannot capture a model
-(e.g. data-dependent ``.tolist()`` in its forward). The runtime still owns the
-step counter, contexts and the plan; each step it drives one
+``optimize()`` falls back here when export fails (e.g. data-dependent
+``.tolist()`` in a model's forward). The runtime still owns the step counter,
+contexts and the plan; each step it drives one
 :class:`~npu_cache_fx.agent.CacheAgent` per config (``begin_step``) and wraps
-the blocks' (or attention modules') ``forward`` only for the duration of the call.
+the blocks' (or attention modules') ``forward`` for the duration of the call.
+
+With a compile backend (``optimize(..., backend=...)``) this is the **Dynamo
+path**: every block of every block list is compiled on its own by
+``torch.compile(backend)`` (regional compilation: blocks of one class share
+one graph, and the model's top level, where the data-dependent construct sits,
+stays eager). The cache decisions are host code around the compiled blocks, so
+the compiled graphs never see them: no guard on the step or the action, no
+recompile across steps or generations. A cached attention call is a
+``torch.compiler.disable``-d wrapper inside its compiled block (a graph break
+before and after it) around the separately compiled attention module.
+
+If Dynamo or the backend fails on a module where the plain module works, that
+module runs eagerly from then on (the **eager path**), with one warning.
+Without a backend the eager path is used directly: there is nothing to compile.
 """
 
 from __future__ import annotations
@@ -12,12 +26,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from .agent import CacheAgent
-from .capture import _choose_attention, _walk_back
+from .backends import Backend, resolve_backend
+from .capture import _choose_attention, _walk_back, find_block_lists
 from .config import CacheConfig
 from .schedule import Decision
 
@@ -66,13 +81,37 @@ def _pair_outputs(agent: CacheAgent, block: torch.nn.Module, kwargs: Dict[str, A
     agent.output_order = order
 
 
-class EagerPath:
-    """CacheAgents around a model's blocks, driven by the optimized module's plan."""
+def _describe(err: BaseException) -> str:
+    """``Type: first line`` of an error and of its root cause (a backend's own error inside Dynamo's)."""
+    def one(e: BaseException) -> str:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
+    root, seen = err, {id(err)}
+    while True:  # Dynamo keeps a backend's error as inner_exception, without chaining it as the cause
+        inner = root.__cause__ or getattr(root, "inner_exception", None)
+        if not isinstance(inner, BaseException) or id(inner) in seen:
+            break
+        root = inner
+        seen.add(id(root))
+    return one(err) if root is err else f"{one(err)} {one(root)}"
 
-    def __init__(self, model: torch.nn.Module, configs: Sequence[CacheConfig], reason: str):
+
+class EagerPath:
+    """CacheAgents around a model's blocks, driven by the optimized module's plan.
+
+    ``backend`` set: the blocks (and cached attention modules) run compiled by
+    ``torch.compile`` (:attr:`path` ``"dynamo"``); ``None``: plain eager
+    (:attr:`path` ``"eager"``).
+    """
+
+    def __init__(self, model: torch.nn.Module, configs: Sequence[CacheConfig], reason: str,
+                 backend: Backend = None, backend_options: Optional[Dict[str, Any]] = None):
         self.model = model
         self.configs = list(configs)
         self.reason = reason
+        self.compiler = resolve_backend(backend, backend_options)
+        self.path = "eager" if self.compiler is None else "dynamo"
+        self.dynamo_failure: Optional[str] = None
         # one agent per (config, attention child): each counts blocks_count calls per step
         self.agents: List[List[CacheAgent]] = []
         self.children: List[List[Optional[str]]] = []
@@ -85,53 +124,102 @@ class EagerPath:
                 names = [None]
             self.children.append(list(names))
             self.agents.append([CacheAgent(cfg) for _ in names])
+        self._patches = self._build_patches()
+
+    # ------------------------------------------------------------------ module wrappers
+    def _build_patches(self) -> List[Tuple[torch.nn.Module, Callable]]:
+        """(module, forward to install during a call), built once: Dynamo guards see the same objects every step."""
+        patches: Dict[int, Tuple[torch.nn.Module, Callable]] = {}
+        for i, (agents, children) in enumerate(zip(self.agents, self.children)):
+            blocks = self.model.get_submodule(self.configs[i].blocks)
+            for agent, child in zip(agents, children):
+                for blk in blocks:
+                    mod = blk if child is None else getattr(blk, child)
+                    run = self._runner(mod)
+                    forward = self._block_forward(i, agent, mod, run) if child is None else \
+                        self._attention_forward(agent, run)
+                    patches[id(mod)] = (mod, forward)
+        if self.compiler is not None:  # regional compilation: every block, cached or not
+            lists = [self.model.get_submodule(b.fqn) for b in find_block_lists(self.model)]
+            for blk in (blk for blocks in lists for blk in blocks):
+                patches.setdefault(id(blk), (blk, self._runner(blk)))
+        return list(patches.values())
+
+    def _runner(self, mod: torch.nn.Module) -> Callable:
+        """``mod``'s own forward: compiled on the Dynamo path, with a per-call eager retry on failure."""
+        orig = type(mod).forward.__get__(mod)
+        if self.compiler is None:
+            return orig
+        compiled = torch.compile(orig, backend=self.compiler, dynamic=False)
+
+        def run(*args, **kwargs):
+            if self.path != "dynamo":
+                return orig(*args, **kwargs)
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as err:
+                out = orig(*args, **kwargs)  # raises too if the error is the input's, not the compiler's
+                self._give_up(mod, err)
+                return out
+        return run
+
+    def _give_up(self, mod: torch.nn.Module, err: Exception) -> None:
+        self.path = "eager"
+        self.dynamo_failure = _describe(err)
+        log.warning("%s: torch.compile of %s failed (%s); npu_cache_fx runs the eager path: the same cache "
+                    "semantics applied around the blocks' forward, without compilation",
+                    type(self.model).__name__, type(mod).__name__, self.dynamo_failure)
+
+    def _block_forward(self, i: int, agent: CacheAgent, mod: torch.nn.Module, run: Callable) -> Callable:
+        sig = inspect.signature(type(mod).forward.__get__(mod))
+
+        def forward(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs).arguments
+            hidden = bound.pop("hidden_states")
+            if i not in self._paired and "encoder_hidden_states" in bound:
+                def first(*a, **k):
+                    out = run(*a, **k)
+                    self._paired[i] = True
+                    patched = mod.__dict__.pop("forward")  # export the plain block, not this wrapper
+                    try:
+                        _pair_outputs(agent, mod, dict(bound, hidden_states=hidden), out)
+                    finally:
+                        mod.forward = patched
+                    return out
+                return agent.apply(first, hidden_states=hidden, **bound)
+            return agent.apply(run, hidden_states=hidden, **bound)
+        return forward
+
+    @staticmethod
+    def _attention_forward(agent: CacheAgent, run: Callable) -> Callable:
+        @torch.compiler.disable  # host-side decision inside a compiled block: a graph break, not a guard
+        def forward(*args, **kwargs):
+            return agent.apply(run, *args, **kwargs)
+        return forward
 
     @contextlib.contextmanager
-    def _wrapped(self, i: int, agent: CacheAgent, child: Optional[str]) -> Iterator[None]:
-        blocks = self.model.get_submodule(self.configs[i].blocks)
-        modules = [blk if child is None else getattr(blk, child) for blk in blocks]
-        saved = []
-        forward_of: Dict[int, Any] = {}
-        for mod in modules:
-            orig = mod.forward
-            if child is None:
-                sig = inspect.signature(orig)
-
-                def forward(*args, _orig=orig, _sig=sig, **kwargs):
-                    bound = _sig.bind(*args, **kwargs).arguments
-                    hidden = bound.pop("hidden_states")
-                    if i not in self._paired and "encoder_hidden_states" in bound:
-                        def first(*a, _mod=mod, **k):
-                            out = _orig(*a, **k)
-                            self._paired[i] = True
-                            _mod.forward = _orig  # export the plain block, not this wrapper
-                            try:
-                                _pair_outputs(agent, _mod, dict(bound, hidden_states=hidden), out)
-                            finally:
-                                _mod.forward = forward_of[id(_mod)]
-                            return out
-                        return agent.apply(first, hidden_states=hidden, **bound)
-                    return agent.apply(_orig, hidden_states=hidden, **bound)
-            else:
-                def forward(*args, _orig=orig, **kwargs):
-                    return agent.apply(_orig, *args, **kwargs)
-            mod.forward = forward
-            forward_of[id(mod)] = forward
-            saved.append((mod, orig))
+    def _installed(self) -> Iterator[None]:
+        saved = [(mod, mod.__dict__.get("forward")) for mod, _ in self._patches]
         try:
+            for mod, forward in self._patches:
+                mod.forward = forward
             yield
         finally:
-            for mod, orig in saved:
-                mod.forward = orig
+            for mod, before in saved:
+                if before is None:
+                    mod.__dict__.pop("forward", None)
+                else:
+                    mod.forward = before
 
+    # ------------------------------------------------------------------ driving
     def run(self, kwargs: Dict[str, Any], decision: Decision, context: str, step: int,
             timestep: Optional[float]) -> Any:
         with contextlib.ExitStack() as stack:
-            for i, (agents, children) in enumerate(zip(self.agents, self.children)):
-                for agent, child in zip(agents, children):
+            for i, agents in enumerate(self.agents):
+                for agent in agents:
                     stack.enter_context(agent.cache_context(context))
                     agent.begin_step(step, decision[i], timestep)
-                    stack.enter_context(self._wrapped(i, agent, child))
+            stack.enter_context(self._installed())
             return self.model(**kwargs)
 
     def reset(self) -> None:

@@ -25,7 +25,9 @@ import functools
 import inspect
 import linecache
 import logging
+import os
 import re
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -69,7 +71,9 @@ class Stats:
     captures: int = 0
     variants_built: int = 0
     capture_seconds: float = 0.0
-    path: str = "export"  # how the model runs: "export" (captured graphs) or "eager" (fallback)
+    # how the model runs: "export" (captured graphs), "dynamo" (export failed: blocks compiled one by one,
+    # cache logic on the host) or "eager" (export failed and nothing is compiled)
+    path: str = "export"
     fallback_reason: Optional[str] = None
     cache_bytes: int = 0
     cache_bytes_by_context: Dict[str, int] = field(default_factory=dict)
@@ -586,11 +590,16 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
 
     def _fall_back_to_eager(self, err: Exception) -> None:
         reason = _export_failure(err)
-        log.warning("%s cannot be captured by torch.export (%s); npu_cache_fx runs the eager path: the same "
-                    "cache semantics applied around the blocks' forward, without graph rewriting or compilation",
-                    type(self.model).__name__, reason)
-        self._eager = EagerPath(self.model, self.configs, reason)
-        self.stats.path = "eager"
+        self._eager = EagerPath(self.model, self.configs, reason, self.backend, self._backend_options)
+        if self._eager.path == "dynamo":
+            how = (f"the Dynamo path: each block compiled by torch.compile(backend={self.backend!r}), the cache "
+                   "semantics applied around the blocks on the host, the model's top level eager")
+        else:
+            how = ("the eager path: the same cache semantics applied around the blocks' forward, without graph "
+                   "rewriting or compilation")
+        log.warning("%s cannot be captured by torch.export (%s); npu_cache_fx runs %s",
+                    type(self.model).__name__, reason, how)
+        self.stats.path = self._eager.path
         self.stats.fallback_reason = reason
 
     @torch._dynamo.disable
@@ -598,6 +607,9 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                    timestep: Optional[float], *leaves):
         _, kwargs = pytree.tree_unflatten(list(leaves), spec)
         out = entry.eager.run(kwargs, decision, context, step, timestep)
+        if entry.eager.path != self.stats.path:  # the Dynamo path failed on a block: eager from now on
+            self.stats.path = entry.eager.path
+            self.stats.fallback_reason = f"{entry.eager.reason}; torch.compile: {entry.eager.dynamo_failure}"
         flat, entry.out_spec = pytree.tree_flatten(out)
         return flat
 
@@ -701,15 +713,30 @@ class CaptureCache(dict):
 
 
 def _export_failure(err: Exception) -> str:
-    """``ErrorType at file:line in fn: <source line>`` from a torch.export error, or its first line."""
+    """``ErrorType at file:line in fn: <source line>`` from a torch.export error, or its first line.
+
+    The place is export's "Caused by" note when there is one, else the innermost traceback frame
+    outside torch (the model's own line that raised, e.g. ``set(lengths)`` hashing a SymInt).
+    """
     text = str(err)
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     found = re.search(r"Caused by: \((.+?):(\d+) in (\w+)\)", text)
-    if not found:
-        return f"{type(err).__name__}: {first[:300]}"
-    path, line, fn = found.group(1), int(found.group(2)), found.group(3)
+    if found:
+        path, line, fn = found.group(1), int(found.group(2)), found.group(3)
+    else:
+        frames = [f for f, _ in traceback.walk_tb(err.__traceback__) if not _in_torch(f.f_code.co_filename)]
+        if not frames:
+            return f"{type(err).__name__}: {first[:300]}"
+        frame = frames[-1]
+        path, line, fn = frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name
     source = linecache.getline(path, line).strip()
-    return f"{type(err).__name__} at {path}:{line} in {fn}: {source or first[:200]}"
+    detail = f"{source} ({first[:200]})" if source and not found else (source or first[:200])
+    return f"{type(err).__name__} at {path}:{line} in {fn}: {detail}"
+
+
+def _in_torch(filename: str) -> bool:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return filename.startswith((os.path.dirname(torch.__file__), here))
 
 
 def _all_ranks_agree(skip: bool) -> bool:

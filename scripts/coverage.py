@@ -122,8 +122,8 @@ def cell(rows: List[Dict[str, object]]) -> str:
     for r in rows:
         label = r["feature"].split(":", 1)[1] if ":" in r["feature"] else ""
         path = ""
-        if r.get("path") == "eager":
-            path = "(eager fallback, not compiled)" if r["backend"] != "eager" else "(eager fallback)"
+        if r.get("path") in ("eager", "dynamo"):
+            path = f"({r['path']} path)"
         parts.append(" ".join(x for x in (MARK[r["status"]], label, path) if x))
     return "<br>".join(parts)
 
@@ -172,10 +172,12 @@ def markdown(rows, pipelines, cost, seconds) -> str:
         for r in known:
             lines.append(f"| {r['model']} | {r['feature']} ({r['backend']}) | {MARK[r['status']]} | {r['reason']} |")
         lines.append("")
-    eager = sorted({r["model"] for r in rows if r.get("path") == "eager"})
+    eager = sorted({r["model"] for r in rows if r.get("path") in ("eager", "dynamo")})
     if eager:
-        lines += [f"Models run through `optimize()`'s eager fallback (export cannot capture them; same cache "
-                  f"semantics around the blocks' forward, no graph rewrite): {', '.join(eager)}.", ""]
+        lines += [f"Models export cannot capture, run through `optimize()`'s fallback: {', '.join(eager)}. With a "
+                  "compile backend the **dynamo path** (each block compiled by `torch.compile`, the cache "
+                  "semantics on the host around the blocks, the top level eager); without one the **eager "
+                  "path** (same semantics, nothing compiled).", ""]
     failed = [r for r in rows if r["status"] in (FAIL, XPASS)]
     if failed:
         lines += ["## Failures", "", "| model | cell | error |", "|---|---|---|"]

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-import mindie_ref
 from npu_cache_fx import CacheAgent, CacheConfig, ConfigError
+from npu_cache_fx.compat import mindie as mindie_compat
 
 GAINS = [2.0 ** i for i in range(8)]
-MINDIE = mindie_ref.load()
+MINDIE = mindie_compat.load()
 needs_mindie = pytest.mark.skipif(MINDIE is None, reason="mindiesd==3.1.0 wheel not installed "
                                   "(pip install --no-deps mindiesd==3.1.0)")
 

@@ -1,4 +1,4 @@
-"""Smoke tests: benchmarks/{compile,timestep,forecast,attention}.py --quick run end to end.
+"""Smoke tests: benchmarks/{compile,timestep,forecast,attention,fallback}.py --quick run end to end.
 
 Each script runs in a subprocess on tiny-flux (the --quick default) and must write its JSON,
 the Markdown table next to it (and the Pareto PNGs where the script draws them), with the
@@ -104,3 +104,15 @@ def test_attention_quick(tmp_path):
     scaled = {row["model"]: row for row in data["scaled"]["rows"] if row["attention"] == "self"}
     assert scaled["Flux-dev 1024x1024"]["bytes"]["none"] == 57 * 4608 * 3072 * 2
     assert scaled["Wan2.1-14B 720p"]["bytes"]["none"] == 40 * 75600 * 5120 * 2
+
+
+def test_fallback_quick(tmp_path):
+    r, stdout, data = _run("fallback", tmp_path)
+    rows = {row["flow"]: row for row in r["rows"]}
+    assert {row["path"] for row in r["rows"]} == {"-", "export", "dynamo", "eager"}
+    dynamo = rows["dynamo path aot_eager"]
+    # same cache semantics as the export path, no recompile after the warm-up generation
+    assert dynamo["max_abs_diff_vs_export"] < 1e-4 and rows["eager path"]["max_abs_diff_vs_export"] < 1e-4
+    assert dynamo["graphs_warmup"] >= 1 and dynamo["graphs_after"] == 0
+    assert rows["export path aot_eager"]["graphs_after"] == 0
+    assert "fallback.py" in r["fallback_reason"] and "set(lengths)" in r["fallback_reason"]

@@ -1,10 +1,19 @@
-"""Load MindIE-SD 3.1.0's ``cache_agent`` from the installed wheel, without torch_npu.
+"""Load MindIE-SD 3.1.0's ``cache_agent`` from the installed wheel, without torch_npu (optional).
+
+For comparisons only (the differential tests in ``tests/test_agent.py`` and
+``benchmarks/peers.py``); npu_cache_fx itself never imports it.
 
 ``pip install --no-deps mindiesd==3.1.0`` installs the files, but ``import
 mindiesd`` needs torch_npu (and CANN). The four ``cache_agent`` modules only
 need ``mindiesd.utils.exception`` and ``mindiesd.utils.logs.logging.logger``:
 we register minimal stand-ins for those under a private package name and load
-the real files from disk. Returns None when the wheel is not installed.
+the real files from disk. :func:`load` returns ``None`` when the wheel is not
+installed::
+
+    from npu_cache_fx.compat import mindie
+    M = mindie.load()            # the loaded ``cache_agent`` package, or None
+    if M is not None:
+        agent = M.CacheAgent(M.CacheConfig("dit_block_cache", 8, 28, 5, 2, 10000, 1, 7))
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ import sys
 import types
 from pathlib import Path
 from typing import Optional
+
+__all__ = ["load"]
 
 _PKG = "_mindiesd_ref"
 
@@ -28,6 +39,7 @@ def _stub(name: str, **attrs) -> types.ModuleType:
 
 
 def load() -> Optional[types.ModuleType]:
+    """MindIE-SD's ``cache_agent`` package (``CacheAgent``, ``CacheConfig``, ``ConfigError``), or None."""
     if f"{_PKG}.cache_agent" in sys.modules:
         return sys.modules[f"{_PKG}.cache_agent"]
     try:
