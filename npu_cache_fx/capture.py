@@ -197,11 +197,8 @@ def capture(model: torch.nn.Module, kwargs: Mapping[str, Any], block_lists: Sequ
     info = root.graph._codegen.pytree_info
     gm = _flat_graph_module(root)
     spans = _spans(gm, model, block_lists)
-    for fqn, per_block in spans.items():
-        empty = [i for i, names in enumerate(per_block) if not names]
-        if empty:
-            raise ConfigError(f"blocks {fqn}{empty} left no nodes in the captured graph of "
-                              f"{type(model).__name__}; they are not called in forward")
+    # Blocks a call skips (SD3's skip_layers, a list used only for some inputs) have empty spans; a
+    # range of them is left uncached in this capture (see block_region / runtime._target).
     sigs = _block_signatures(ep, block_fqns, model)
     cap = Capture(gm, info.in_spec, info.out_spec, spans, sigs, time.perf_counter() - start)
     cap.meta["block_outputs"] = _block_outputs(ep, block_fqns)  # return order, for forward-pattern reports
@@ -428,8 +425,12 @@ def block_region(cap: Capture, list_fqn: str, start: int, end: int, label: Optio
     spans = cap.spans[list_fqn]
     if not 0 <= start < end <= len(spans):
         raise ConfigError(f"block range [{start}, {end}) is outside {list_fqn} (0..{len(spans)})")
-    names = {n for i in range(start, end) for n in spans[i]}
-    roles = cap.signatures.get(f"{list_fqn}.{start}", {})
+    called = [i for i in range(start, end) if spans[i]]
+    if not called:
+        raise ConfigError(f"blocks {list_fqn}[{start}:{end}] left no nodes in the captured graph: "
+                          "they are not called for these inputs")
+    names = {n for i in called for n in spans[i]}
+    roles = cap.signatures.get(f"{list_fqn}.{called[0]}", {})  # the region starts at its first called block
     return region_from_nodes(cap.gm, names, label or f"{list_fqn}[{start}:{end}]", roles)
 
 
@@ -491,6 +492,8 @@ def attention_sites(cap: Capture, model: torch.nn.Module, list_fqn: str, start: 
             fqn = f"{block_fqn}.{child}"
             names = module_nodes(cap.gm, fqn)
             if not names:
+                if cap.spans.get(list_fqn) and not cap.spans[list_fqn][i]:
+                    continue  # the whole block is skipped by this call
                 raise ConfigError(f"attention module {fqn} left no nodes in the captured graph (not called?)")
             span = frozenset(names)
             outputs = tuple(n for n in names if any(u.name not in span for u in by_name[n].users))

@@ -64,6 +64,8 @@ class Stats:
     steps_computed: int = 0
     steps_reused: int = 0
     steps_skipped: int = 0  # AdaStep: whole model skipped, previous output returned
+    # extra calls within a step with other inputs (SD3's skip-layer guidance): no step of their own
+    auxiliary_calls: int = 0
     blocks_skipped: int = 0
     attention_calls_skipped: int = 0
     stale_reads_avoided: int = 0
@@ -108,6 +110,8 @@ class _Call:
     key: Any = None
     skip: bool = False
     timestep: Optional[float] = None
+    step: int = 0
+    auxiliary: bool = False
 
 
 @dataclass
@@ -208,6 +212,8 @@ class _Context:
                     if adastep is not None else None)
         self.prev_latent: Optional[torch.Tensor] = None
         self.last_output: Dict[Any, List[Any]] = {}
+        # the step just run: (timestep, step index, input signatures called in it)
+        self.last_step: Optional[Tuple[float, int, set]] = None
 
     def new_generation(self) -> None:
         self.step = 0
@@ -391,22 +397,35 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         if ctx is None:
             ctx = self._contexts[self._active] = _Context(self.adastep)
         t, d = self._host_scalars(ctx, kwargs)
-        self._maybe_new_generation(ctx, t)
-        if ctx.step == 0:
-            self.stats.generations += 1
-        decision = self.plan.decision(ctx.step)
         leaves, spec = pytree.tree_flatten(((), kwargs))
         key = (spec, tuple(_leaf_key(x) for x in leaves))
-        if ctx.ada is not None and self._adastep_skips(ctx, key, d, kwargs[self._latent_arg]):
+        aux = self._auxiliary(ctx, t, key)
+        if aux:  # the step just run, again, with other inputs
+            step = ctx.last_step[1]
+            ctx.last_step[2].add(key)
+        else:
+            if ctx.step == self.plan.steps_count:
+                ctx.new_generation()
+            self._maybe_new_generation(ctx, t)
+            step = ctx.step
+            if step == 0:
+                self.stats.generations += 1
+        decision = self.plan.decision(step)
+        if not aux and ctx.ada is not None and self._adastep_skips(ctx, key, d, kwargs[self._latent_arg]):
             ctx.pending_refresh.update(i for i, a in enumerate(decision) if a is Action.WRITE)
-            return _Call(ctx, None, None, set(), None, [], key, skip=True)
+            return _Call(ctx, None, None, set(), None, [], key, skip=True, timestep=t, step=step)
         entry = self._entry(kwargs, leaves, spec, key)
         if entry.eager is not None:
-            decision = self._refresh_pending(ctx, decision)
-            run = functools.partial(self._run_eager, entry, spec, decision, self._active, ctx.step, t)
-            return _Call(ctx, entry, _Variant(decision, None, run, []), set(), run, leaves, key, timestep=t)
+            # the eager path's agents keep one cache per config, not per input signature: an auxiliary
+            # call computes everything and leaves them alone
+            decision = tuple(Action.COMPUTE for _ in decision) if aux else self._refresh_pending(ctx, decision)
+            run = functools.partial(self._run_eager, entry, spec, decision, self._active, step, t)
+            return _Call(ctx, entry, _Variant(decision, None, run, []), set(), run, leaves, key, timestep=t,
+                         step=step, auxiliary=aux)
         valid = ctx.valid.setdefault(key, set())
-        decision = self._safe_decision(entry, self._refresh_pending(ctx, decision), valid)
+        if not aux:
+            decision = self._refresh_pending(ctx, decision)
+        decision = self._safe_decision(entry, decision, valid)
         variant = self._variant(entry, decision)
         buffers = ctx.buffers.setdefault(key, {})
         cache_inputs = []
@@ -417,7 +436,15 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                 self._update_bytes()
             cache_inputs.append(buf)
         self._set_forecast(ctx, key, entry, decision, buffers, t)
-        return _Call(ctx, entry, variant, valid, variant.fn, [*leaves, *cache_inputs], key, timestep=t)
+        return _Call(ctx, entry, variant, valid, variant.fn, [*leaves, *cache_inputs], key, timestep=t,
+                     step=step, auxiliary=aux)
+
+    @staticmethod
+    def _auxiliary(ctx: "_Context", t: Optional[float], key) -> bool:
+        """A further call of the step just run with other inputs: same timestep, an input signature that
+        step has not used (SD3's skip-layer guidance calls the model again with ``skip_layers=[...]`` and
+        batch 1). It reuses that step's decision and its own cache; it does not advance the step."""
+        return t is not None and ctx.last_step is not None and t == ctx.last_step[0] and key not in ctx.last_step[2]
 
     @torch._dynamo.disable
     def _finish(self, call: "_Call", flat_out):
@@ -436,15 +463,17 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                         times = ctx.refresh_times.setdefault((call.key, target.index), [])
                         times.insert(0, call.timestep)
                         del times[target.config.history:]
-            self._count(call.entry, decision)
+            self._count(call.entry, decision, call.auxiliary)
             out_spec = call.entry.out_spec
-            if ctx.ada is not None:
+            if ctx.ada is not None and not call.auxiliary:
                 self._keep_output(ctx, call.key, flat_out, out_spec)
-        self.trace.append((self._active, ctx.step, "skip" if call.skip else call.variant.decision))
+        self.trace.append((self._active, call.step, "skip" if call.skip else call.variant.decision))
+        if call.auxiliary:
+            return pytree.tree_unflatten(list(flat_out), out_spec)
+        ctx.last_step = (call.timestep, call.step, {call.key}) if call.timestep is not None else None
         ctx.step += 1
-        if ctx.step == self.plan.steps_count:
-            ctx.new_generation()
-            ctx.wrapped_at = call.timestep
+        if ctx.step == self.plan.steps_count:  # the generation is over; the next step call starts a new one
+            ctx.wrapped_at = call.timestep  # (an auxiliary call of this last step still finds its cache)
         return pytree.tree_unflatten(list(flat_out), out_spec)
 
     # ------------------------------------------------------------------ AdaStep
@@ -619,6 +648,14 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             return target
         nodes = cap.nodes()
         order = {name: k for k, name in enumerate(nodes)}
+        spans = cap.spans[cfg.blocks]
+        if not any(spans):
+            raise ConfigError(f"{cfg.label}: no block of {cfg.blocks} is called in {type(self.model).__name__}"
+                              f".forward for these inputs (no nodes in the captured graph)")
+        if not any(spans[cfg.block_start:cfg.block_end]):  # e.g. SD3's skip_layers call: nothing to cache
+            log.info("%s: blocks %s[%d:%d] are not called for this input signature; computed as is",
+                     cfg.label, cfg.blocks, cfg.block_start, cfg.block_end)
+            return target
         if cfg.method == "dit_block_cache":
             region = block_region(cap, cfg.blocks, cfg.block_start, cfg.block_end, label=cfg.label)
             target.region = region
@@ -668,12 +705,17 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         """Never read a slot not written in this generation for this input signature."""
         fixed = list(decision)
         for target in entry.targets:
-            if decision[target.index] is Action.READ and not all(s in valid for s in target.slots):
+            if not target.values:  # nothing to cache for this signature (bypass, or its blocks not called)
+                fixed[target.index] = Action.COMPUTE
+            elif decision[target.index] is Action.READ and not all(s in valid for s in target.slots):
                 fixed[target.index] = Action.COMPUTE
                 self.stats.stale_reads_avoided += 1
         return tuple(fixed)
 
-    def _count(self, entry: _Entry, decision: Decision) -> None:
+    def _count(self, entry: _Entry, decision: Decision, auxiliary: bool = False) -> None:
+        if auxiliary:
+            self.stats.auxiliary_calls += 1
+            return
         self.stats.steps += 1
         reads = [i for i, a in enumerate(decision) if a is Action.READ]
         if reads:

@@ -116,8 +116,9 @@ def test_flux_true_cfg_two_contexts(flux):
             steps[i] = {name: ctx.step for name, ctx in p.transformer._contexts.items()}
         return {}
     opt, _ = flux_check(pipe, captures, callback_on_step_end=spy, **kw)
-    # one transformer call per context per step; both counters advance (and wrap after the last step)
-    assert steps == {i: {"cond": (i + 1) % STEPS, "uncond": (i + 1) % STEPS} for i in range(STEPS)}
+    # one transformer call per context per step; both counters advance (and reach steps_count after the
+    # last step: the next step call starts a new generation)
+    assert steps == {i: {"cond": i + 1, "uncond": i + 1} for i in range(STEPS)}
     assert opt.stats.steps == 2 * STEPS and opt.stats.steps_reused == 2 * 2 and opt.stats.generations == 2
     assert set(opt.stats.cache_bytes_by_context) == {"cond", "uncond"}
     assert opt.stats.stale_reads_avoided == 0
@@ -203,16 +204,79 @@ def test_sd3_batched_cfg(sd3):
     assert opt.stats.steps == STEPS and opt.stats.steps_reused == 2 and opt.stats.generations == 1
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError,
-                   reason="skip_guidance_layers: StableDiffusion3Pipeline calls the transformer a second time per "
-                          "step with skip_layers=[...] and no cache_context; that call's capture has blocks without "
-                          "nodes, which capture() rejects for every block list (and the extra call would count as "
-                          "a step of the default context)")
+class ByHandSkipLayers(ByHand):
+    """ByHand for StableDiffusion3Pipeline with skip-layer guidance: the extra ``skip_layers=[...]`` call of
+    a step gets a CacheAgent of its own, driven at the step the main call just ran, over the blocks it runs."""
+
+    def __init__(self, model, config, order, skipped):
+        super().__init__(model, [config], order)
+        self.kept = [i for i in range(config.blocks_count) if i not in skipped]
+        aux = config.replace(blocks_count=len(self.kept), block_start=self.kept.index(config.block_start),
+                             block_end=self.kept.index(config.block_end - 1) + 1)
+        self.aux, self.calls = CacheAgent(aux, output_order=order), 0
+
+    def forward(self, *args, skip_layers=None, **kwargs):
+        if skip_layers is None:
+            self.calls += 1
+            return super().forward(*args, **kwargs)
+        self.aux.begin_step((self.calls - 1) % self.configs[0].steps_count)
+        blocks = self.model.get_submodule(self.configs[0].blocks)
+        with agent_on_blocks([blocks[i] for i in self.kept], self.aux):
+            return self.model(*args, skip_layers=skip_layers, **kwargs)
+
+
+SLG = dict(skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)  # steps 1..5 call the model twice
+
+
 def test_sd3_skip_layer_guidance(sd3):
-    opt = optimize(sd3.transformer, CacheConfig(block_start=2, block_end=3, **SCHEDULE))
+    # the skip-layer call (batch 1, skip_layers=[1]) is a second call of the same step: it takes that step's
+    # decision and a cache of its own, and does not advance the step counter
+    model = sd3.transformer
+    opt = optimize(model, CacheConfig(block_start=2, block_end=3, **SCHEDULE))
     with torch.no_grad():
-        generate(sd3, opt, skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0,
-                 **SD3_KW)
+        got = generate(sd3, opt, skip_guidance_layers=[1], **SLG, **SD3_KW)
+        want = generate(sd3, ByHandSkipLayers(model, opt.configs[0], "encoder_first", [1]),
+                        skip_guidance_layers=[1], **SLG, **SD3_KW)
+        plain = generate(sd3, model, skip_guidance_layers=[1], **SLG, **SD3_KW)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, plain)
+    assert (opt.stats.steps, opt.stats.auxiliary_calls, opt.stats.generations) == (STEPS, STEPS - 1, 1)
+    assert opt.stats.steps_reused == 2 and len(opt._entries) == 2
+    assert [step for _, step, _ in opt.trace] == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    with torch.no_grad():
+        generate(sd3, opt, skip_guidance_layers=[1], **SLG, **SD3_KW)
+    assert (opt.stats.steps, opt.stats.generations) == (2 * STEPS, 2)
+
+
+def test_sd3_skip_layer_guidance_skipping_cached_blocks(sd3):
+    # skip_layers=[2] removes the whole cached range from the extra call: it computes as the plain model,
+    # while the main calls still reuse
+    model = sd3.transformer
+    opt = optimize(model, CacheConfig(block_start=2, block_end=3, **SCHEDULE))
+    extra = []
+
+    class Record(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.opt = opt
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self._modules["opt"], name)
+
+        def forward(self, *args, **kwargs):
+            out = self.opt(*args, **kwargs)
+            if kwargs.get("skip_layers"):
+                extra.append((kwargs, out[0]))
+            return out
+
+    with torch.no_grad():
+        generate(sd3, Record(), skip_guidance_layers=[2], **SLG, **SD3_KW)
+        for kwargs, out in extra:
+            assert torch.equal(out, model(**kwargs)[0])
+    assert len(extra) == STEPS - 1 and opt.stats.steps_reused == 2 and opt.stats.auxiliary_calls == STEPS - 1
 
 
 @pytest.fixture(scope="module")

@@ -168,6 +168,34 @@ def test_same_timestep_twice_warns(caplog):
     assert "cache_context" in caplog.text
 
 
+def test_extra_call_with_other_inputs_in_a_step_is_not_a_step():
+    # SD3's skip-layer guidance pattern: after the step's call, a call at the same timestep with other
+    # inputs (batch 2 here). It follows the step's decision with a cache of its own.
+    opt = optimize(ToyDiT(single=7), ref_cfg())
+    x, x2 = toy_inputs(0)["hidden_states"], toy_inputs(0, batch=2, seed=1)["hidden_states"]
+    for _ in range(2):
+        for s, t in enumerate(TS):
+            main = opt(**toy_inputs(t))[0]
+            assert torch.equal(main, closed_form(x, TS, range(2, 6), "CWRWR")[s])
+            if s >= 1:  # no extra call at step 0: the extra call's first write is at step 1, its read at 2
+                extra = opt(**toy_inputs(t, batch=2, seed=1))[0]
+                assert torch.equal(extra, closed_form(x2, TS, range(2, 6), "CWRWR")[s]), s
+    assert (opt.stats.steps, opt.stats.auxiliary_calls, opt.stats.generations) == (10, 8, 2)
+    assert opt.stats.steps_reused == 4
+
+
+def test_extra_call_reads_only_what_it_wrote():
+    # the extra call first appears at a reuse step: nothing of its own is cached, so it computes
+    opt = optimize(ToyDiT(single=7), ref_cfg())
+    opt(**toy_inputs(TS[0]))
+    opt(**toy_inputs(TS[1]))
+    opt(**toy_inputs(TS[2]))  # step 2: READ
+    extra = opt(**toy_inputs(TS[2], batch=2, seed=1))[0]
+    x2 = toy_inputs(0, batch=2, seed=1)["hidden_states"]
+    assert torch.equal(extra, x2 + sum(g * TS[2] for g in GAINS[:7]))
+    assert opt.stats.stale_reads_avoided == 1 and opt.stats.auxiliary_calls == 1
+
+
 def test_capture_cache_shared_between_plans():
     from npu_cache_fx.runtime import CaptureCache
     model = ToyDiT(single=7)
