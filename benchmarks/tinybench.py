@@ -9,6 +9,8 @@ Everything here is script plumbing, not library code::
     times = tb.time_generations({"uncached": run.fn(), "fewer 14": run.fn(steps=14)}, repeats=5)
     tb.speedups(times)["cpu"]["fewer 14"]            # median uncached / median fewer-14, CPU time
     tb.write_outputs(args.out, result, markdown)      # JSON + Markdown next to it
+    tb.held_tensor_bytes(hook_states, exclude=params) # bytes a cache's state objects hold
+    counter = tb.CompileCounter(); torch.compile(m, backend=counter)   # counter.graphs / .recompiles
 
 Timings on a shared machine are noisy: every number compared is measured in the
 same run, generations interleaved round-robin (alternating order), medians, and
@@ -31,8 +33,9 @@ import common  # noqa: E402
 
 from npu_cache_fx import metrics, models  # noqa: E402
 
-__all__ = ["Generations", "fewer_step_counts", "interp_curve", "markdown_table", "models_to_run", "pareto_png",
-           "print_table", "quality", "start", "time_generations", "weights_present", "write_outputs"]
+__all__ = ["CompileCounter", "Generations", "fewer_step_counts", "held_tensor_bytes", "interp_curve", "markdown_table",
+           "models_to_run", "pareto_panels_png", "pareto_png", "print_table", "quality", "start", "time_generations",
+           "weights_present", "write_outputs"]
 
 ALL_MODELS = ("tiny-flux", "tiny-wan")
 
@@ -211,16 +214,9 @@ def write_outputs(out: str, result: Mapping[str, Any], markdown: str) -> Tuple[s
     return path, md
 
 
-def pareto_png(path: str, title: str, curves: Mapping[str, Sequence[Tuple[float, float]]],
-               points: Mapping[str, Sequence[Tuple[float, float, str]]] = (), ylabel: str = "PSNR vs uncached (dB)",
-               ) -> str:
-    """Speedup (x) vs PSNR (y): ``curves`` drawn as lines (sorted by x), ``points`` as labelled markers."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for name, pts in curves.items():
+def _draw_pareto(ax, title: str, curves: Mapping[str, Sequence[Tuple[float, float]]],
+                 points: Mapping[str, Sequence[Tuple[float, float, str]]], ylabel: str) -> None:
+    for name, pts in dict(curves).items():
         pts = sorted((x, y) for x, y in pts if math.isfinite(y))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=4, label=name)
@@ -239,6 +235,27 @@ def pareto_png(path: str, title: str, curves: Mapping[str, Sequence[Tuple[float,
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+
+
+def pareto_png(path: str, title: str, curves: Mapping[str, Sequence[Tuple[float, float]]],
+               points: Mapping[str, Sequence[Tuple[float, float, str]]] = (), ylabel: str = "PSNR vs uncached (dB)",
+               ) -> str:
+    """Speedup (x) vs PSNR (y): ``curves`` drawn as lines (sorted by x), ``points`` as labelled markers."""
+    return pareto_panels_png(path, [(title, curves, points)], ylabel=ylabel, panel_size=(7.5, 5))
+
+
+def pareto_panels_png(path: str, panels: Sequence[Tuple[str, Mapping[str, Sequence[Tuple[float, float]]],
+                                                        Mapping[str, Sequence[Tuple[float, float, str]]]]],
+                      ylabel: str = "PSNR vs uncached (dB)", panel_size: Tuple[float, float] = (8.5, 6)) -> str:
+    """Several :func:`pareto_png` panels ``(title, curves, points)`` side by side in one PNG (e.g. one per model)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(panel_size[0] * n, panel_size[1]), squeeze=False)
+    for ax, (title, curves, points) in zip(axes[0], panels):
+        _draw_pareto(ax, title, curves, points, ylabel)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -262,3 +279,76 @@ def short(fqn: str) -> str:
 def stats_dict(opt) -> Dict[str, Any]:
     """JSON-ready copy of an OptimizedModule's stats."""
     return {k: v for k, v in vars(opt.stats).items()}
+
+
+# ----------------------------------------------------------------------------- memory / compile probes
+_ATOMS = (str, bytes, int, float, complex, bool, type(None), type, torch.nn.Module, torch.dtype, torch.device)
+
+
+def held_tensor_bytes(roots: Iterable[Any], exclude: Iterable[torch.Tensor] = (), max_objects: int = 200_000) -> int:
+    """Bytes of the distinct tensor storages reachable from ``roots`` (e.g. a cache's state objects).
+
+    Walks attributes (``__dict__``, ``__slots__``), dict values, lists, tuples and sets; stops at
+    ``nn.Module`` objects (their parameters are the model, not the cache), functions, methods and
+    classes. A storage counts once (views of one storage share it); storages of ``exclude``
+    (the model's parameters and buffers) never count.
+    """
+    import types as _types
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen, storages, total, todo = set(), set(), 0, list(roots)
+    while todo and len(seen) < max_objects:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, _ATOMS) or isinstance(
+                obj, (_types.FunctionType, _types.MethodType, _types.BuiltinFunctionType)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            st = obj.untyped_storage()
+            key = st.data_ptr()
+            if key not in storages and key not in skip:
+                storages.add(key)
+                total += st.nbytes()
+            continue
+        if isinstance(obj, Mapping):
+            todo.extend(obj.values())
+            continue
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            todo.extend(obj)
+            continue
+        attrs = getattr(obj, "__dict__", None)
+        if isinstance(attrs, dict):
+            todo.extend(attrs.values())
+        for slot in getattr(type(obj), "__slots__", ()):
+            if isinstance(slot, str) and hasattr(obj, slot):
+                todo.append(getattr(obj, slot))
+    return total
+
+
+class CompileCounter:
+    """A dynamo backend (eager inner backend by default) that counts graphs and recompiles.
+
+    ``graphs``: graphs handed to the backend; ``recompiles``: compiles of a frame dynamo had
+    compiled before (``CompileId.frame_compile_id > 0``, guard failures); ``limit_hit``: a frame
+    reached ``torch._dynamo.config.recompile_limit`` (dynamo then runs it eagerly).
+    """
+
+    def __init__(self, inner: Optional[Callable] = None):
+        self.inner = inner
+        self.graphs = 0
+        self.compile_ids: set = set()
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        cid = torch._guards.CompileContext.current_compile_id()
+        if cid is not None:
+            self.compile_ids.add((cid.frame_id, cid.frame_compile_id))
+        return gm.forward if self.inner is None else self.inner(gm, example_inputs)
+
+    @property
+    def recompiles(self) -> int:
+        return sum(1 for _, k in self.compile_ids if k)
+
+    @property
+    def limit_hit(self) -> bool:
+        limit = torch._dynamo.config.recompile_limit
+        return any(k is not None and k + 1 >= limit for _, k in self.compile_ids)
