@@ -224,6 +224,23 @@ def test_search_picks_the_range_a_human_would(toy_session):
         assert c.notes["stats"]["captures"] == 0
 
 
+def test_short_list_keeps_a_slot_for_a_late_start_plan(toy_session):
+    # The proxy damps early-step errors; a short list of early-start plans gives its last slot to the
+    # best-proxy plan that computes the first 15% of the steps (MindIE's warm-up regime), so a model where
+    # early errors do not wash out is found out without extra runs.
+    from npu_cache_fx.search.engine import _with_late_start
+    table = screen(toy_session, "dit_block_cache")
+    order = [int(i) for i in table.order(1.2)]
+    early = [table.candidate(i) for i in order if table.part(i).schedule.step_start == 0][:4]
+    late = [i for i in order if table.part(i).schedule.step_start >= math.ceil(0.15 * 8)]
+    assert len(early) == 4 and late
+    out = _with_late_start(early, [table], 1.2, None, 8)
+    assert [c.label for c in out[:3]] == [c.label for c in early[:3]]
+    assert out[3].label == table.candidate(late[0]).label and out[3].source == "late-start"
+    assert _with_late_start(out, [table], 1.2, None, 8) == out  # a late start is already measured
+    assert _with_late_start(early[:2], [table], 1.2, None, 8) == early[:2]  # too short to give a slot
+
+
 # ----------------------------------------------------------------------------- cost model vs real variants
 def test_live_nodes_match_variant_graph():
     pytest.importorskip("diffusers")

@@ -252,7 +252,9 @@ def search_ours(session: SearchSession, method: str, target: float, *, max_cache
         _common_notes(session, result)
         return result
     pool.sort(key=lambda c: c.proxy)
-    short = [_exact(session, c) for c in pool[:k_periodic]]
+    short = [_exact(session, c) for c in _with_late_start(pool[:k_periodic], tables, target * margin,
+                                                          max_cache_bytes, n)]
+    notes["late_start_slot"] = next((c.label for c in short if c.source == "late-start"), None)
     _evaluate_all(session, short, f"ours {method} x{target:g}", progress)
     fit = _fit(short)
 
@@ -303,6 +305,31 @@ def search_ours(session: SearchSession, method: str, target: float, *, max_cache
     result.notes["target_predicted_reachable"] = reachable
     _common_notes(session, result)
     return result
+
+
+LATE_START = 0.15  # of the steps: MindIE's warm-up (s0 = 5 of 28) and its attention search's lower bound
+
+
+def _with_late_start(short: List[Candidate], tables: List[ScreenTable], target: float,
+                     max_cache_bytes: Optional[int], n: int) -> List[Candidate]:
+    """The short list, its last slot given to the best-proxy plan that computes the first ~15 % of the
+    steps, when no plan in it does (and it has at least 3 slots).
+
+    The proxy damps errors of the first steps (a trained model corrects them later); on a model where
+    that does not hold, a short list of early-start plans alone never finds out. One slot of the
+    same budget measures the other regime, and the refinement starts from whichever wins.
+    """
+    late = max(1, math.ceil(LATE_START * n))
+    if len(short) < 3 or any(min(p.schedule.step_start for p in c.parts) >= late for c in short):
+        return short
+    best = None
+    for t in tables:
+        for i in t.order(target, max_cache_bytes):
+            if t.part(int(i)).schedule.step_start >= late:
+                if best is None or t.proxy[i] < best.proxy:
+                    best = t.candidate(int(i), source="late-start")
+                break
+    return short if best is None else short[:-1] + [best]
 
 
 def _meets(c: Candidate, target: float, accept: float) -> bool:
