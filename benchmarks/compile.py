@@ -618,9 +618,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(auto: split for tiny models, eager for flux-dev)")
     p.add_argument("--inductor-cache", choices=("fresh", "default"), default="fresh",
                    help="fresh: empty TORCHINDUCTOR_CACHE_DIR (cold compile times, default); default: the user's")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto", help=tb.CLOCK_HELP)
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output path (default {DEFAULT_OUT})")
+    tb.add_run_args(p, DEFAULT_OUT)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: aot_eager, tiny-flux, 2 samples, 8 steps, 1 repeat, eager-fraction ideal "
                         "(numbers are not meaningful)")

@@ -125,9 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=10, help="samples per generation (default 10)")
     p.add_argument("--steps", type=int, default=None, help="steps (default: the model's)")
     p.add_argument("--repeats", type=int, default=5, help="timed generations per flow (default 5)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto", help=tb.CLOCK_HELP)
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output path (default {DEFAULT_OUT})")
+    tb.add_run_args(p, DEFAULT_OUT)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: aot_eager, tiny-flux, 2 samples, 8 steps, 1 repeat (numbers not meaningful)")
     args = p.parse_args(argv)

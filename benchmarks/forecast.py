@@ -227,9 +227,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed generations per run (default 5)")
     p.add_argument("--intervals", type=_ints, default=[2, 3, 4, 5], help="step_interval grid (default 2,3,4,5)")
     p.add_argument("--starts", type=_ints, default=[2, 3, 4], help="step_start grid (default 2,3,4)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto", help=tb.CLOCK_HELP)
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output path (default {DEFAULT_OUT})")
+    tb.add_run_args(p, DEFAULT_OUT)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny-flux, 4 samples, 10 steps, intervals 2,3, start 2, 1 repeat")
     args = p.parse_args(argv)

@@ -815,9 +815,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip counting graphs / recompiles under torch.compile")
     p.add_argument("--inductor-cache", choices=("fresh", "default"), default="fresh",
                    help="'fresh' (default): an empty TORCHINDUCTOR_CACHE_DIR, so compiles are cold")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto", help=tb.CLOCK_HELP)
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output path (default {DEFAULT_OUT})")
+    tb.add_run_args(p, DEFAULT_OUT)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny-flux, 2 samples, 10 steps, 1 repeat, target 2.0, no inductor, graphs "
                         "counted for the first row of each family (numbers are not meaningful)")

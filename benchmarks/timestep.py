@@ -197,9 +197,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="'auto' (calibrate, default) or a comma list of two AdaStep thresholds")
     p.add_argument("--ada-max-skip", type=int, default=2, help="AdaStep max_skip_steps (default 2)")
     p.add_argument("--attn-start", type=int, default=2, help="attention cache step_start (default 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto", help=tb.CLOCK_HELP)
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output path (default {DEFAULT_OUT})")
+    tb.add_run_args(p, DEFAULT_OUT)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny-flux, 4 samples, 10 steps, 1 repeat (numbers are not meaningful)")
     args = p.parse_args(argv)

@@ -33,9 +33,9 @@ import common  # noqa: E402
 
 from npu_cache_fx import metrics, models  # noqa: E402
 
-__all__ = ["CompileCounter", "Generations", "fewer_step_counts", "held_tensor_bytes", "interp_curve", "markdown_table",
-           "models_to_run", "pareto_panels_png", "pareto_png", "print_table", "quality", "start", "time_generations",
-           "weights_present", "write_outputs"]
+__all__ = ["CompileCounter", "Generations", "add_run_args", "fewer_step_counts", "held_tensor_bytes", "interp_curve",
+           "markdown_table", "models_to_run", "pareto_panels_png", "pareto_png", "print_table", "quality", "start",
+           "time_generations", "weights_present", "write_outputs"]
 
 ALL_MODELS = ("tiny-flux", "tiny-wan")
 
@@ -101,6 +101,13 @@ CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 CLOCK_HELP = ("timing clock: 'cpu' = process CPU time (single-threaded CPU runs: equals wall time on an idle "
               "machine and ignores other users' load), 'wall' = perf_counter; 'auto' (default): cpu with "
               "--threads 1 on CPU, else wall")
+
+
+def add_run_args(p, default_out: str) -> None:
+    """``--threads``, ``--clock`` and ``--out``: the options every tiny-model benchmark takes."""
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto", help=CLOCK_HELP)
+    p.add_argument("--out", default=default_out, help=f"JSON output path (default {default_out})")
 
 
 def resolve_clock(clock: str, threads: int, device: str = "cpu") -> str:
