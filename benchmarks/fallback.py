@@ -120,7 +120,8 @@ def run_model(name: str, args) -> Dict[str, Any]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=None, help="comma list of tiny-flux,tiny-wan (default: both; --quick: tiny-flux)")
+    p.add_argument("--models", default=None,
+                   help="comma list of tiny-flux,tiny-wan (default: both; --quick: tiny-flux)")
     p.add_argument("--backend", default=None, help="compile backend (default inductor; --quick: aot_eager)")
     p.add_argument("--samples", type=int, default=10, help="samples per generation (default 10)")
     p.add_argument("--steps", type=int, default=None, help="steps (default: the model's)")
