@@ -16,8 +16,8 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 import torch.fx as fx
 
-__all__ = ["BackendUnavailable", "BACKENDS", "compile_graph", "prepare_for_torchair", "resolve_backend",
-           "TORCHAIR_MODES"]
+__all__ = ["BackendUnavailable", "BACKENDS", "block_backend", "compile_graph", "ge_ready_blocks",
+           "prepare_for_torchair", "resolve_backend", "TORCHAIR_MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -118,3 +118,32 @@ def compile_graph(gm: fx.GraphModule, backend: Backend, options: Optional[Dict[s
         prepare_for_torchair(gm, options)
     mode = (options or {}).get("mode") if backend == "inductor" else None  # e.g. "reduce-overhead": CUDA graphs
     return torch.compile(gm, backend=resolved, fullgraph=True, dynamic=False, mode=mode)
+
+
+def ge_ready_blocks(inner: Callable, options: Optional[Dict[str, Any]] = None) -> Callable:
+    """A dynamo backend for the Dynamo path's block graphs that hands ``inner`` (torchair) GE-ready aten graphs.
+
+    Dynamo gives a backend torch-level graphs; torchair would trace them to aten itself, with the fused
+    SDPA overloads GE cannot convert. Here each block graph is traced the way torchair traces
+    (:func:`~npu_cache_fx.opcheck.trace_like_torchair`), made GE-convertible by
+    :func:`prepare_for_torchair` (as the export path's variants are) and then handed to ``inner``,
+    whose own trace of an aten graph changes nothing. A graph that owns parameters (not lifted to
+    inputs by Dynamo) goes to ``inner`` unchanged.
+    """
+    from .opcheck import trace_like_torchair
+
+    def backend(gm: fx.GraphModule, example_inputs):
+        example_inputs = list(example_inputs)
+        traced = trace_like_torchair(gm, example_inputs)
+        if sum(1 for n in traced.graph.nodes if n.op == "placeholder") != len(example_inputs):
+            return inner(gm, example_inputs)
+        return inner(prepare_for_torchair(traced, options), example_inputs)
+    return backend
+
+
+def block_backend(backend: Backend, options: Optional[Dict[str, Any]] = None) -> Optional[Callable]:
+    """What the Dynamo path compiles each block with: :func:`resolve_backend`, GE-ready for torchair."""
+    resolved = resolve_backend(backend, options)
+    if backend == "torchair" and (options or {}).get("mode", "max-autotune") == "max-autotune":
+        return ge_ready_blocks(resolved, options)
+    return resolved

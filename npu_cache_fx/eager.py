@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from .agent import CacheAgent
-from .backends import Backend, resolve_backend
+from .backends import Backend, block_backend
 from .capture import _choose_attention, _walk_back, find_block_lists
 from .config import CacheConfig
 from .schedule import Decision
@@ -109,7 +109,7 @@ class EagerPath:
         self.model = model
         self.configs = list(configs)
         self.reason = reason
-        self.compiler = resolve_backend(backend, backend_options)
+        self.compiler = block_backend(backend, backend_options)
         self.path = "eager" if self.compiler is None else "dynamo"
         self.dynamo_failure: Optional[str] = None
         # one agent per (config, attention child): each counts blocks_count calls per step
