@@ -149,13 +149,12 @@ class _Block(nn.Module):
         return hidden_states + 0.1 * x * temb
 
 
-class _ToyDiT(nn.Module):
-    """6 blocks; block 3 does 10x the matmuls of the others."""
+class _StackDiT(nn.Module):
+    """``blocks`` in sequence (each takes the timestep as ``temb``), then a linear head."""
 
-    def __init__(self, dim: int = 192, heavy: int = 3):
+    def __init__(self, blocks, dim: int):
         super().__init__()
-        torch.manual_seed(0)
-        self.blocks = nn.ModuleList(_Block(dim, 10 if i == heavy else 1) for i in range(6))
+        self.blocks = nn.ModuleList(blocks)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, hidden_states, timestep, return_dict: bool = False):
@@ -164,6 +163,14 @@ class _ToyDiT(nn.Module):
         for blk in self.blocks:
             h = blk(h, temb)
         return (self.proj(h),)
+
+
+class _ToyDiT(_StackDiT):
+    """6 blocks; block 3 does 10x the matmuls of the others."""
+
+    def __init__(self, dim: int = 192, heavy: int = 3):
+        torch.manual_seed(0)
+        super().__init__([_Block(dim, 10 if i == heavy else 1) for i in range(6)], dim)
 
 
 def _toy_run(model, steps=8, tokens=96, dim=192):
@@ -376,19 +383,10 @@ class _PolyBlock(nn.Module):
         return hidden_states + temb * temb * self.a + temb * self.b + self.c + 0.0 * x
 
 
-class _PolyDiT(nn.Module):
+class _PolyDiT(_StackDiT):
     def __init__(self, quadratic: bool, dim: int = 128):
-        super().__init__()
         torch.manual_seed(0)
-        self.blocks = nn.ModuleList(_PolyBlock(dim, 6 if i == 1 else 1, quadratic) for i in range(3))
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, hidden_states, timestep, return_dict: bool = False):
-        temb = timestep.reshape(-1, 1, 1)
-        h = hidden_states
-        for blk in self.blocks:
-            h = blk(h, temb)
-        return (self.proj(h),)
+        super().__init__([_PolyBlock(dim, 6 if i == 1 else 1, quadratic) for i in range(3)], dim)
 
 
 @pytest.mark.parametrize("quadratic,expected", [(False, ("linear", "taylor2")), (True, ("taylor2",))])
