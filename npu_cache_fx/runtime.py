@@ -196,6 +196,15 @@ class _Entry:
         return gm
 
 
+@dataclass
+class _StepRun:
+    """A step that has run: its timestep, index and the input signatures called in it."""
+
+    timestep: float
+    index: int
+    keys: set
+
+
 class _Context:
     """Per cache-context state: step counter, last timestep, buffers and their validity."""
 
@@ -212,8 +221,7 @@ class _Context:
                     if adastep is not None else None)
         self.prev_latent: Optional[torch.Tensor] = None
         self.last_output: Dict[Any, List[Any]] = {}
-        # the step just run: (timestep, step index, input signatures called in it)
-        self.last_step: Optional[Tuple[float, int, set]] = None
+        self.last_step: Optional[_StepRun] = None  # the step just run, for its auxiliary calls
 
     def new_generation(self) -> None:
         self.step = 0
@@ -401,8 +409,8 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         key = (spec, tuple(_leaf_key(x) for x in leaves))
         aux = self._auxiliary(ctx, t, key)
         if aux:  # the step just run, again, with other inputs
-            step = ctx.last_step[1]
-            ctx.last_step[2].add(key)
+            step = ctx.last_step.index
+            ctx.last_step.keys.add(key)
         else:
             if ctx.step == self.plan.steps_count:
                 ctx.new_generation()
@@ -444,7 +452,8 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         """A further call of the step just run with other inputs: same timestep, an input signature that
         step has not used (SD3's skip-layer guidance calls the model again with ``skip_layers=[...]`` and
         batch 1). It reuses that step's decision and its own cache; it does not advance the step."""
-        return t is not None and ctx.last_step is not None and t == ctx.last_step[0] and key not in ctx.last_step[2]
+        last = ctx.last_step
+        return t is not None and last is not None and t == last.timestep and key not in last.keys
 
     @torch._dynamo.disable
     def _finish(self, call: "_Call", flat_out):
@@ -470,7 +479,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         self.trace.append((self._active, call.step, "skip" if call.skip else call.variant.decision))
         if call.auxiliary:
             return pytree.tree_unflatten(list(flat_out), out_spec)
-        ctx.last_step = (call.timestep, call.step, {call.key}) if call.timestep is not None else None
+        ctx.last_step = _StepRun(call.timestep, call.step, {call.key}) if call.timestep is not None else None
         ctx.step += 1
         if ctx.step == self.plan.steps_count:  # the generation is over; the next step call starts a new one
             ctx.wrapped_at = call.timestep  # (an auxiliary call of this last step still finds its cache)
