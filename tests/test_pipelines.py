@@ -76,16 +76,21 @@ def flux():
     return pipe, CaptureCache(pipe.transformer)
 
 
-def flux_check(pipe, captures, **kw):
-    model = pipe.transformer
-    opt = optimize(model, FLUX_CFGS, captures=captures)
+def matches_by_hand(pipe, opt, reference, **kw):
+    """``pipe`` with ``opt`` equals ``pipe`` with ``reference`` (CacheAgent by hand) and differs from the
+    plain transformer (the cache was used); returns ``opt``'s output."""
     with torch.no_grad():
         got = generate(pipe, opt, **kw)
-        want = generate(pipe, ByHand(model, opt.configs, "encoder_first"), **kw)
-        plain = generate(pipe, model, **kw)
+        want = generate(pipe, reference, **kw)
+        plain = generate(pipe, pipe.transformer, **kw)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(got, plain)  # the cache was used
-    return opt, got
+    assert not torch.equal(got, plain)
+    return got
+
+
+def flux_check(pipe, captures, **kw):
+    opt = optimize(pipe.transformer, FLUX_CFGS, captures=captures)
+    return opt, matches_by_hand(pipe, opt, ByHand(pipe.transformer, opt.configs, "encoder_first"), **kw)
 
 
 @pytest.mark.parametrize("prompt", ["a photo of a cat", ["a photo of a cat", "a red car on the sky"]],
@@ -189,15 +194,9 @@ SD3_KW = dict(prompt="a cat", negative_prompt="blurry", height=32, width=32, num
 
 
 def test_sd3_batched_cfg(sd3):
-    pipe, kw = sd3, SD3_KW
-    model = pipe.transformer
+    model = sd3.transformer
     opt = optimize(model, CacheConfig(block_start=1, block_end=3, **SCHEDULE))
-    with torch.no_grad():
-        got = generate(pipe, opt, **kw)
-        want = generate(pipe, ByHand(model, opt.configs, "encoder_first"), **kw)
-        plain = generate(pipe, model, **kw)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(got, plain)
+    matches_by_hand(sd3, opt, ByHand(model, opt.configs, "encoder_first"), **SD3_KW)
     # cond and uncond share each call (batch 2): one step per call, one context
     (key,) = opt._entries
     assert key[1][0][1][0] == 2
@@ -233,13 +232,8 @@ def test_sd3_skip_layer_guidance(sd3):
     # decision and a cache of its own, and does not advance the step counter
     model = sd3.transformer
     opt = optimize(model, CacheConfig(block_start=2, block_end=3, **SCHEDULE))
-    with torch.no_grad():
-        got = generate(sd3, opt, skip_guidance_layers=[1], **SLG, **SD3_KW)
-        want = generate(sd3, ByHandSkipLayers(model, opt.configs[0], "encoder_first", [1]),
-                        skip_guidance_layers=[1], **SLG, **SD3_KW)
-        plain = generate(sd3, model, skip_guidance_layers=[1], **SLG, **SD3_KW)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(got, plain)
+    matches_by_hand(sd3, opt, ByHandSkipLayers(model, opt.configs[0], "encoder_first", [1]),
+                    skip_guidance_layers=[1], **SLG, **SD3_KW)
     assert (opt.stats.steps, opt.stats.auxiliary_calls, opt.stats.generations) == (STEPS, STEPS - 1, 1)
     assert opt.stats.steps_reused == 2 and len(opt._entries) == 2
     assert [step for _, step, _ in opt.trace] == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
@@ -299,11 +293,7 @@ def test_wan_pipeline_checks_num_inference_steps(wan):
 def test_wan_pipeline_sequential_cfg(wan):
     model = wan.transformer
     opt = optimize(model, CacheConfig(block_start=1, block_end=3, **SCHEDULE))
-    with torch.no_grad():
-        got = generate(wan, opt, **WAN_KW)
-        want = generate(wan, ByHand(model, opt.configs, "hidden_first"), **WAN_KW)
-        plain = generate(wan, model, **WAN_KW)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert got.shape == (1, 5, 3, 16, 16) and not torch.equal(got, plain)
+    got = matches_by_hand(wan, opt, ByHand(model, opt.configs, "hidden_first"), **WAN_KW)
+    assert got.shape == (1, 5, 3, 16, 16)
     assert opt.stats.steps == 2 * STEPS and opt.stats.steps_reused == 2 * 2
     assert set(opt.stats.cache_bytes_by_context) == {"cond", "uncond"}
