@@ -775,7 +775,7 @@ def _export_failure(err: Exception) -> str:
     if found:
         path, line, fn = found.group(1), int(found.group(2)), found.group(3)
     else:
-        frames = [f for f, _ in traceback.walk_tb(err.__traceback__) if not _in_torch(f.f_code.co_filename)]
+        frames = [f for f, _ in traceback.walk_tb(err.__traceback__) if not _library_file(f.f_code.co_filename)]
         if not frames:
             return f"{type(err).__name__}: {first[:300]}"
         frame = frames[-1]
@@ -785,7 +785,8 @@ def _export_failure(err: Exception) -> str:
     return f"{type(err).__name__} at {path}:{line} in {fn}: {detail}"
 
 
-def _in_torch(filename: str) -> bool:
+def _library_file(filename: str) -> bool:
+    """A file of torch or of npu_cache_fx: not the model's own code."""
     here = os.path.dirname(os.path.abspath(__file__))
     return filename.startswith((os.path.dirname(torch.__file__), here))
 
