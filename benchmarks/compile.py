@@ -78,11 +78,27 @@ REALISED_MIN = 0.95
 FLUX_DEV_STEPS = 28
 
 
-def mindie_flux_plan(steps: int = FLUX_DEV_STEPS) -> List[CacheConfig]:
-    """MindIE-SD's shipped Flux DiT-cache config: double [5,13), single [1,23), start 18, interval 2."""
-    return [CacheConfig(steps_count=steps, step_start=18, step_interval=2, block_start=5, block_end=13,
+FLUX_DEV_BLOCKS = (19, 38)
+FLOWS = ("uncached eager", "uncached compiled", "cached eager", "cached compiled", "user compile")
+
+
+def mindie_flux_plan(steps: int = FLUX_DEV_STEPS, blocks: Tuple[int, int] = FLUX_DEV_BLOCKS) -> List[CacheConfig]:
+    """MindIE-SD's shipped Flux DiT-cache config: double [5,13), single [1,23), start 18, interval 2.
+
+    For another step count or block count (``--steps``, ``--blocks`` smoke runs) the same plan is
+    scaled: step_start 18/28 of the steps, block ranges the same fractions of each list.
+    """
+    def scaled(a: int, b: int, n: int, full: int) -> Tuple[int, int]:
+        if n == full:
+            return a, b
+        lo = min(max(round(a * n / full), 0), n - 1)
+        return lo, min(max(round(b * n / full), lo + 1), n)
+
+    start = 18 if steps == FLUX_DEV_STEPS else max(1, min(round(18 * steps / FLUX_DEV_STEPS), steps - 2))
+    (d0, d1), (s0, s1) = scaled(5, 13, blocks[0], FLUX_DEV_BLOCKS[0]), scaled(1, 23, blocks[1], FLUX_DEV_BLOCKS[1])
+    return [CacheConfig(steps_count=steps, step_start=start, step_interval=2, block_start=d0, block_end=d1,
                         blocks="transformer_blocks", name="double"),
-            CacheConfig(steps_count=steps, step_start=18, step_interval=2, block_start=1, block_end=23,
+            CacheConfig(steps_count=steps, step_start=start, step_interval=2, block_start=s0, block_end=s1,
                         blocks="single_transformer_blocks", name="single")]
 
 
@@ -140,15 +156,18 @@ class TinyWorkload(Workload):
 class FluxDevWorkload(Workload):
     """diffusers' default ``FluxTransformer2DModel`` config, random bf16 weights, 1024x1024 (4096 + 512 tokens)."""
 
-    def __init__(self, steps: Optional[int], device: torch.device, dtype=torch.bfloat16, seed: int = 0):
+    def __init__(self, steps: Optional[int], device: torch.device, dtype=torch.bfloat16, seed: int = 0,
+                 blocks: Tuple[int, int] = FLUX_DEV_BLOCKS):
         from diffusers import FluxTransformer2DModel
         from diffusers.utils import logging as dlogging
         self.name, self.device, self.dtype = "flux-dev", device, dtype
         self.steps = steps or FLUX_DEV_STEPS
+        self.blocks = tuple(blocks)
         self.lists = ("transformer_blocks", "single_transformer_blocks")
-        self.plan = mindie_flux_plan(self.steps)
+        self.plan = mindie_flux_plan(self.steps, self.blocks)
         with torch.device("meta"):
-            model = FluxTransformer2DModel()  # diffusers' defaults: 19 double + 38 single blocks, 24 x 128 heads
+            # diffusers' defaults: 19 double + 38 single blocks, 24 x 128 heads (--blocks: fewer, same width)
+            model = FluxTransformer2DModel(num_layers=self.blocks[0], num_single_layers=self.blocks[1])
         level = dlogging.get_verbosity()
         dlogging.set_verbosity_error()  # "modules that should be kept in float32: []"
         try:
@@ -208,7 +227,9 @@ class FluxDevWorkload(Workload):
                 "psnr": None}
 
     def describe(self):
-        return (f"flux-dev: FluxTransformer2DModel() defaults (19 double + 38 single blocks, hidden 3072), "
+        depth = ("19 double + 38 single blocks" if self.blocks == FLUX_DEV_BLOCKS else
+                 f"{self.blocks[0]} double + {self.blocks[1]} single blocks (--blocks; the default config has 19 + 38)")
+        return (f"flux-dev: FluxTransformer2DModel() defaults ({depth}, hidden 3072), "
                 f"{self.params / 1e9:.2f} B params, random bf16 weights, batch 1, {self.image_tokens} image + "
                 f"{self.text_tokens} text tokens, {self.steps} steps, {self.device}")
 
@@ -445,6 +466,9 @@ def run_workload(w: Workload, args) -> Dict[str, Any]:
         f"cached {b}": Recorder(opt_comp, w.steps, plan, backends[f"cached {b}"], **kw),
         f"user compile {b}": Recorder(user, w.steps, plan, backends[f"user compile {b}"], **kw),
     }
+    chosen = {flow_name(f, b) for f in args.flows}
+    flows = {name: rec for name, rec in flows.items() if name in chosen}
+    backends = {name: bk for name, bk in backends.items() if name in chosen}
     # 1. warm-up: 2 generations per flow (compiles; CUDA graph trees record on the 2nd call of a variant)
     outputs, warm, cg_flow, skips_flow = {}, {}, {}, {}
     with count_cuda_graph_captures() as cg_warm:
@@ -457,7 +481,9 @@ def run_workload(w: Workload, args) -> Dict[str, Any]:
                 outputs[name] = w.generate(rec)
             warm[name] = time.perf_counter() - t0
             cg_flow[name], skips_flow[name] = cg_warm[0] - c0, counters["inductor"]["cudagraph_skips"] - k0
-            print(f"   warm-up {name:<24} {warm[name]:7.1f} s", flush=True)
+            compiled = [f"{g['label']} {g['backend_s']:.1f} s" for g in getattr(backends.get(name), "graphs", [])]
+            print(f"   warm-up {name:<24} {warm[name]:7.1f} s" + (f"  (backend compile: {', '.join(compiled)})"
+                                                                 if compiled else ""), flush=True)
         skips_warm = counters["inductor"]["cudagraph_skips"] - skips0
     for bk in backends.values():
         bk.phase = "timed"
@@ -494,7 +520,20 @@ def run_workload(w: Workload, args) -> Dict[str, Any]:
             ideal_source = "eager"
 
     med = {k: common.median(v) for k, v in times.items()}
-    unc_eager, unc_comp = med["uncached eager"], med[f"uncached {b}"]
+    unc_eager = med["uncached eager"]
+    compiled_flows = [name for name in flows if name not in ("uncached eager", "cached eager")]
+    unc_comp_source = f"uncached {b}"
+    if f"uncached {b}" in med:
+        unc_comp = med[f"uncached {b}"]
+    elif compiled_flows:
+        # Flow left out (--flows): the compute variant of a cached compiled flow runs the whole model
+        # with no cache ops, so the uncached compiled generation is estimated as steps x its median call.
+        src = compiled_flows[0]
+        unc_comp = common.median(flows[src].times["compute"]) * w.steps
+        unc_comp_source = f"{src}: {w.steps} x compute-variant call"
+        print(f"   uncached {b} not run (--flows): its generation estimated as {unc_comp_source}")
+    else:
+        unc_comp = float("nan")
     # Ideal = steps / (steps - sum over steps of the skipped share of a model call), each share measured
     # within one cost measurement (blocks and the call they belong to, timed together): absolute times taken
     # minutes apart on a shared machine do not compare. The sampler's own per-step work counts as remainder.
@@ -503,7 +542,8 @@ def run_workload(w: Workload, args) -> Dict[str, Any]:
     if split is not None:
         share_split = skipped_per_generation(plan, split["blocks_s"]) / split["total_s"]
         ideals[f"{b} (split)"] = w.steps / (w.steps - share_split)
-        comp_call = common.median(flows[f"uncached {b}"].times.get("full", [float("nan")]))
+        comp_call = (common.median(flows[f"uncached {b}"].times.get("full", [float("nan")]))
+                     if f"uncached {b}" in flows else unc_comp / w.steps)
         split["total_over_compiled_call"] = split["total_s"] / comp_call
     ideal_comp = ideals[f"{b} (split)"] if split is not None else ideals[f"{b} (eager shares)"]
 
@@ -551,7 +591,7 @@ def run_workload(w: Workload, args) -> Dict[str, Any]:
     t_ideal = [[name, r["ideal"], r["realised"], r["realised_over_ideal"],
                 "ok" if r["realised_over_ideal"] >= REALISED_MIN else "MISSED"]
                for name, r in rows.items() if "ideal" in r]
-    qual = "PSNR dB" if rows["cached eager"].get("psnr") is not None else "rel L2"
+    qual = "PSNR dB" if rows["uncached eager"].get("psnr") is not None else "rel L2"
     h_compile = ["flow", "variant", "graphs", "backend compile s", "first call s"]
     h_steady = ["flow", "per-step ms", *[f"{lab} call ms" for lab in labels], "vs uncached eager", "(wall)",
                 "vs uncached same", "graphs", "recompiles", qual]
@@ -583,7 +623,8 @@ def run_workload(w: Workload, args) -> Dict[str, Any]:
                             "captures_warmup_per_flow": cg_flow, "cudagraph_skips_per_flow": skips_flow,
                             "cudagraph_skips_warmup": skips_warm, "cudagraph_skips_timed": skips_timed}
             if w.device.type == "cuda" else None,
-            "ideals": ideals, "ideal_source": "split" if split is not None else "eager shares",
+            "uncached_compiled_source": unc_comp_source, "ideals": ideals,
+            "ideal_source": "split" if split is not None else "eager shares",
             "block_costs": {"eager_ms": {k: [x * 1e3 for x in v] for k, v in eager_costs["blocks_s"].items()},
                             "eager_call_ms": eager_costs["call_s"] * 1e3,
                             "split": None if split is None else {
@@ -609,6 +650,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", default=None,
                    help="torch.compile mode for inductor (default: 'default' on CPU, 'reduce-overhead' = CUDA "
                         "graphs on CUDA)")
+    p.add_argument("--flows", default=",".join(FLOWS),
+                   help=f"comma list of flows to run, from {', '.join(FLOWS)} (default: all); 'uncached eager' "
+                        "is always run (the baseline); without 'uncached compiled' its generation is estimated as "
+                        "steps x the compute-variant call of the cached compiled flow")
+    p.add_argument("--blocks", default=None,
+                   help="flux-dev: double,single block counts at full width (default 19,38 = diffusers' "
+                        "config); fewer for a smoke run; MindIE's plan is scaled to them")
     p.add_argument("--samples", type=int, default=10, help="tiny models: samples per generation (default 10)")
     p.add_argument("--steps", type=int, default=None, help="steps (default: the model's; flux-dev 28)")
     p.add_argument("--repeats", type=int, default=5, help="timed generations per flow (default 5)")
@@ -637,8 +685,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--size flux-dev needs --device cuda (12 B parameters in bf16; not a CPU benchmark)")
     if args.repeats < 1 or args.samples < 1 or args.cost_repeats < 1:
         p.error("--repeats, --samples and --cost-repeats must be >= 1")
+    flows = [f.strip() for f in args.flows.split(",") if f.strip()]
+    unknown = [f for f in flows if f not in FLOWS]
+    if unknown:
+        p.error(f"--flows: unknown flow(s) {unknown}; choose from {', '.join(FLOWS)}")
+    args.flows = ["uncached eager"] + [f for f in FLOWS[1:] if f in flows]
+    if args.blocks is None:
+        args.blocks = FLUX_DEV_BLOCKS
+    else:
+        try:
+            args.blocks = tuple(int(x) for x in args.blocks.split(","))
+        except ValueError:
+            args.blocks = ()
+        if len(args.blocks) != 2 or min(args.blocks) < 2:
+            p.error(f"--blocks: expected two block counts >= 2 like 19,38, got {args.blocks!r}")
+        if args.size != "flux-dev":
+            p.error("--blocks applies to --size flux-dev only")
     args.clock = tb.resolve_clock(args.clock, args.threads, args.device)
     return args
+
+
+def flow_name(flow: str, backend: str) -> str:
+    """Row name of a --flows entry: 'cached compiled' -> 'cached inductor'."""
+    return flow.replace("compiled", backend) if "compiled" in flow else (
+        f"user compile {backend}" if flow == "user compile" else flow)
 
 
 def check_device(args) -> torch.device:
@@ -671,7 +741,8 @@ def main(argv=None) -> Dict[str, Any]:
     result: Dict[str, Any] = {"machine": info, "settings": {
         "size": args.size, "device": str(device), "backend": args.backend, "mode": args.mode,
         "samples": args.samples, "steps": args.steps, "repeats": args.repeats, "cost_repeats": args.cost_repeats,
-        "ideal": args.ideal, "inductor_cache": args.inductor_cache, "quick": args.quick, "clock": args.clock,
+        "flows": args.flows, "blocks": list(args.blocks), "ideal": args.ideal,
+        "inductor_cache": args.inductor_cache, "quick": args.quick, "clock": args.clock,
         "models": names,
         "notes": notes}, "targets": {"graphs_per_variant": 1, "recompiles": 0, "realised_over_ideal_min":
                                      REALISED_MIN}, "models": {}}
@@ -679,7 +750,7 @@ def main(argv=None) -> Dict[str, Any]:
     md += [f"Not run: {n}" for n in notes] + ([""] if notes else [])
     try:
         for name in names:
-            w = FluxDevWorkload(args.steps, device) if name == "flux-dev" else TinyWorkload(
+            w = FluxDevWorkload(args.steps, device, blocks=args.blocks) if name == "flux-dev" else TinyWorkload(
                 name, args.samples, args.steps, device)
             r = run_workload(w, args)
             result["models"][name] = r
