@@ -441,6 +441,11 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             buf = buffers.get(slot)
             if buf is None:
                 buf = buffers[slot] = torch.zeros(shape, dtype=dtype, device=device)
+                # A static input to every compiled variant: CUDA graph trees (inductor reduce-overhead) then
+                # record the write variant's in-place copy_ instead of skipping CUDA graphs for "mutated
+                # inputs", and replay reads without copying the buffer in. Unguarded: the cond/uncond
+                # contexts' buffers share one compiled graph (CUDA graphs record one replay per address).
+                torch._dynamo.mark_static_address(buf, guard=False)
                 self._update_bytes()
             cache_inputs.append(buf)
         self._set_forecast(ctx, key, entry, decision, buffers, t)

@@ -22,3 +22,28 @@ def fresh_dynamo() -> CountingBackend:
     torch._dynamo.reset()
     counters.clear()
     return CountingBackend()
+
+
+class MutationBackend:
+    """aot_eager that records, per graph, the inputs it mutates and the inputs it treats as static.
+
+    The same facts inductor's CUDA graph trees check (``check_for_mutation_ignore_cuda_graph_managed_tensor``):
+    a graph that mutates a non-static input is run without CUDA graphs.
+    """
+
+    def __init__(self):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        self.graphs = []  # (mutated input indices, static input indices, placeholder names)
+
+        def fw_compiler(gm, example_inputs):
+            meta = torch._guards.TracingContext.try_get().fw_metadata
+            names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+            self.graphs.append((set(meta.mutated_inp_runtime_indices), set(meta.static_input_indices), names))
+            return make_boxed_func(gm.forward)
+
+        self.inner = aot_autograd(fw_compiler=fw_compiler)
+
+    def __call__(self, gm, example_inputs):
+        return self.inner(gm, example_inputs)

@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 pytest.importorskip("diffusers")
 
 from npu_cache_fx import CacheConfig, optimize  # noqa: E402
-from counting import fresh_dynamo  # noqa: E402
+from counting import MutationBackend, fresh_dynamo  # noqa: E402
 from dit_models import flux_inputs, tiny_flux, tiny_wan, wan_inputs  # noqa: E402
 
 STEPS = 50
@@ -82,6 +82,24 @@ def test_zero_recompiles_one_graph_per_variant(eager_reference, name, flow):
     # static cache buffers: one address per (context, slot) across 200 calls
     assert buffers_seen and all(len(ptrs) == 1 for ptrs in buffers_seen.values())
     assert {ctx for ctx, _ in buffers_seen} == {"cond", "uncond"}
+
+
+@pytest.mark.parametrize("flow", ["optimize_backend", "user_compile"])
+def test_cache_writes_mutate_static_inputs_only(eager_reference, flow):
+    """CUDA graph trees skip a graph that mutates a non-static input ("skipping cudagraphs due to mutated
+    inputs"): every cache buffer a write variant copies into must be a static input of its graph."""
+    model, make_inputs, _, n_variants = eager_reference["flux"]
+    fresh_dynamo()
+    backend = MutationBackend()
+    opt = optimize(model, configs("flux"), backend=backend) if flow == "optimize_backend" else torch.compile(
+        optimize(model, configs("flux")), backend=backend)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        generate(opt, make_inputs)
+    assert len(backend.graphs) == n_variants
+    mutating = [(mutated, static, names) for mutated, static, names in backend.graphs if mutated]
+    assert mutating, "no variant writes the cache"
+    for mutated, static, names in mutating:
+        assert mutated <= static, f"non-static mutated inputs: {[names[i] for i in sorted(mutated - static)]}"
 
 
 def test_fullgraph_variant_compiles_alone():
