@@ -48,7 +48,7 @@ from .profile import span_costs
 from .schedule import Action, Decision, Plan, forecast_coefficients, make_plan
 from .timestep import AdaStepRule
 
-__all__ = ["CaptureCache", "OptimizedModule", "Stats", "optimize"]
+__all__ = ["CaptureCache", "OptimizedModule", "Stats", "optimize", "signature_key"]
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,16 @@ class _Context:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def signature_key(leaves: Sequence[Any], spec: Any) -> Any:
+    """The input signature a call is keyed by (its capture, variants and cache buffers): the pytree
+    spec plus, per leaf, shape/dtype/device for tensors and the value for everything else.
+
+    Public so that code sharing a :class:`CaptureCache` (the search's recorder) finds the capture
+    the runtime will look up.
+    """
+    return (spec, tuple(_leaf_key(x) for x in leaves))
+
+
 def _leaf_key(leaf: Any) -> Any:
     if isinstance(leaf, torch.Tensor):
         return ("T", tuple(leaf.shape), leaf.dtype, leaf.device, leaf.requires_grad and torch.is_grad_enabled())
@@ -406,7 +416,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             ctx = self._contexts[self._active] = _Context(self.adastep)
         t, d = self._host_scalars(ctx, kwargs)
         leaves, spec = pytree.tree_flatten(((), kwargs))
-        key = (spec, tuple(_leaf_key(x) for x in leaves))
+        key = signature_key(leaves, spec)
         aux = self._auxiliary(ctx, t, key)
         if aux:  # the step just run, again, with other inputs
             step = ctx.last_step.index
@@ -602,7 +612,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         ctx.last_timestep = value
 
     def _entry(self, kwargs, leaves, spec, key=None) -> _Entry:
-        key = key if key is not None else (spec, tuple(_leaf_key(x) for x in leaves))
+        key = key if key is not None else signature_key(leaves, spec)
         entry = self._entries.get(key)
         if entry is None:
             cap = self._captures.get(key)

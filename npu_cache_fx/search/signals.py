@@ -30,24 +30,15 @@ from torch.utils import _pytree as pytree
 
 from ..capture import Capture
 from ..config import CacheConfig
-from ..runtime import CaptureCache, optimize
+from ..runtime import CaptureCache, optimize, signature_key
 from ..schedule import Action
 
 __all__ = ["Recorder", "Sketch", "capture_key"]
 
 
-def _leaf_key(leaf: Any) -> Any:
-    try:  # the runtime's own key, so the capture we find is the one candidates reuse
-        from ..runtime import _leaf_key as key
-        return key(leaf)
-    except ImportError:  # pragma: no cover - layout change in runtime
-        if isinstance(leaf, torch.Tensor):
-            return ("T", tuple(leaf.shape), leaf.dtype, leaf.device, False)
-        return ("V", type(leaf), leaf)
-
-
 def capture_key(leaves: Sequence[Any], spec) -> Any:
-    return (spec, tuple(_leaf_key(x) for x in leaves))
+    """The runtime's own key, so the capture the recorder finds is the one candidates reuse."""
+    return signature_key(leaves, spec)
 
 
 class Sketch:
