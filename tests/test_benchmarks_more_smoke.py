@@ -116,3 +116,24 @@ def test_fallback_quick(tmp_path):
     assert dynamo["graphs_warmup"] >= 1 and dynamo["graphs_after"] == 0
     assert rows["export path aot_eager"]["graphs_after"] == 0
     assert "fallback.py" in r["fallback_reason"] and "set(lengths)" in r["fallback_reason"]
+
+
+def test_search_proxy_quick(tmp_path):
+    r, stdout, _ = _run("search_proxy", tmp_path)
+    assert len(r["plans"]) >= 3 and all(_finite_positive(p["mse"]) for p in r["plans"])
+    assert set(r["rank_check"]) == {"proxy", "no warm-up damping", "coherent"}
+    assert -1.0 <= r["rank_check"]["proxy"]["spearman"] <= 1.0
+    assert [p["step"] for p in r["probes"]] == sorted(p["step"] for p in r["probes"]) and r["probes"]
+    assert all(_finite_positive(p["mse_over_term"]) for p in r["probes"])
+    assert "rank check over" in stdout
+
+
+def test_spearman_exact():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("search_proxy", os.path.join(ROOT, "benchmarks", "search_proxy.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert mod.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties get their mean rank: x ranks [0, 1.5, 1.5, 3], y ranks [0, 1, 2, 3] -> r = 4.5 / sqrt(4.5 * 5)
+    assert mod.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
