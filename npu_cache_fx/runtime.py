@@ -48,7 +48,7 @@ from .profile import span_costs
 from .schedule import Action, Decision, Plan, forecast_coefficients, make_plan
 from .timestep import AdaStepRule
 
-__all__ = ["CaptureCache", "OptimizedModule", "Stats", "optimize", "signature_key"]
+__all__ = ["CaptureCache", "OptimizedModule", "Stats", "optimize", "signature_key", "static_cache_buffers"]
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,24 @@ class _Context:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def static_cache_buffers(backend: Any, options: Dict[str, Any]) -> bool:
+    """Whether cache buffers are marked static inputs of the compiled variants (``mark_static_address``).
+
+    Marked, CUDA graph trees (inductor ``mode="reduce-overhead"``) record the write variant's in-place
+    ``copy_`` instead of skipping CUDA graphs for "mutated inputs", and replay reads without copying
+    the buffer in. The mark is unguarded, so the cond/uncond contexts' buffers still share one compiled
+    graph; CUDA graph trees record one replay per buffer address. torchair's aclgraph keys its captures
+    by these addresses too, but with ``experimental_config.frozen_parameter`` it takes them as fixed and
+    would replay one context's buffers for another: for ``backend="torchair"`` the default is therefore
+    ``False``. ``backend_options={"static_cache_buffers": bool}`` overrides it (pass ``False`` when
+    compiling ``optimize(model, cfg)`` yourself with a torchair backend that freezes parameters).
+    """
+    value = options.get("static_cache_buffers", backend != "torchair")
+    if not isinstance(value, bool):
+        raise ConfigError(f"backend_options['static_cache_buffers'] must be True or False, got {value!r}")
+    return value
+
+
 def signature_key(leaves: Sequence[Any], spec: Any) -> Any:
     """The input signature a call is keyed by (its capture, variants and cache buffers): the pytree
     spec plus, per leaf, shape/dtype/device for tensors and the value for everything else.
@@ -302,6 +320,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         self.backend = backend
         self._backend_options = dict(backend_options or {})
         resolve_backend(backend, self._backend_options)  # fail now, not at the first step
+        self._static_buffers = static_cache_buffers(backend, self._backend_options)
         self._signature = inspect.signature(model.forward)
         self._timestep_arg = self._find_timestep_arg(timestep_arg)
         self._latent_arg = next((n for n in LATENT_NAMES if n in self._signature.parameters), None)
@@ -451,11 +470,8 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             buf = buffers.get(slot)
             if buf is None:
                 buf = buffers[slot] = torch.zeros(shape, dtype=dtype, device=device)
-                # A static input to every compiled variant: CUDA graph trees (inductor reduce-overhead) then
-                # record the write variant's in-place copy_ instead of skipping CUDA graphs for "mutated
-                # inputs", and replay reads without copying the buffer in. Unguarded: the cond/uncond
-                # contexts' buffers share one compiled graph (CUDA graphs record one replay per address).
-                torch._dynamo.mark_static_address(buf, guard=False)
+                if self._static_buffers:
+                    torch._dynamo.mark_static_address(buf, guard=False)  # see static_cache_buffers()
                 self._update_bytes()
             cache_inputs.append(buf)
         self._set_forecast(ctx, key, entry, decision, buffers, t)
@@ -839,7 +855,8 @@ def optimize(model: torch.nn.Module, cache_config: Union[CacheConfig, Sequence[C
             ``"aot_eager"``, ``"torchair"`` (Ascend; lazy ``torch_npu`` import) or
             any ``torch.compile`` backend callable. Each variant is compiled once.
         backend_options: e.g. ``{"mode": "reduce-overhead"}`` or
-            ``{"compiler_config": torchair.CompilerConfig()}`` for torchair.
+            ``{"compiler_config": torchair.CompilerConfig()}`` for torchair;
+            ``"static_cache_buffers"``: see :func:`static_cache_buffers`.
         timestep_arg: forward parameter whose value rising starts a new generation
             (``"auto"``: ``timestep``/``timesteps``/``t``; ``None`` disables). Detecting it
             reads one scalar of the timestep per call: on an accelerator that is a

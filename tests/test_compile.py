@@ -102,6 +102,26 @@ def test_cache_writes_mutate_static_inputs_only(eager_reference, flow):
         assert mutated <= static, f"non-static mutated inputs: {[names[i] for i in sorted(mutated - static)]}"
 
 
+def test_static_cache_buffers_option(eager_reference):
+    """``static_cache_buffers=False`` (torchair's default) leaves the buffers plain inputs; bad values are refused."""
+    from npu_cache_fx.config import ConfigError
+    from npu_cache_fx.runtime import static_cache_buffers
+    assert static_cache_buffers("inductor", {}) and static_cache_buffers(None, {})
+    assert not static_cache_buffers("torchair", {})
+    assert static_cache_buffers("torchair", {"static_cache_buffers": True})
+    model, make_inputs, _, n_variants = eager_reference["flux"]
+    with pytest.raises(ConfigError, match=r"static_cache_buffers.*'yes'"):
+        optimize(model, configs("flux"), backend="aot_eager", backend_options={"static_cache_buffers": "yes"})
+    fresh_dynamo()
+    backend = MutationBackend()
+    opt = optimize(model, configs("flux"), backend=backend, backend_options={"static_cache_buffers": False})
+    generate(opt, make_inputs)
+    assert len(backend.graphs) == n_variants
+    assert all(not hasattr(buf, "_dynamo_static_input_type")
+               for ctx in opt._contexts.values() for bufs in ctx.buffers.values() for buf in bufs.values())
+    assert any(mutated and not mutated <= static for mutated, static, _ in backend.graphs)
+
+
 def test_fullgraph_variant_compiles_alone():
     model = tiny_wan(layers=2)
     opt = optimize(model, configs("wan"))
