@@ -72,6 +72,14 @@ def depth_model_run_fn(samples: int, steps, seed: int = 0):
     return model.transformer, run_fn, steps
 
 
+def load_model(name: str, samples: int, steps):
+    """``(transformer, run_fn, steps)`` for a shipped tiny model or :data:`DEPTH_MODEL`."""
+    if name == DEPTH_MODEL:
+        return depth_model_run_fn(samples, steps)
+    from npu_cache_fx.search.cli import model_run_fn
+    return model_run_fn(name, samples, steps)
+
+
 def row(model, r, label):
     b = r.best
     return {
@@ -108,7 +116,6 @@ def main(argv=None) -> int:
 
     from npu_cache_fx import models as zoo
     from npu_cache_fx.search import SearchSession, search
-    from npu_cache_fx.search.cli import model_run_fn
     from npu_cache_fx.search.report import result_to_json, write_report
 
     if args.quick:
@@ -122,10 +129,7 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     rows, results, per_model = [], [], {}
     for name in names:
-        if name == DEPTH_MODEL:
-            transformer, run_fn, steps = depth_model_run_fn(args.samples, args.steps)
-        else:
-            transformer, run_fn, steps = model_run_fn(name, args.samples, args.steps)
+        transformer, run_fn, steps = load_model(name, args.samples, args.steps)
         session = SearchSession(transformer, run_fn, steps_count=steps, progress=True)
         session.prepare()
         print(f"\n== {name}: {session.seq.describe()} (B = {session.seq.total}), {steps} steps, "

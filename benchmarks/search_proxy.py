@@ -37,7 +37,7 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from search import DEPTH_MODEL, depth_model_run_fn  # noqa: E402
+from search import DEPTH_MODEL, load_model  # noqa: E402
 
 LATE = 0.15  # of the steps, as the search's late-start slot
 
@@ -59,23 +59,10 @@ def spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def plan_terms(px, part, n):
-    """Per READ step: (step, refresh step) of a plain-reuse DiT plan."""
-    from npu_cache_fx.schedule import Action
-    from npu_cache_fx.search.space import DIT, schedule_actions
-    out, ref = [], None
-    for s, a in enumerate(schedule_actions(DIT, part.schedule, n)):
-        if a is Action.WRITE:
-            ref = s
-        elif a is Action.READ and ref is not None:
-            out.append((s, ref))
-    return out
-
-
 def proxies(px, part, n):
-    """The proxy as the search uses it, without warm-up damping, and the coherent variant."""
-    from npu_cache_fx.search.space import DIT
-    terms = plan_terms(px, part, n)
+    """The proxy as the search uses it (:meth:`Proxy.score`), without warm-up damping, and the coherent variant."""
+    from npu_cache_fx.search.space import DIT, reference_steps, schedule_actions
+    actions = schedule_actions(DIT, part.schedule, n)
     mat = px.dit_matrix(part.start, part.end)
     gram = sum(w * g for w, g in px.gram_terms(DIT, part.start, part.end))
     out = {}
@@ -83,17 +70,16 @@ def proxies(px, part, n):
     try:
         for name, wu in (("proxy", warmup), ("no warm-up damping", 0.0)):
             px.warmup = wu
-            w = px.weights()
-            out[name] = float(sum((w[s] * mat[s, r]) ** 2 for s, r in terms))
-        px.warmup = warmup
-        w = px.weights() * px.gain
-        c = np.zeros(n)
-        for s, r in terms:
-            c[r] += w[s]
-            c[s] -= w[s]
-        out["coherent"] = float(c @ gram @ c)
+            out[name] = px.score(mat, actions)
     finally:
         px.warmup = warmup
+    w = px.weights() * px.gain
+    c = np.zeros(n)  # the output error as a combination of the recorded per-step deltas
+    for s, r in enumerate(reference_steps(actions)):
+        if r is not None:
+            c[r] += w[s]
+            c[s] -= w[s]
+    out["coherent"] = float(c @ gram @ c)
     return out
 
 
@@ -126,17 +112,16 @@ def sample_plans(session, table, targets, per_target, rng):
 
 def probe(session, start, end, steps_to_probe):
     from npu_cache_fx.search.engine import _exact
-    from npu_cache_fx.search.space import DIT, Candidate, Part, Schedule
+    from npu_cache_fx.search.space import DIT, Candidate, Part, Schedule, schedule_actions
     n, px = session.steps_count, session.proxy
     mat = px.dit_matrix(start, end)
-    w = px.weights()
     rows = []
     for s in steps_to_probe:
         refresh = tuple([s - 1] + list(range(s + 1, n)))
-        c = _exact(session, Candidate((Part(DIT, start, end, Schedule(s - 1, 1, None, refresh)),), n, session.seq,
-                                      source="probe"))
+        part = Part(DIT, start, end, Schedule(s - 1, 1, None, refresh))
+        c = _exact(session, Candidate((part,), n, session.seq, source="probe"))
         session.evaluate(c, keep_module=False)
-        term = float((w[s] * mat[s, s - 1]) ** 2)
+        term = px.score(mat, schedule_actions(DIT, part.schedule, n))  # its one READ step
         rows.append({"step": s, "mse": c.mse, "proxy_term": term, "mse_over_term": c.mse / max(term, 1e-300)})
     return rows
 
@@ -163,7 +148,6 @@ def main(argv=None) -> int:
     print(f"command : {info['command']}\ntorch   : {info['torch']}, {info['threads']} thread(s), {info['processor']}")
 
     from npu_cache_fx.search import SearchSession
-    from npu_cache_fx.search.cli import model_run_fn
     from npu_cache_fx.search.screen import screen
     from npu_cache_fx.search.space import DIT
 
@@ -173,10 +157,7 @@ def main(argv=None) -> int:
     data = {"machine": info, "settings": {k: v for k, v in vars(args).items() if k != "out"}, "models": {}}
     md = ["# Search proxy: rank check and single-read probes", "", f"Command: `{info['command']}`", ""]
     for name in args.models.split(","):
-        if name == DEPTH_MODEL:
-            transformer, run_fn, steps = depth_model_run_fn(args.samples, args.steps)
-        else:
-            transformer, run_fn, steps = model_run_fn(name, args.samples, args.steps)
+        transformer, run_fn, steps = load_model(name, args.samples, args.steps)
         session = SearchSession(transformer, run_fn, steps_count=steps, progress=False).prepare()
         n, px = steps, session.proxy
         table = screen(session, DIT)
