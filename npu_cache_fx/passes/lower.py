@@ -4,8 +4,9 @@ Every ``cache_read``/``cache_write`` slot becomes one extra graph input (a
 persistent buffer owned by the runtime, one per slot per cache context);
 reads use it directly, writes become ``aten.copy_(buffer, value)``. Buffers
 keep static addresses across steps (what aclgraph and CUDA graphs need; the
-runtime marks them with ``torch._dynamo.mark_static_address``, so CUDA graph
-trees accept the write's in-place copy), are never graph outputs, and -- being
+runtime marks them with ``torch._dynamo.mark_static_address``, except for
+torchair, so CUDA graph trees accept the write's in-place copy -- see
+``runtime.static_cache_buffers``), are never graph outputs, and -- being
 inputs rather than ``get_attr`` -- let the cond/uncond contexts share one
 compiled graph per variant.
 ``gm.meta["cache_slots"]`` lists ``(slot, shape, dtype, device)`` in input order.

@@ -33,12 +33,7 @@ from ..config import CacheConfig
 from ..runtime import CaptureCache, optimize, signature_key
 from ..schedule import Action
 
-__all__ = ["Recorder", "Sketch", "capture_key"]
-
-
-def capture_key(leaves: Sequence[Any], spec) -> Any:
-    """The runtime's own key, so the capture the recorder finds is the one candidates reuse."""
-    return signature_key(leaves, spec)
+__all__ = ["Recorder", "Sketch"]
 
 
 class Sketch:
@@ -139,7 +134,7 @@ class Recorder(torch.nn.Module):
         return out
 
     def _capture_for(self, kwargs, leaves, spec) -> Capture:
-        key = capture_key(leaves, spec)
+        key = signature_key(leaves, spec)  # the runtime's key: the capture candidates reuse
         cap = self._captures.get(key)
         if cap is None:
             before = set(map(id, self._captures.values()))
@@ -164,7 +159,7 @@ class Recorder(torch.nn.Module):
         kwargs = self._normalize(args, kwargs)
         leaves, spec = pytree.tree_flatten(((), kwargs))
         cap = self._capture_for(kwargs, leaves, spec)
-        key = capture_key(leaves, spec)
+        key = signature_key(leaves, spec)  # the runtime's key: the capture candidates reuse
         sink: Dict[str, torch.Tensor] = {}
         flat_out = _Watch(cap.gm, self._watched[key], sink, self.sketch).run(*leaves)
         step = self._steps.get(self._context, 0)
