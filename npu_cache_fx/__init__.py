@@ -7,10 +7,10 @@
 """
 
 from .agent import CacheAgent
-from .config import CacheConfig, ConfigError
+from .config import CacheConfig, ConfigError, load_plan, save_plan
 from .runtime import OptimizedModule, optimize
 from .schedule import Action, Plan, make_plan
 
-__all__ = ["Action", "CacheAgent", "CacheConfig", "ConfigError", "OptimizedModule", "Plan", "make_plan",
-           "optimize"]
+__all__ = ["Action", "CacheAgent", "CacheConfig", "ConfigError", "OptimizedModule", "Plan", "load_plan", "make_plan",
+           "optimize", "save_plan"]
 __version__ = "0.1.0"

@@ -85,6 +85,19 @@ class CacheAgent(CacheContexts):
         self.actions: List[Action] = config_actions(self.config)
         self._states: Dict[str, _State] = {}
 
+    def use_config(self, config: CacheConfig) -> None:
+        """Follow ``config`` from the next step on: the same cache (method, block list and range) with
+        another schedule, e.g. the plan scaled to a generation's step count (``CacheConfig.scaled``)."""
+        config = config.resolved()
+        if config == self.config:
+            return
+        same = ("method", "blocks_count", "block_start", "block_end", "forecast", "attention")
+        changed = [f for f in same if getattr(config, f) != getattr(self.config, f)]
+        if changed:
+            raise ConfigError(f"CacheAgent.use_config changes {changed}: build a new CacheAgent for another cache")
+        self.config = config
+        self.actions = config_actions(config)
+
     # ------------------------------------------------------------------ state
     @property
     def _state(self) -> _State:

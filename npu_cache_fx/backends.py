@@ -16,8 +16,10 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 import torch.fx as fx
 
-__all__ = ["BackendUnavailable", "BACKENDS", "block_backend", "compile_graph", "ge_ready_blocks",
-           "prepare_for_torchair", "resolve_backend", "TORCHAIR_MODES"]
+from .config import ConfigError
+
+__all__ = ["BackendUnavailable", "BACKENDS", "block_backend", "check_backend_options", "compile_graph",
+           "ge_ready_blocks", "prepare_for_torchair", "resolve_backend", "TORCHAIR_MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,29 @@ BACKENDS = ("torchair", "inductor", "aot_eager", "eager")
 TORCHAIR_MODES = ("max-autotune", "reduce-overhead", "npugraph_ex")
 
 Backend = Union[str, Callable[..., Any], None]
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SDPA_IMPLS = ("auto", "npu_fused_infer_attention_score", "matmul", "keep")
+# backend_options keys each backend reads (every backend reads "static_cache_buffers", see runtime)
+_OPTION_KEYS = {"inductor": ("mode",), "torchair": ("mode", "compiler_config", "sdpa")}
+
+
+def check_backend_options(backend: "Backend", options: Dict[str, Any]) -> None:
+    """Refuse ``backend_options`` a backend would ignore or reject later, naming the key and the choices."""
+    if not isinstance(options, dict):
+        raise ConfigError(f"backend_options must be a dict, got {type(options).__name__}")
+    name = backend if isinstance(backend, str) else None
+    known = ("static_cache_buffers",) + _OPTION_KEYS.get(name, ())
+    for key in options:
+        if key not in known:
+            raise ConfigError(f"backend_options[{key!r}] is not read by backend={backend!r}; "
+                              f"valid keys: {list(known)}")
+    mode = options.get("mode")
+    if "mode" in options:
+        modes = INDUCTOR_MODES if name == "inductor" else TORCHAIR_MODES
+        if mode not in modes:
+            raise ConfigError(f"backend_options['mode']={mode!r} is not a {name} mode; choose one of {list(modes)}")
+    if "sdpa" in options and options["sdpa"] not in SDPA_IMPLS:
+        raise ConfigError(f"backend_options['sdpa']={options['sdpa']!r}; choose one of {list(SDPA_IMPLS)}")
 
 
 class BackendUnavailable(RuntimeError):

@@ -29,7 +29,8 @@ from .config import ConfigError
 
 __all__ = [
     "AttentionSite", "BlockList", "Capture", "Region", "Stream", "attention_children", "attention_sites",
-    "block_region", "capture", "find_block_lists", "module_nodes", "region_from_nodes", "resolve_block_list",
+    "block_region", "capture", "choose_attention", "find_block_lists", "module_nodes", "region_from_nodes",
+    "resolve_block_list", "walk_back",
 ]
 
 log = logging.getLogger(__name__)
@@ -226,11 +227,14 @@ class Region:
     side_inputs: Tuple[str, ...]
 
 
-_PASS_THROUGH = {
-    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.clone.default,
-    aten.clamp.default, aten.contiguous.default, aten.type_as.default, aten.alias.default,
-    aten.detach.default,
+# No-op casts and copies: a region input seen through one of these is still that input.
+_ALIASING = {
+    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.alias.default,
+    aten.detach.default, aten.contiguous.default, aten.clone.default, aten.type_as.default,
 }
+# What a residual stream may pass through and still continue its input: the casts, and the clamps
+# fp16 Flux / Qwen-Image blocks apply to their outputs (``clip(-65504, 65504)``).
+_PASS_THROUGH = _ALIASING | {aten.clamp.default, aten.clamp.Tensor, aten.clip.default, aten.clip.Tensor}
 _MAX = 2 ** 62
 
 
@@ -239,7 +243,7 @@ def _shape(node: fx.Node):
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
-def _walk_back(node: Any, window, region: frozenset, inputs: frozenset) -> Optional[fx.Node]:
+def walk_back(node: Any, window, region: frozenset, inputs: frozenset) -> Optional[fx.Node]:
     """The region input that ``node`` continues along a residual path, or None.
 
     Follows residual adds, dtype casts and clamps, and resolves ``slice`` of
@@ -252,9 +256,9 @@ def _walk_back(node: Any, window, region: frozenset, inputs: frozenset) -> Optio
         return node if node.name in inputs and window is None else None
     target = node.target
     if target in _PASS_THROUGH:
-        return _walk_back(node.args[0], window, region, inputs)
+        return walk_back(node.args[0], window, region, inputs)
     if target in (aten.add.Tensor, aten.add_.Tensor):
-        hits = {h for a in node.args[:2] for h in [_walk_back(a, window, region, inputs)] if h is not None}
+        hits = {h for a in node.args[:2] for h in [walk_back(a, window, region, inputs)] if h is not None}
         return hits.pop() if len(hits) == 1 else None
     if target is aten.slice.Tensor:
         src = node.args[0]
@@ -272,11 +276,11 @@ def _walk_back(node: Any, window, region: frozenset, inputs: frozenset) -> Optio
         lo, hi = max(0, lo + size if lo < 0 else lo), min(size, hi + size if hi < 0 else hi)
         if window is not None:
             if window[0] != dim:
-                return None if (lo, hi) != (0, size) else _walk_back(src, window, region, inputs)
+                return None if (lo, hi) != (0, size) else walk_back(src, window, region, inputs)
             lo, hi = lo + window[1], lo + window[2]
         if (lo, hi) == (0, size):
-            return _walk_back(src, None, region, inputs)
-        return _walk_back(src, (dim, lo, hi), region, inputs)
+            return walk_back(src, None, region, inputs)
+        return walk_back(src, (dim, lo, hi), region, inputs)
     if target is aten.cat.default and window is not None:
         parts = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else 0
@@ -289,7 +293,7 @@ def _walk_back(node: Any, window, region: frozenset, inputs: frozenset) -> Optio
             if size is None:
                 return None
             if (offset, offset + size) == (window[1], window[2]):
-                return _walk_back(part, None, region, inputs)
+                return walk_back(part, None, region, inputs)
             offset += size
     return None
 
@@ -309,12 +313,6 @@ def _convex_closure(gm: fx.GraphModule, names: set) -> set:
         if node.name not in before and any(u.name in before for u in node.users):
             before.add(node.name)
     return set(names) | (after & before)
-
-
-_ALIASING = {
-    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.alias.default,
-    aten.detach.default, aten.contiguous.default, aten.clone.default, aten.type_as.default,
-}
 
 
 def _peel_aliases(gm: fx.GraphModule, names: set) -> Tuple[set, Dict[str, str]]:
@@ -389,7 +387,7 @@ def region_from_nodes(gm: fx.GraphModule, names: set, label: str,
         if any(u.name not in region for u in node.users):
             outputs.append(node)
     input_set = frozenset(inputs)
-    sources = {out.name: _walk_back(out, None, region, input_set) for out in outputs}
+    sources = {out.name: walk_back(out, None, region, input_set) for out in outputs}
     unpaired = [name for name, src in sources.items() if src is None]
     roots = {i: aliases.get(i, i) for i in inputs}
     hidden = sorted((by_name[i] for i in inputs if roles.get(roots[i]) == "hidden_states"),
@@ -451,7 +449,7 @@ def attention_children(block: torch.nn.Module) -> List[str]:
             if "attention" in type(child).__name__.lower() and "norm" not in type(child).__name__.lower()]
 
 
-def _choose_attention(model: torch.nn.Module, block_fqn: str, attention: Optional[str]) -> List[str]:
+def choose_attention(model: torch.nn.Module, block_fqn: str, attention: Optional[str]) -> List[str]:
     block = model.get_submodule(block_fqn)
     available = attention_children(block)
     if attention is None:
@@ -488,7 +486,7 @@ def attention_sites(cap: Capture, model: torch.nn.Module, list_fqn: str, start: 
     sites = []
     for i in range(start, end):
         block_fqn = f"{list_fqn}.{i}"
-        for child in _choose_attention(model, block_fqn, attention):
+        for child in choose_attention(model, block_fqn, attention):
             fqn = f"{block_fqn}.{child}"
             names = module_nodes(cap.gm, fqn)
             if not names:

@@ -14,10 +14,14 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
-__all__ = ["CacheConfig", "ConfigError", "METHODS", "MINDIE_UNBOUNDED", "configs_from_json", "configs_to_json"]
+__all__ = ["CacheConfig", "ConfigError", "METHODS", "MINDIE_UNBOUNDED", "PLAN_FILE", "configs_from_json",
+           "configs_to_json", "load_plan", "save_plan"]
 
 METHODS = ("dit_block_cache", "attention_cache", "adastep")
 FORECASTS = {"none": 1, "linear": 2, "taylor2": 3}  # forecast -> values kept per cache slot
@@ -215,9 +219,54 @@ class CacheConfig:
         step_end = last_step if self.step_end is None or self.step_end >= MINDIE_UNBOUNDED else self.step_end
         step_end = max(self.step_start, min(step_end, last_step))  # step_start past the end: bypass
         block_end = count if self.block_end is None or self.block_end >= MINDIE_UNBOUNDED else self.block_end
+        if self.block_start >= count and block_end != self.block_start:
+            raise ConfigError(
+                f"CacheConfig.block_start={self.block_start} is past the last block of "
+                f"{self.blocks or 'the block list'} ({count} blocks: block_start must be in 0..{count - 1})")
         if block_end > count:
             raise ConfigError(f"CacheConfig.block_end must be <= blocks_count ({count}), got {block_end}")
         return dataclasses.replace(self, blocks_count=count, step_end=step_end, block_end=block_end)
+
+    def scaled(self, steps: int) -> "CacheConfig":
+        """This resolved config re-stated for a generation of ``steps`` steps.
+
+        A plan is written for ``steps_count`` steps; a request with another step count
+        (serving engines pick ``num_inference_steps`` per request) runs the same plan
+        *over the trajectory*: every step index (``step_start``, ``step_end``,
+        ``refresh_steps``) and the refresh period are scaled by ``steps / steps_count``
+        and rounded half up. A period of 2 or more stays at least 2 (the plan keeps
+        caching); ``step_end`` at the last step stays at the last step.
+
+        >>> cfg = CacheConfig(steps_count=28, blocks_count=8, step_start=4, step_interval=3).resolved()
+        >>> s = cfg.scaled(50)
+        >>> (s.steps_count, s.step_start, s.step_interval, s.step_end)
+        (50, 7, 5, 49)
+        """
+        _check_int("steps", steps, minimum=1)
+        if self.steps_count is None or (self.method != "adastep" and self.step_end is None):
+            raise ConfigError("CacheConfig.scaled needs a resolved config (call cfg.resolved())")
+        if steps == self.steps_count:
+            return self
+        if self.method == "adastep":
+            return dataclasses.replace(self, steps_count=steps)
+        ratio = steps / self.steps_count
+        last = steps - 1
+
+        def at(s: int) -> int:
+            return min(last, math.floor(s * ratio + 0.5))
+
+        if self.step_start >= self.steps_count:  # never starts: stays a bypass
+            start = end = steps
+        else:
+            start = at(self.step_start)
+            end = max(start, last if self.step_end >= self.steps_count - 1 else at(self.step_end))
+        if self.refresh_steps is not None:
+            refresh = tuple(sorted({at(s) for s in self.refresh_steps}))
+            return dataclasses.replace(self, steps_count=steps, step_start=start, step_end=end, refresh_steps=refresh)
+        interval = self.step_interval
+        if interval > 1:
+            interval = max(2, math.floor(interval * ratio + 0.5))
+        return dataclasses.replace(self, steps_count=steps, step_start=start, step_end=end, step_interval=interval)
 
     @property
     def bypass(self) -> bool:
@@ -268,3 +317,42 @@ def configs_from_json(obj) -> list:
     if not isinstance(obj, list) or not all(isinstance(x, dict) for x in obj):
         raise ConfigError(f"expected a CacheConfig dict or a list of them, got {type(obj).__name__}")
     return [CacheConfig.from_dict(x) for x in obj]
+
+
+PLAN_FILE = "npu_cache_fx_plan.json"
+
+
+def save_plan(configs: Union[CacheConfig, Sequence[CacheConfig]], path: Union[str, os.PathLike]) -> str:
+    """Write a plan (one config or a list) as JSON; ``path`` may be a directory (then ``PLAN_FILE`` in it).
+
+    Returns the file written. :func:`load_plan` reads it back::
+
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> f = save_plan(CacheConfig(steps_count=28, step_start=4, step_interval=3), d)
+        >>> load_plan(d)[0].step_interval
+        3
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, PLAN_FILE)
+    with open(path, "w") as f:
+        json.dump({"npu_cache_fx_plan": 1, "configs": configs_to_json(configs)}, f, indent=2)
+        f.write("\n")
+    return path
+
+
+def load_plan(path: Union[str, os.PathLike]) -> List[CacheConfig]:
+    """The configs of a plan file, a directory holding ``PLAN_FILE`` (a saved transformer folder),
+    or a search report (``search.json``)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, PLAN_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"no plan at {path!r}: pass a plan JSON file or a folder holding {PLAN_FILE} "
+                          "(written by save_plan or by save_pretrained of an optimized model)")
+    with open(path) as f:
+        data = json.load(f)
+    if isinstance(data, dict) and "npu_cache_fx_plan" in data:
+        data = data["configs"]
+    return configs_from_json(data)

@@ -32,7 +32,7 @@ import torch
 
 from .agent import CacheAgent
 from .backends import Backend, block_backend
-from .capture import _choose_attention, _walk_back, find_block_lists
+from .capture import choose_attention, find_block_lists, walk_back
 from .config import CacheConfig
 from .schedule import Decision
 
@@ -54,7 +54,7 @@ def _order_by_dataflow(block: torch.nn.Module, kwargs: Dict[str, Any]) -> Option
     (flat,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
     if len(flat) != 2:
         return None
-    first = _walk_back(flat[0], None, region, inputs)
+    first = walk_back(flat[0], None, region, inputs)
     return {"hidden_states": "hidden_first", "encoder_hidden_states": "encoder_first"}.get(
         first.name if first is not None else "")
 
@@ -96,6 +96,20 @@ def _describe(err: BaseException) -> str:
     return one(err) if root is err else f"{one(err)} {one(root)}"
 
 
+def _substitute(sig: inspect.Signature, args: tuple, kwargs: Dict[str, Any],
+                values: Dict[str, Any]) -> Tuple[tuple, Dict[str, Any]]:
+    """``(args, kwargs)`` of a call with ``values`` put where the call passed those parameters."""
+    args, kwargs = list(args), dict(kwargs)
+    positional = [n for n, p in sig.parameters.items()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for name, value in values.items():
+        if name in kwargs:
+            kwargs[name] = value
+        else:
+            args[positional.index(name)] = value
+    return tuple(args), kwargs
+
+
 class EagerPath:
     """CacheAgents around a model's blocks, driven by the optimized module's plan.
 
@@ -118,7 +132,7 @@ class EagerPath:
         self._paired: Dict[int, bool] = {}
         for cfg in self.configs:
             if cfg.method == "attention_cache":
-                names = _choose_attention(model, f"{cfg.blocks}.{cfg.block_start}", cfg.attention) \
+                names = choose_attention(model, f"{cfg.blocks}.{cfg.block_start}", cfg.attention) \
                     if cfg.block_end > cfg.block_start else []
             else:
                 names = [None]
@@ -146,8 +160,12 @@ class EagerPath:
         return list(patches.values())
 
     def _runner(self, mod: torch.nn.Module) -> Callable:
-        """``mod``'s own forward: compiled on the Dynamo path, with a per-call eager retry on failure."""
-        orig = type(mod).forward.__get__(mod)
+        """``mod``'s own forward: compiled on the Dynamo path, with a per-call eager retry on failure.
+
+        A forward installed on the instance (accelerate's or diffusers' offload hooks) is kept: it is
+        what brings the block's weights in.
+        """
+        orig = mod.__dict__.get("forward") or type(mod).forward.__get__(mod)
         if self.compiler is None:
             return orig
         compiled = torch.compile(orig, backend=self.compiler, dynamic=False)
@@ -175,19 +193,27 @@ class EagerPath:
 
         def forward(*args, **kwargs):
             bound = sig.bind(*args, **kwargs).arguments
-            hidden = bound.pop("hidden_states")
-            if i not in self._paired and "encoder_hidden_states" in bound:
-                def first(*a, **k):
-                    out = run(*a, **k)
+            streams = {"hidden_states": bound["hidden_states"]}
+            if "encoder_hidden_states" in bound:
+                streams["encoder_hidden_states"] = bound["encoder_hidden_states"]
+
+            def call(hidden, *encoder):
+                """The block called exactly as the model called it, with the agent's stream values."""
+                a, k = _substitute(sig, args, kwargs, dict(zip(streams, (hidden, *encoder))))
+                return run(*a, **k)
+
+            if i not in self._paired and "encoder_hidden_states" in streams:
+                def first(*a):
+                    out = call(*a)
                     self._paired[i] = True
                     patched = mod.__dict__.pop("forward")  # export the plain block, not this wrapper
                     try:
-                        _pair_outputs(agent, mod, dict(bound, hidden_states=hidden), out)
+                        _pair_outputs(agent, mod, dict(bound), out)
                     finally:
                         mod.forward = patched
                     return out
-                return agent.apply(first, hidden_states=hidden, **bound)
-            return agent.apply(run, hidden_states=hidden, **bound)
+                return agent.apply(first, **streams)
+            return agent.apply(call, **streams)
         return forward
 
     @staticmethod
@@ -212,6 +238,12 @@ class EagerPath:
                     mod.forward = before
 
     # ------------------------------------------------------------------ driving
+    def use_configs(self, configs: Sequence[CacheConfig]) -> None:
+        """Drive the agents with ``configs``: the same plan re-stated for a generation's step count."""
+        for cfg, agents in zip(configs, self.agents):
+            for agent in agents:
+                agent.use_config(cfg)
+
     def run(self, kwargs: Dict[str, Any], decision: Decision, context: str, step: int,
             timestep: Optional[float]) -> Any:
         with contextlib.ExitStack() as stack:

@@ -21,24 +21,28 @@ Example::
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import inspect
+import itertools
 import linecache
 import logging
 import os
 import re
+import sys
+import threading
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from .backends import Backend, compile_graph, resolve_backend
-from .capture import (AttentionSite, Capture, Region, attention_sites, block_region, capture, find_block_lists,
-                      resolve_block_list)
-from .config import CacheConfig, ConfigError
+from .backends import Backend, check_backend_options, compile_graph, resolve_backend
+from .capture import (AttentionSite, Capture, Region, attention_sites, block_region, capture, choose_attention,
+                      find_block_lists, resolve_block_list)
+from .config import CacheConfig, ConfigError, save_plan
 from .contexts import CacheContexts
 from .eager import EagerPath
 from .passes import attention_cache_pass, block_cache_pass, lower_cache_ops
@@ -47,6 +51,7 @@ from .passes.common import coef_slot, eliminate_dead_code, history_slots
 from .profile import span_costs
 from .schedule import Action, Decision, Plan, forecast_coefficients, make_plan
 from .timestep import AdaStepRule
+from .watch import ModelWatch, offload_hooks
 
 __all__ = ["CaptureCache", "OptimizedModule", "Stats", "optimize", "signature_key", "static_cache_buffers"]
 
@@ -71,7 +76,11 @@ class Stats:
     stale_reads_avoided: int = 0
     generations: int = 0  # generations started (per context)
     captures: int = 0
+    # captures dropped because the wrapped model changed (a LoRA loaded, a module replaced, a hook added...)
+    model_changes: int = 0
     variants_built: int = 0
+    # steps of the latest generation's plan (the configs' steps_count, or the request's: see set_steps)
+    plan_steps: int = 0
     capture_seconds: float = 0.0
     # how the model runs: "export" (captured graphs), "dynamo" (export failed: blocks compiled one by one,
     # cache logic on the host) or "eager" (export failed and nothing is compiled)
@@ -208,7 +217,9 @@ class _StepRun:
 class _Context:
     """Per cache-context state: step counter, last timestep, buffers and their validity."""
 
-    def __init__(self, adastep: Optional[CacheConfig] = None) -> None:
+    def __init__(self, plan: Plan, adastep: Optional[CacheConfig] = None) -> None:
+        self.plan = plan  # this generation's plan (re-made per generation for the request's step count)
+        self.thread: Optional[int] = None  # the thread running this context's generation
         self.step = 0
         self.last_timestep: Optional[float] = None
         self.wrapped_at: Optional[float] = None  # timestep of the last step before the counter wrapped
@@ -217,7 +228,7 @@ class _Context:
         self.pending_refresh: set = set()  # targets whose refresh step AdaStep skipped
         # (input signature, target) -> timesteps of its writes in this generation, newest first
         self.refresh_times: Dict[Tuple[Any, int], List[float]] = {}
-        self.ada = (AdaStepRule(adastep.threshold, adastep.max_skip_steps, adastep.decay, adastep.steps_count)
+        self.ada = (AdaStepRule(adastep.threshold, adastep.max_skip_steps, adastep.decay, plan.steps_count)
                     if adastep is not None else None)
         self.prev_latent: Optional[torch.Tensor] = None
         self.last_output: Dict[Any, List[Any]] = {}
@@ -294,6 +305,8 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         if captures is not None and captures.model is not model:
             raise ValueError("captures= belongs to another model")
         self._captures = captures if captures is not None else CaptureCache(model)
+        if not configs:
+            raise ConfigError("optimize(): cache_config is empty; pass a CacheConfig or a non-empty list of them")
         resolved, adasteps = [], []
         for cfg in configs:
             if not isinstance(cfg, CacheConfig):
@@ -302,7 +315,10 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                 adasteps.append(cfg.resolved())
                 continue
             blocks = resolve_block_list(model, cfg.blocks)
-            resolved.append(cfg.resolved(blocks_count=blocks.count).replace(blocks=blocks.fqn))
+            cfg = cfg.replace(blocks=blocks.fqn).resolved(blocks_count=blocks.count)
+            if cfg.method == "attention_cache" and cfg.block_end > cfg.block_start:
+                choose_attention(model, f"{cfg.blocks}.{cfg.block_start}", cfg.attention)  # fail now
+            resolved.append(cfg)
         if len(adasteps) > 1:
             raise ConfigError(f"at most one CacheConfig(method='adastep') per model, got {len(adasteps)}")
         _check_overlaps(resolved)
@@ -318,6 +334,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         # an attribute: forward must not call into traceable frames
         self._bypass = self.plan.bypass and (self.adastep is None or self.adastep.bypass)
         self.backend = backend
+        check_backend_options(backend, backend_options if backend_options is not None else {})
         self._backend_options = dict(backend_options or {})
         resolve_backend(backend, self._backend_options)  # fail now, not at the first step
         self._static_buffers = static_cache_buffers(backend, self._backend_options)
@@ -334,7 +351,16 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         self._entries: Dict[Any, _Entry] = {}
         self._eager: Optional[EagerPath] = None
         self._contexts: Dict[str, _Context] = {}
+        self._plans: Dict[int, Plan] = {self.plan.steps_count: self.plan}
+        self._steps: Optional[int] = None  # set_steps(): the step count of the coming generations
+        self._context_steps: Dict[str, int] = {}  # cache_context(name, num_inference_steps=n)
+        self._watch = ModelWatch(model)
+        self._dtypes = _dtypes(model)
+        self._lock = threading.RLock()  # one call (and so one capture) at a time
         self.stats = Stats()
+        self.stats.plan_steps = self.plan.steps_count
+        if _disguise(self) is not OptimizedModule:  # diffusers reads the library from the instance's __module__
+            self.__dict__["__module__"] = type(model).__module__
         # (context, step, decision taken or "skip") per call; every rank must log the same sequence
         self.trace: Deque[Tuple[str, int, Union[Decision, str]]] = collections.deque(maxlen=4096)
         self._warned_same_timestep = False
@@ -346,23 +372,35 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             model = self._modules.get("model")
-            if model is None:
+            if model is None or name in _OWN_ATTRIBUTES:
                 raise
             return getattr(model, name)
 
     def _apply(self, fn, *args, **kwargs):
-        # Captures and buffers hold tensors of the old device/dtype: drop them.
-        self.invalidate()
-        return super()._apply(fn, *args, **kwargs)
+        # The captured graphs read the model's own parameters, so a device move reaches them, and a
+        # call on another device is another input signature: captures stay (accelerate's model offload
+        # calls .to() before every call). Cache buffers of the old device are freed. A dtype change
+        # alters the traced casts: everything is captured again.
+        out = super()._apply(fn, *args, **kwargs)
+        dtypes = _dtypes(self.model)
+        if dtypes != self._dtypes:
+            self._dtypes = dtypes
+            self.invalidate()
+        elif self._contexts and any(t.device not in _devices(self.model) for ctx in self._contexts.values()
+                                    for bufs in ctx.buffers.values() for t in bufs.values()):
+            self.release()
+        return out
 
     def invalidate(self) -> None:
         """Drop every capture, variant and cache: the wrapped model's forward changed (hooks added or
         removed, e.g. diffusers' ``enable_parallelism``). The next call captures again."""
-        self._entries.clear()
-        self._captures.clear()
-        self._contexts.clear()
-        self._eager = None
-        self._update_bytes()
+        with self._lock:
+            self._entries.clear()
+            self._captures.clear()
+            self._contexts.clear()
+            self._eager = None
+            self._watch.refresh()
+            self._update_bytes()
 
     def enable_parallelism(self, *args, **kwargs):
         """diffusers' ``enable_parallelism`` on the wrapped model, then :meth:`invalidate`.
@@ -388,15 +426,75 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
 
     def release(self) -> None:
         """Free every cache buffer (they are re-allocated on the next write)."""
-        self._contexts.clear()
-        self._update_bytes()
+        with self._lock:
+            self._contexts.clear()
+            self._update_bytes()
 
     def _on_context(self, name: str, info: dict) -> None:
-        steps = info.get("num_inference_steps")
-        if isinstance(steps, int) and steps != self.plan.steps_count:
-            raise ConfigError(
-                f"the pipeline runs num_inference_steps={steps} but CacheConfig.steps_count is "
-                f"{self.plan.steps_count}: the plan is per step; build the configs with steps_count={steps}")
+        _check_steps("cache_context(num_inference_steps=...)", info.get("num_inference_steps"))
+
+    # ------------------------------------------------------------------ step count per generation
+    def set_steps(self, steps: Optional[int]) -> None:
+        """Run the coming generations with ``steps`` denoising steps (``None``: find out per generation).
+
+        The plan is stated for ``CacheConfig.steps_count`` steps and scaled to each generation's step
+        count (:meth:`CacheConfig.scaled`). Per generation the count is, in this order: the value set
+        here (serving engines that pick ``num_inference_steps`` per request), the
+        ``num_inference_steps`` a pipeline passes to ``cache_context`` (Wan), the calling diffusers
+        pipeline's own count (``pipe._num_timesteps``, set by every diffusers pipeline before its
+        denoising loop), else ``steps_count``. Plans whose decisions are the same variants reuse the
+        compiled variants: nothing recompiles.
+        """
+        self._steps = _check_steps("set_steps(steps)", steps)
+
+    def plan_for(self, steps: int) -> Plan:
+        """The plan of a generation of ``steps`` steps (the configs scaled; cached per count)."""
+        plan = self._plans.get(steps)
+        if plan is None:
+            configs = [c.scaled(steps) for c in self.configs]
+            plan = self._plans[steps] = make_plan(configs) if configs else Plan((), ((),) * steps)
+        return plan
+
+    def _generation_steps(self) -> int:
+        if self._steps is not None:
+            return self._steps
+        steps = self._active_info.get("num_inference_steps")
+        if steps is None:
+            steps = _pipeline_steps()
+        return steps if steps is not None else self.plan.steps_count
+
+    def _start_generation(self, ctx: "_Context", entry: "_Entry") -> None:
+        steps = self._generation_steps()
+        if steps != ctx.plan.steps_count:
+            ctx.plan = self.plan_for(steps)
+            if ctx.ada is not None:
+                ctx.ada.steps_count = steps
+            log.debug("%s: a generation of %d steps: the plan is scaled from %d steps", type(self.model).__name__,
+                      steps, self.plan.steps_count)
+        if entry.eager is not None:
+            entry.eager.use_configs(ctx.plan.configs)
+        self.stats.generations += 1
+        self.stats.plan_steps = steps
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory: str, **kwargs) -> Any:
+        """Save the wrapped model exactly as it saves itself, and the plan next to it (``PLAN_FILE``).
+
+        ``pipe.save_pretrained(dir)`` calls this for an optimized transformer: the folder loads back
+        as the plain model, and ``optimize(pipe.transformer, load_plan(f"{dir}/transformer"))``
+        re-applies the plan.
+        """
+        save = getattr(self.model, "save_pretrained", None)
+        if save is None:
+            raise TypeError(f"{type(self.model).__name__} has no save_pretrained: save optimized.model's "
+                            "state_dict yourself and the plan with npu_cache_fx.save_plan")
+        out = save(save_directory, **kwargs)
+        save_plan(list(self.configs) + ([self.adastep] if self.adastep is not None else []), save_directory)
+        return out
+
+    @property
+    def __class__(self):  # noqa: D105  (see _Disguise)
+        return _disguise(self)
 
     @property
     def variant_graphs(self) -> Dict[Decision, fx.GraphModule]:
@@ -421,37 +519,47 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
     def forward(self, *args, **kwargs):
         if self._bypass:
             return self.model(*args, **kwargs)
-        call = self._prepare(args, kwargs)
-        if call.skip:  # AdaStep: no model call at all
-            return self._finish(call, None)
-        flat_out = call.fn(*call.inputs)
-        return self._finish(call, flat_out)
+        hook = self.model.__dict__.get("_hf_hook")  # accelerate's hook on the model itself (cpu offload)
+        with self._lock:
+            if hook is not None:
+                args, kwargs = hook.pre_forward(self.model, *args, **kwargs)
+            call = self._prepare(args, kwargs)
+            if call.skip:  # AdaStep: no model call at all
+                out = self._finish(call, None)
+            else:
+                flat_out = call.fn(*call.inputs)
+                out = self._finish(call, flat_out)
+            return hook.post_forward(self.model, out) if hook is not None else out
 
     @torch._dynamo.disable
     def _prepare(self, args, kwargs) -> "_Call":
         kwargs = self._normalize(args, kwargs)
-        ctx = self._contexts.get(self._active)
-        if ctx is None:
-            ctx = self._contexts[self._active] = _Context(self.adastep)
-        t, d = self._host_scalars(ctx, kwargs)
+        changed = self._watch.changed()
+        if changed:
+            self._model_changed(changed)
         leaves, spec = pytree.tree_flatten(((), kwargs))
         key = signature_key(leaves, spec)
+        entry = self._entry(kwargs, leaves, spec, key)  # bad inputs raise here, before any state changes
+        ctx = self._contexts.get(self._active)
+        if ctx is None:
+            ctx = self._contexts[self._active] = _Context(self.plan, self.adastep)
+        t, d = self._host_scalars(ctx, kwargs)
         aux = self._auxiliary(ctx, t, key)
         if aux:  # the step just run, again, with other inputs
             step = ctx.last_step.index
             ctx.last_step.keys.add(key)
         else:
-            if ctx.step == self.plan.steps_count:
+            if ctx.step == ctx.plan.steps_count:
                 ctx.new_generation()
             self._maybe_new_generation(ctx, t)
             step = ctx.step
             if step == 0:
-                self.stats.generations += 1
-        decision = self.plan.decision(step)
+                self._start_generation(ctx, entry)
+        self._check_thread(ctx, step)
+        decision = ctx.plan.decision(step)
         if not aux and ctx.ada is not None and self._adastep_skips(ctx, key, d, kwargs[self._latent_arg]):
             ctx.pending_refresh.update(i for i, a in enumerate(decision) if a is Action.WRITE)
             return _Call(ctx, None, None, set(), None, [], key, skip=True, timestep=t, step=step)
-        entry = self._entry(kwargs, leaves, spec, key)
         if entry.eager is not None:
             # the eager path's agents keep one cache per config, not per input signature: an auxiliary
             # call computes everything and leaves them alone
@@ -477,6 +585,24 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         self._set_forecast(ctx, key, entry, decision, buffers, t)
         return _Call(ctx, entry, variant, valid, variant.fn, [*leaves, *cache_inputs], key, timestep=t,
                      step=step, auxiliary=aux)
+
+    def _check_thread(self, ctx: "_Context", step: int) -> None:
+        """A context's generation runs on one thread; another thread continuing it would mix two
+        generations' steps and caches."""
+        me = threading.get_ident()
+        if step != 0 and ctx.thread is not None and ctx.thread != me:
+            raise RuntimeError(
+                f"{type(self.model).__name__}: cache context {self._active!r} is in the middle of a generation "
+                f"(step {step}) started on another thread; concurrent generations need a cache context each: "
+                f"`with model.cache_context(f'request-{{i}}'):` around each thread's calls (or reset({self._active!r}) "
+                "to abandon the other generation)")
+        ctx.thread = me
+
+    def _model_changed(self, sections: List[str]) -> None:
+        log.info("%s changed since it was captured (%s): captures, variants and caches are dropped and the "
+                 "model is captured again", type(self.model).__name__, ", ".join(sections))
+        self.invalidate()
+        self.stats.model_changes += 1
 
     @staticmethod
     def _auxiliary(ctx: "_Context", t: Optional[float], key) -> bool:
@@ -512,7 +638,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             return pytree.tree_unflatten(list(flat_out), out_spec)
         ctx.last_step = _StepRun(call.timestep, call.step, {call.key}) if call.timestep is not None else None
         ctx.step += 1
-        if ctx.step == self.plan.steps_count:  # the generation is over; the next step call starts a new one
+        if ctx.step == ctx.plan.steps_count:  # the generation is over; the next step call starts a new one
             ctx.wrapped_at = call.timestep  # (an auxiliary call of this last step still finds its cache)
         return pytree.tree_unflatten(list(flat_out), out_spec)
 
@@ -612,9 +738,10 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         if ctx.wrapped_at is not None:
             if value < ctx.wrapped_at and not self._warned_overrun:
                 self._warned_overrun = True
-                log.warning("%s: the generation goes on past CacheConfig.steps_count=%d (the timestep kept "
-                            "falling); the plan restarts from step 0 mid-generation. Set steps_count to the "
-                            "pipeline's num_inference_steps.", type(self.model).__name__, self.plan.steps_count)
+                log.warning("%s: the generation goes on past the %d steps planned (the timestep kept falling); "
+                            "the plan restarts from step 0 mid-generation. Tell the module the step count: "
+                            "set_steps(num_inference_steps), or cache_context(name, num_inference_steps=n).",
+                            type(self.model).__name__, ctx.plan.steps_count)
             ctx.wrapped_at = None
         if ctx.last_timestep is not None:
             if value > ctx.last_timestep and ctx.step:
@@ -632,17 +759,28 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         entry = self._entries.get(key)
         if entry is None:
             cap = self._captures.get(key)
-            if cap is None and self._eager is None:
+            offloaded = offload_hooks(self.model) if cap is None and self._eager is None else []
+            if offloaded:  # a graph would run without the hooks that bring the weights in
+                more = " ..." if len(offloaded) > 3 else ""
+                self._fall_back(f"has its weights offloaded by hooks on {offloaded[:3]}{more}", backend=None,
+                                offloaded=True)
+            elif cap is None and self._eager is None:
                 lists = list(dict.fromkeys([c.blocks for c in self.configs]
                                            + [b.fqn for b in find_block_lists(self.model)]))
+                failure = None
                 try:
-                    with torch.no_grad():
-                        cap = self._captures[key] = capture(self.model, kwargs, lists)
+                    with torch.no_grad(), _without_root_hook(self.model):
+                        cap = capture(self.model, kwargs, lists)
                 except ConfigError:
                     raise
                 except Exception as err:  # export cannot capture this model: same semantics, eagerly
-                    self._fall_back_to_eager(err)
+                    failure = err
+                if failure is not None:
+                    self._reject_bad_inputs(kwargs)
+                    self._fall_back(_export_failure(failure), backend=self.backend)
                 else:
+                    self._captures[key] = cap
+                    self._watch.refresh()  # export registers and removes hooks of its own
                     self.stats.captures += 1
                     self.stats.capture_seconds += cap.seconds
             if cap is None:
@@ -657,17 +795,29 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                          type(self.model).__name__, len(self._entries))
         return entry
 
-    def _fall_back_to_eager(self, err: Exception) -> None:
-        reason = _export_failure(err)
-        self._eager = EagerPath(self.model, self.configs, reason, self.backend, self._backend_options)
+    def _reject_bad_inputs(self, kwargs: Dict[str, Any]) -> None:
+        """Raise the plain model's own error when it rejects these inputs too: a bad call, not a model
+        export cannot capture (it must not switch the module to a fallback path)."""
+        try:
+            with torch.no_grad():
+                self.model(**kwargs)
+        except Exception as err:
+            error = err
+        else:
+            return
+        raise error
+
+    def _fall_back(self, reason: str, backend: Backend, offloaded: bool = False) -> None:
+        """Run the model on the Dynamo or eager path from now on, with one warning saying why."""
+        self._eager = EagerPath(self.model, self.configs, reason, backend, self._backend_options)
         if self._eager.path == "dynamo":
             how = (f"the Dynamo path: each block compiled by torch.compile(backend={self.backend!r}), the cache "
                    "semantics applied around the blocks on the host, the model's top level eager")
         else:
             how = ("the eager path: the same cache semantics applied around the blocks' forward, without graph "
                    "rewriting or compilation")
-        log.warning("%s cannot be captured by torch.export (%s); npu_cache_fx runs %s",
-                    type(self.model).__name__, reason, how)
+        why = reason if offloaded else f"cannot be captured by torch.export ({reason})"
+        log.warning("%s %s; npu_cache_fx runs %s", type(self.model).__name__, why, how)
         self.stats.path = self._eager.path
         self.stats.fallback_reason = reason
 
@@ -794,6 +944,68 @@ class CaptureCache(dict):
         self.model = model
 
 
+# Attributes hook libraries set and delete on the module they wrap: never read through to the wrapped
+# model (accelerate's remove_hook_from_module deletes what hasattr() found).
+_OWN_ATTRIBUTES = frozenset({"_hf_hook", "_old_forward", "_diffusers_hook"})
+
+
+@contextlib.contextmanager
+def _without_root_hook(model: torch.nn.Module) -> Iterator[None]:
+    """Export the model's own forward, not accelerate's wrapper around it (whose ``.to()`` would run on
+    export's fake tensors): :meth:`OptimizedModule.forward` calls the hook's pre/post itself."""
+    own = model.__dict__.get("forward") if "_hf_hook" in model.__dict__ else None
+    if own is None:
+        yield
+        return
+    del model.__dict__["forward"]
+    try:
+        yield
+    finally:
+        model.__dict__["forward"] = own
+
+
+def _check_steps(what: str, steps: Any) -> Optional[int]:
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"{what}: the step count must be an int >= 1 (or None), got {steps!r}")
+    return steps
+
+
+def _pipeline_steps(depth: int = 12) -> Optional[int]:
+    """The step count of the diffusers pipeline calling the model, if one is: ``pipe._num_timesteps``, which
+    every diffusers pipeline sets to ``len(timesteps)`` before its denoising loop."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        owner = getattr(frame.f_locals.get("self"), "__dict__", None)
+        if owner is not None and "scheduler" in owner:
+            steps = owner.get("_num_timesteps")
+            if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
+                return steps
+        frame = frame.f_back
+    return None
+
+
+def _dtypes(model: torch.nn.Module) -> Tuple[torch.dtype, ...]:
+    return tuple(t.dtype for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _devices(model: torch.nn.Module) -> set:
+    return {t.device for t in itertools.chain(model.parameters(), model.buffers())}
+
+
+def _disguise(module: "OptimizedModule") -> type:
+    """The class an optimized module reports as ``__class__``: the wrapped model's, for models that save
+    and load themselves (diffusers' ``ModelMixin``), so that ``pipe.save_pretrained`` saves the
+    transformer as the plain model (and ``isinstance(pipe.transformer, FluxTransformer2DModel)`` holds);
+    ``type(module)`` is still :class:`OptimizedModule`. Other models: ``OptimizedModule``."""
+    cls = type(module)
+    model = module.__dict__.get("_modules", {}).get("model")
+    if model is not None and hasattr(type(model), "save_pretrained") and hasattr(type(model), "from_pretrained"):
+        return type(model)
+    return cls
+
+
 def _export_failure(err: Exception) -> str:
     """``ErrorType at file:line in fn: <source line>`` from a torch.export error, or its first line.
 
@@ -871,5 +1083,8 @@ def optimize(model: torch.nn.Module, cache_config: Union[CacheConfig, Sequence[C
         ...                   block_start=1, block_end=23, blocks="single_transformer_blocks")
         >>> pipe.transformer = optimize(pipe.transformer, cfg)   # doctest: +SKIP
     """
+    if cache_config is None:
+        raise ConfigError("optimize(): cache_config is None; pass a CacheConfig or a list of them "
+                          "(npu_cache_fx.load_plan(path) reads a saved plan)")
     configs = [cache_config] if isinstance(cache_config, CacheConfig) else list(cache_config)
     return OptimizedModule(model, configs, backend, backend_options, timestep_arg, captures)

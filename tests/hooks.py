@@ -15,7 +15,7 @@ import torch
 
 from npu_cache_fx import CacheAgent
 
-__all__ = ["agent_on_attention", "agent_on_blocks"]
+__all__ = ["ByHand", "agent_on_attention", "agent_on_blocks"]
 
 
 def _keyword_call(orig):
@@ -49,13 +49,13 @@ def agent_on_blocks(blocks: Iterable[torch.nn.Module], agent: CacheAgent):
             hidden = bound.pop("hidden_states")
             return agent.apply(_keyword_call(_orig), hidden_states=hidden, **bound)
 
-        originals.append(orig)
+        originals.append(block.__dict__.get("forward"))
         block.forward = forward
     try:
         yield agent
     finally:
         for block, orig in zip(blocks, originals):
-            block.forward = orig
+            _restore_forward(block, orig)
 
 
 @contextlib.contextmanager
@@ -65,10 +65,47 @@ def agent_on_attention(blocks: Iterable[torch.nn.Module], agent: CacheAgent, nam
     for block in blocks:
         attn = getattr(block, name)
         orig = attn.forward
+        saved.append((attn, attn.__dict__.get("forward")))
         attn.forward = lambda *a, _o=orig, **k: agent.apply(_o, *a, **k)
-        saved.append((attn, orig))
     try:
         yield agent
     finally:
         for attn, orig in saved:
-            attn.forward = orig
+            _restore_forward(attn, orig)
+
+
+def _restore_forward(module: torch.nn.Module, own) -> None:
+    """Put back the module's own ``forward`` attribute, or none (the class's), as it was."""
+    if own is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = own
+
+
+class ByHand(torch.nn.Module):
+    """A pipeline's transformer with one CacheAgent per config applied by hand: the reference."""
+
+    def __init__(self, model, configs, order):
+        super().__init__()
+        self.model = model
+        self.configs = configs
+        self.agents = [CacheAgent(c, output_order=order) for c in configs]
+
+    def __getattr__(self, name):  # config, dtype, device, ... of the wrapped model
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+    @contextlib.contextmanager
+    def cache_context(self, name, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for agent in self.agents:
+                stack.enter_context(agent.cache_context(name))
+            yield
+
+    def forward(self, *args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for cfg, agent in zip(self.configs, self.agents):
+                stack.enter_context(agent_on_blocks(self.model.get_submodule(cfg.blocks), agent))
+            return self.model(*args, **kwargs)

@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 
 from npu_cache_fx import CacheAgent, CacheConfig, ConfigError, optimize  # noqa: E402
 from npu_cache_fx.runtime import CaptureCache, OptimizedModule  # noqa: E402
-from hooks import agent_on_blocks  # noqa: E402
+from hooks import ByHand, agent_on_blocks  # noqa: E402
 from tiny_pipelines import flux_pipeline, sd3_pipeline, wan_pipeline  # noqa: E402
 
 STEPS = 6
@@ -28,35 +28,6 @@ SCHEDULE = dict(steps_count=STEPS, step_start=1, step_interval=2)  # compute, wr
 FLUX_CFGS = [CacheConfig(blocks="transformer_blocks", block_start=1, **SCHEDULE),
              CacheConfig(blocks="single_transformer_blocks", **SCHEDULE)]
 FLUX_KW = dict(height=32, width=32, num_inference_steps=STEPS, max_sequence_length=8, output_type="latent")
-
-
-class ByHand(torch.nn.Module):
-    """A pipeline's transformer with one CacheAgent per config applied by hand: the reference."""
-
-    def __init__(self, model, configs, order):
-        super().__init__()
-        self.model = model
-        self.configs = configs
-        self.agents = [CacheAgent(c, output_order=order) for c in configs]
-
-    def __getattr__(self, name):  # config, dtype, device, ... of the wrapped model
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["model"], name)
-
-    @contextlib.contextmanager
-    def cache_context(self, name, **kwargs):
-        with contextlib.ExitStack() as stack:
-            for agent in self.agents:
-                stack.enter_context(agent.cache_context(name))
-            yield
-
-    def forward(self, *args, **kwargs):
-        with contextlib.ExitStack() as stack:
-            for cfg, agent in zip(self.configs, self.agents):
-                stack.enter_context(agent_on_blocks(self.model.get_submodule(cfg.blocks), agent))
-            return self.model(*args, **kwargs)
 
 
 def generate(pipe, transformer, seed=0, **kw):
@@ -140,26 +111,19 @@ def test_flux_second_call_is_a_new_generation(flux):
     assert opt.stats.generations == 3 and opt.stats.steps_reused == 3 * 2
 
 
-def test_flux_num_inference_steps_other_than_steps_count(flux):
-    """What happens today when the pipeline runs more or fewer steps than ``steps_count``.
-
-    Fewer: the plan is cut short (its last write may go unread); the next call starts a new
-    generation (the timestep rises) and equals a fresh module. More: the step counter wraps
-    at ``steps_count`` mid-generation and the plan starts over on the remaining steps (two
-    "generations" in one pipeline call), without a warning. No stale cache is ever read.
-    """
+@pytest.mark.parametrize("steps", [4, 10])
+def test_flux_other_step_counts_scale_the_plan(flux, steps):
+    """A request with another step count runs the plan scaled to it (CacheConfig.scaled), read from the
+    pipeline (``_num_timesteps``): one generation per call, equal to CacheAgent by hand on the scaled
+    configs. Before: 4 steps cut the plan short, 10 steps restarted it at step 6 (two "generations")."""
     pipe, captures = flux
     opt = optimize(pipe.transformer, FLUX_CFGS, captures=captures)
-    fresh = optimize(pipe.transformer, FLUX_CFGS, captures=captures)
-    with torch.no_grad():
-        generate(pipe, opt, prompt="a cat", **{**FLUX_KW, "num_inference_steps": 4})
-        assert opt.stats.generations == 1 and opt.stats.steps_reused == 1  # plan steps 0-3: C W R W
-        assert torch.equal(generate(pipe, opt, prompt="a cat", **FLUX_KW),
-                           generate(pipe, fresh, prompt="a cat", **FLUX_KW))
-        opt.stats.clear()
-        generate(pipe, opt, prompt="a cat", **{**FLUX_KW, "num_inference_steps": 10})
-    assert opt.stats.generations == 2  # steps 6-9 ran as plan steps 0-3 (C W R W)
-    assert opt.stats.steps_reused == 2 + 1 and opt.stats.stale_reads_avoided == 0
+    scaled = [c.scaled(steps) for c in opt.configs]
+    kw = dict(FLUX_KW, num_inference_steps=steps)
+    matches_by_hand(pipe, opt, ByHand(pipe.transformer, scaled, "encoder_first"), prompt="a cat", **kw)
+    assert opt.stats.generations == 1 and opt.stats.steps == steps and opt.stats.plan_steps == steps
+    assert opt.stats.steps_reused == len(opt.plan_for(steps).reuse_steps()) > 0
+    assert opt.stats.stale_reads_avoided == 0
 
 
 def test_flux_second_resolution_recaptures_once_and_never_mixes(flux, capsys):
@@ -282,12 +246,14 @@ WAN_KW = dict(prompt="a cat", negative_prompt="blurry", height=16, width=16, num
               num_inference_steps=STEPS, guidance_scale=5.0, max_sequence_length=8, output_type="pt")
 
 
-def test_wan_pipeline_checks_num_inference_steps(wan):
-    # WanPipeline passes cache_context("cond", step_index=i, sigma=..., num_inference_steps=N)
-    opt = optimize(wan.transformer, CacheConfig(block_start=1, block_end=3, **SCHEDULE))
-    with torch.no_grad(), pytest.raises(ConfigError, match=f"num_inference_steps={STEPS + 2} but "
-                                                             f"CacheConfig.steps_count is {STEPS}"):
-        generate(wan, opt, **dict(WAN_KW, num_inference_steps=STEPS + 2))
+def test_wan_pipeline_other_step_count_scales_the_plan(wan):
+    # WanPipeline passes cache_context("cond", step_index=i, sigma=..., num_inference_steps=N); it used to raise
+    model = wan.transformer
+    opt = optimize(model, CacheConfig(block_start=1, block_end=3, **SCHEDULE))
+    steps = STEPS + 3
+    reference = ByHand(model, [c.scaled(steps) for c in opt.configs], "hidden_first")
+    matches_by_hand(wan, opt, reference, **dict(WAN_KW, num_inference_steps=steps))
+    assert opt.stats.plan_steps == steps and opt.stats.generations == 2  # cond and uncond contexts
 
 
 def test_wan_pipeline_sequential_cfg(wan):

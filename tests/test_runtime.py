@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from npu_cache_fx import CacheAgent, CacheConfig, ConfigError, optimize
-from npu_cache_fx.schedule import Action
+from npu_cache_fx.schedule import Action, make_plan
 from toy import ToyDiT, toy_inputs
 
 TS = [900.0, 800.0, 700.0, 600.0, 500.0]
@@ -215,13 +215,19 @@ def test_longer_generation_than_steps_count_warns(caplog):
     opt = optimize(ToyDiT(single=7), ref_cfg())
     with caplog.at_level(logging.WARNING):
         run(opt, [float(900 - 100 * s) for s in range(7)])  # 7 steps, steps_count=5
-    assert "past CacheConfig.steps_count=5" in caplog.text
+    assert "past the 5 steps planned" in caplog.text and "set_steps" in caplog.text
 
 
-def test_pipeline_num_inference_steps_must_match():
+def test_context_num_inference_steps_scales_the_plan():
+    """cache_context(num_inference_steps=n) (WanPipeline passes it) makes that generation's plan the
+    configs scaled to n steps; the next context without it is back to steps_count."""
     opt = optimize(ToyDiT(single=7), ref_cfg())
-    with opt.cache_context("cond", step_index=0, sigma=1.0, num_inference_steps=5):
+    with opt.cache_context("cond", step_index=0, sigma=1.0, num_inference_steps=8):
         opt(**toy_inputs(900.0))
-    with pytest.raises(ConfigError, match="num_inference_steps=8 but CacheConfig.steps_count is 5"):
-        with opt.cache_context("cond", num_inference_steps=8):
+    assert opt._contexts["cond"].plan is opt.plan_for(8) and opt.stats.plan_steps == 8
+    assert opt.plan_for(8).decisions == make_plan([c.scaled(8) for c in opt.configs]).decisions
+    opt(**toy_inputs(900.0))
+    assert opt._contexts["default"].plan is opt.plan and opt.stats.plan_steps == 5
+    with pytest.raises(ConfigError, match=r"num_inference_steps=\.\.\.\): the step count must be an int >= 1"):
+        with opt.cache_context("cond", num_inference_steps=0):
             pass

@@ -1,0 +1,177 @@
+"""Notice when a wrapped model changes in a way its captured graphs would not see.
+
+A capture freezes the model's *code path*: which submodules run, which hooks
+fire, which LoRA adapters are active and at what scale (peft keeps the scale a
+Python float, so export bakes it in), which attention processor each attention
+module calls. Parameters are different: the captured graph reads the model's own
+``Parameter`` objects, so in-place updates (``load_state_dict``,
+``param.data = ...``, fusing a LoRA into the weights) reach it without a
+recapture -- but *replacing* a parameter does not.
+
+:class:`ModelWatch` takes a fingerprint of everything a capture depends on and
+answers, per call, "did any of it change?" cheaply:
+
+* structural changes (a submodule, parameter or buffer assigned or registered
+  anywhere, a hook registered anywhere) bump process-wide counters, fed by
+  torch's global registration hooks and ``RemovableHandle``'s id counter: one
+  comparison of two ints per call; when they moved, the fingerprint is
+  recomputed and compared;
+* state that changes without any registration (a hook removed, a LoRA adapter
+  switched, disabled, re-scaled or merged, an attention processor swapped, a
+  ``forward`` replaced by an accelerate or diffusers hook, ``train()``/``eval()``)
+  is read from the few objects that hold it, recorded with the fingerprint.
+
+Example::
+
+    >>> watch = ModelWatch(model)                  # doctest: +SKIP
+    >>> model.load_lora_adapter(...)               # doctest: +SKIP
+    >>> watch.changed()                            # doctest: +SKIP
+    ['modules', 'parameters', 'adapters']
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["ModelWatch", "fingerprint", "offload_hooks"]
+
+_registrations = 0
+_installed = False
+_install_lock = threading.Lock()
+
+
+def _bump(*_: Any) -> None:
+    global _registrations
+    _registrations += 1
+    return None
+
+
+def _install() -> None:
+    """Count every submodule/parameter/buffer registration in the process (once)."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        from torch.nn.modules import module as M
+        M.register_module_module_registration_hook(_bump)
+        M.register_module_parameter_registration_hook(_bump)
+        M.register_module_buffer_registration_hook(_bump)
+        _installed = True
+
+
+def _counters() -> Tuple[int, int]:
+    return _registrations, RemovableHandle.next_id
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _global_hook_dicts() -> List[dict]:
+    from torch.nn.modules import module as M
+    return [getattr(M, name) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")
+            if isinstance(getattr(M, name, None), dict)]
+
+
+def _adapter_state(mod: torch.nn.Module) -> Optional[Tuple[Any, ...]]:
+    """A peft tuner layer's adapter state (active set, disabled, merged, scales), else None."""
+    d = mod.__dict__
+    if "_active_adapter" not in d or "merged_adapters" not in d:
+        return None
+    scaling = d.get("scaling")
+    active = d["_active_adapter"]
+    return (tuple(active) if isinstance(active, list) else active, d.get("_disable_adapters"),
+            tuple(d["merged_adapters"]), tuple(scaling.items()) if isinstance(scaling, dict) else None)
+
+
+def _probe(mod: torch.nn.Module) -> List[Tuple[Callable[[], Any], Any]]:
+    """(read, value) pairs for what can change on ``mod`` without a registration."""
+    probes: List[Tuple[Callable[[], Any], Any]] = []
+    for name in _HOOK_DICTS:
+        hooks = mod.__dict__.get(name)
+        if hooks:  # removing a hook registers nothing
+            probes.append((hooks.__len__, len(hooks)))
+    if _adapter_state(mod) is not None:
+        probes.append((lambda m=mod: _adapter_state(m), _adapter_state(mod)))
+    if "processor" in mod.__dict__:  # diffusers Attention: set_processor() swaps a plain object
+        probes.append((lambda m=mod: id(m.__dict__.get("processor")), id(mod.__dict__["processor"])))
+    return probes
+
+
+def fingerprint(model: torch.nn.Module) -> Tuple[Dict[str, Any], List[Tuple[Callable[[], Any], Any]]]:
+    """What a capture of ``model`` depends on, by section, and the probes that re-read its mutable part."""
+    modules, params, hooks, adapters, processors, forwards = [], [], [], [], [], []
+    probes: List[Tuple[Callable[[], Any], Any]] = []
+    for name, mod in model.named_modules(remove_duplicate=False):
+        modules.append((name, id(mod)))
+        params.append((name, tuple((k, id(v)) for k, v in mod._parameters.items()),
+                       tuple((k, id(v)) for k, v in mod._buffers.items())))
+        hooked = tuple((h, tuple(mod.__dict__[h])) for h in _HOOK_DICTS if mod.__dict__.get(h))
+        if hooked:
+            hooks.append((name, hooked))
+        state = _adapter_state(mod)
+        if state is not None:
+            adapters.append((name, state))
+        if "processor" in mod.__dict__:
+            processors.append((name, id(mod.__dict__["processor"])))
+        own = mod.__dict__.get("forward")
+        accelerate = mod.__dict__.get("_hf_hook")
+        registry = getattr(mod.__dict__.get("_diffusers_hook"), "hooks", None)  # diffusers' HookRegistry
+        registered = tuple(registry) if isinstance(registry, dict) else ()
+        if own is not None or accelerate is not None or registered:
+            forwards.append((name, id(own), id(accelerate), registered))
+            probes.append((lambda m=mod: id(m.__dict__.get("forward")), id(own)))
+        probes += _probe(mod)
+    for hooks_dict in _global_hook_dicts():
+        hooks.append(("<global>", tuple(hooks_dict)))
+        probes.append((hooks_dict.__len__, len(hooks_dict)))
+    probes.append((lambda: model.training, model.training))
+    sections = {"modules": tuple(modules), "parameters": tuple(params), "hooks": tuple(hooks),
+                "adapters": tuple(adapters), "attention processors": tuple(processors),
+                "forward overrides": tuple(forwards), "training": model.training}
+    return sections, probes
+
+
+def offload_hooks(model: torch.nn.Module) -> List[str]:
+    """Submodules whose forward moves weights between devices (accelerate's offload hooks,
+    diffusers' group offloading): a captured graph would run without them."""
+    found = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        if "_hf_hook" in mod.__dict__:
+            found.append(name)
+            continue
+        registry = mod.__dict__.get("_diffusers_hook")
+        hooks = getattr(registry, "hooks", None)
+        if isinstance(hooks, dict) and any("offload" in str(k) for k in hooks):
+            found.append(name)
+    return found
+
+
+class ModelWatch:
+    """Per-call check that ``model`` is still the model its captures were taken from."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        _install()
+        self.model = model
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Take the model as it is now as the reference."""
+        self._counters = _counters()
+        self._sections, self._probes = fingerprint(self.model)
+
+    def changed(self) -> List[str]:
+        """The sections that changed since :meth:`refresh` (empty: nothing did)."""
+        if self._counters == _counters() and all(read() == value for read, value in self._probes):
+            return []
+        sections, probes = fingerprint(self.model)
+        self._counters = _counters()
+        changed = [k for k, v in sections.items() if self._sections.get(k) != v]
+        self._sections, self._probes = sections, probes
+        return changed
