@@ -6,7 +6,10 @@
    a. a bypass config (``step_interval=1``): optimize() must call the model directly;
    b. the compute steps of an active plan (decisions with no READ: the captured,
       rewritten graph plus the host dispatch, vs the eager model at the same step);
-   c. the host dispatch alone (variant functions stubbed out), per call.
+   c. the host dispatch alone (variant functions stubbed out), per call;
+   d. the per-call check that the model did not change (``ModelWatch.changed``: module tree,
+      parameters, hooks, adapters), on this model, on the shipped tiny-flux (against one eager
+      tiny-flux step; targets <= 20 us and <= 2 % of the step) and with a LoRA adapter (peft).
    Eager and optimized calls are interleaved (A,B / B,A ...); medians are reported.
 2. Realised vs ideal speedup of a 28-step Euler loop (target >= 0.95 of ideal).
    Per-block costs come from forward pre/post hooks on every block of both block
@@ -40,6 +43,7 @@ from npu_cache_fx.schedule import Action, Plan  # noqa: E402
 LISTS = ("transformer_blocks", "single_transformer_blocks")
 OVERHEAD_MAX = 0.02
 REALISED_MIN = 0.95
+WATCH_MAX_US = 20.0
 DEFAULT_OUT = os.path.join("benchmarks", "out", "overhead.json")
 
 
@@ -133,6 +137,43 @@ def dispatch_cost(fast, inputs, steps: int, generations: int) -> Dict[str, Any]:
         for v, fn in saved:
             v.fn = fn
     return {k: common.summary(v, scale=1e6) for k, v in times.items()}
+
+
+def watch_cost(model, repeats: int = 2000) -> Dict[str, Any]:
+    """Microseconds of one ``ModelWatch.changed()`` call on an unchanged model (median of ``repeats``)."""
+    from npu_cache_fx.watch import ModelWatch
+    watch = ModelWatch(model)
+    times = []
+    with common.no_gc():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            changed = watch.changed()
+            times.append(time.perf_counter() - t0)
+    assert not changed
+    return {"us": common.summary(times, scale=1e6), "modules": sum(1 for _ in model.modules())}
+
+
+def watch_costs(model, repeats: int) -> Dict[str, Any]:
+    """1d: the change check on the benchmark model, on tiny-flux (vs an eager tiny-flux step), with a LoRA."""
+    from npu_cache_fx import models
+    out: Dict[str, Any] = {"flux_bench": watch_cost(model)}
+    tiny = models.load("tiny-flux")
+    labels = torch.arange(2) % 10
+    kwargs = tiny.inputs(labels)
+    with torch.no_grad():
+        step = common.interleaved({"step": lambda: tiny.transformer(**kwargs)}, repeats=repeats, warmup=2)["step"]
+    out["tiny_flux"] = watch_cost(tiny.transformer)
+    out["tiny_flux"]["step_ms"] = common.summary(step)
+    out["tiny_flux"]["fraction_of_step"] = out["tiny_flux"]["us"]["median"] * 1e-6 / common.median(step)
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        out["flux_bench_lora"] = {"error": "peft not installed"}
+    else:
+        lora = common.build_flux()
+        lora.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        out["flux_bench_lora"] = watch_cost(lora)
+    return out
 
 
 # ----------------------------------------------------------------------------- 2. ideal vs realised
@@ -274,7 +315,8 @@ def main(argv=None) -> Dict[str, Any]:
         "quick": args.quick, "target_speedup": args.target_speedup, "model_params": nparams,
         "model": "FluxTransformer2DModel(double=2, single=6, heads=2, head_dim=64, in_channels=16)",
         "tokens": {"image": 256, "text": 32}},
-        "targets": {"overhead_max": OVERHEAD_MAX, "realised_over_ideal_min": REALISED_MIN}}
+        "targets": {"overhead_max": OVERHEAD_MAX, "realised_over_ideal_min": REALISED_MIN,
+                    "watch_max_us": WATCH_MAX_US}}
 
     # 1a. bypass
     bypass = bypass_overhead(model, inputs, steps, repeats)
@@ -351,6 +393,17 @@ def main(argv=None) -> Dict[str, Any]:
               + "  ".join(f"{k} {v['median']:.1f}" for k, v in disp.items())
               + f"  (max = {result['dispatch_fraction_of_eager_forward']:.2%} of an eager forward)")
 
+    # 1d. the model-change check
+    watch = watch_costs(model, repeats)
+    result["watch"] = watch
+    tf = watch["tiny_flux"]
+    print(f"   model-change check per call (median us): this model {watch['flux_bench']['us']['median']:.1f} "
+          f"({watch['flux_bench']['modules']} modules); tiny-flux {tf['us']['median']:.1f} = "
+          f"{tf['fraction_of_step']:.2%} of its {tf['step_ms']['median']:.2f} ms eager step "
+          f"[{_ok(tf['us']['median'] <= WATCH_MAX_US and tf['fraction_of_step'] <= OVERHEAD_MAX)}]"
+          + (f"; with a LoRA on every attention projection {watch['flux_bench_lora']['us']['median']:.1f}"
+             if "us" in watch["flux_bench_lora"] else ""))
+
     bc = result["block_costs"]
     print(f"\n2. realised vs ideal speedup, {steps}-step Euler loop, eager backend")
     print(f"   per-block ms: double {' '.join(f'{x:.2f}' for x in bc['blocks_ms']['transformer_blocks'])} | "
@@ -377,6 +430,9 @@ def main(argv=None) -> Dict[str, Any]:
         "bypass_ok": bypass["ratio"] <= 1 + OVERHEAD_MAX,
         "compute_step_ok": comp["all"]["ratio"] <= 1 + OVERHEAD_MAX,
         "realised_ok": rows[0]["realised_over_ideal"] >= REALISED_MIN,
+        "watch_us_tiny_flux": tf["us"]["median"],
+        "watch_fraction_of_tiny_flux_step": tf["fraction_of_step"],
+        "watch_ok": tf["us"]["median"] <= WATCH_MAX_US and tf["fraction_of_step"] <= OVERHEAD_MAX,
     }
     path = common.write_json(args.out, result)
     print(f"\nwrote {path}")

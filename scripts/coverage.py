@@ -120,7 +120,7 @@ def cell(rows: List[Dict[str, object]]) -> str:
         return "-"
     parts = []
     for r in rows:
-        label = r["feature"].split(":", 1)[1] if ":" in r["feature"] else ""
+        label = r["feature"].split("@")[0].split(":", 1)[1] if ":" in r["feature"] else ""
         path = ""
         if r.get("path") in ("eager", "dynamo"):
             path = f"({r['path']} path)"
@@ -146,9 +146,12 @@ def markdown(rows, pipelines, cost, seconds) -> str:
         "Eager plans run 6 steps (compute, write, read, write, read, compute); `aot_eager` runs 4 (write, read,",
         "write, read: each variant is a compile). Compute steps are bit-identical to the model (`torch.equal`;",
         "`aot_eager`: allclose 1e-5); reuse steps equal `CacheAgent` applied by hand (allclose 1e-5).",
+        "Every cell runs in fp32; the **bf16** and **fp16** columns run the combined plan (eager) with the model",
+        "and its float inputs cast (`.to(dtype)`), against `CacheAgent` by hand in the same dtype (torch's",
+        "default tolerances for the dtype).",
         "",
-        "| model | capture | dit cache | attention cache | combined (eager) | combined (aot_eager) |",
-        "|---|---|---|---|---|---|",
+        "| model | capture | dit cache | attention cache | combined (eager) | combined (aot_eager) | bf16 | fp16 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     by_model: Dict[str, List[Dict[str, object]]] = {}
     for r in rows:
@@ -162,6 +165,8 @@ def markdown(rows, pipelines, cost, seconds) -> str:
             cell(pick(lambda r: r["feature"].startswith("attention:"))),
             cell(pick(lambda r: r["feature"] == "combined" and r["backend"] == "eager")),
             cell(pick(lambda r: r["feature"] == "combined" and r["backend"] != "eager")),
+            cell(pick(lambda r: r["feature"] == "combined@bf16")),
+            cell(pick(lambda r: r["feature"] == "combined@fp16")),
         ]) + " |")
     counts = {s: sum(r["status"] == s for r in rows) for s in (PASS, XFAIL, FAIL, XPASS)}
     lines += ["", f"{len(rows)} cells: {counts[PASS]} pass, {counts[XFAIL]} xfail, {counts[FAIL]} fail, "
@@ -197,11 +202,11 @@ def markdown(rows, pipelines, cost, seconds) -> str:
                   "| test | result | seconds | note |", "|---|---|---|---|"]
         for name, status, msg, secs in pipelines:
             lines.append(f"| `{name}` | {MARK.get(status, status)} | {secs:.1f} | {msg} |")
-        lines += ["", "`num_inference_steps` other than `steps_count` (today, not yet a decision): fewer steps run",
-                  "the first steps of the plan (a last write may go unread) and the next call starts a new",
-                  "generation; more steps wrap the step counter at `steps_count` mid-generation, so the plan",
-                  "starts over on the remaining steps (two generations in one pipeline call), silently. No",
-                  "stale cache is read either way (`test_flux_num_inference_steps_other_than_steps_count`).", ""]
+        lines += ["", "`num_inference_steps` other than `steps_count`: the plan is scaled to the request's step count",
+                  "(`CacheConfig.scaled`; the count read from `pipe._num_timesteps`, from `cache_context(...,",
+                  "num_inference_steps=n)` or `set_steps(n)`), one generation per pipeline call, equal to CacheAgent",
+                  "by hand on the scaled configs (`test_flux_other_step_counts_scale_the_plan`,",
+                  "`test_wan_pipeline_other_step_count_scales_the_plan`).", ""]
     if cost:
         lines += ["## Dynamic shapes", "",
                   "A new latent shape (resolution, frame count, batch, dtype, device) recaptures once; each capture",

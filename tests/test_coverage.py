@@ -3,7 +3,8 @@
 Per model: capture + block-list detection; a DiT block cache on each block
 list; an attention cache on each block list; a combined plan (DiT cache on one
 list + attention cache on another list, or on a disjoint range of the same
-list) in eager mode and compiled with ``aot_eager``. Compute steps are
+list) in eager mode and compiled with ``aot_eager``; the combined plan again with the model and its
+float inputs in bf16 and in fp16 (eager; CacheAgent by hand in the same dtype). Compute steps are
 bit-identical to the original model (``aot_eager``: allclose 1e-5); reuse
 steps equal (allclose 1e-5) the eager :class:`~npu_cache_fx.CacheAgent`
 applied by hand. What cannot work is an ``xfail(strict=True)`` with its reason
@@ -33,6 +34,8 @@ SCHEDULE = dict(steps_count=STEPS, step_start=1, step_interval=2)  # compute, wr
 # Compiled plans: every variant costs a compile (seconds), so only write + read (the write steps are the
 # compute steps checked against the model): write, read, write, read.
 COMPILED_SCHEDULE = dict(steps_count=4, step_start=0, step_interval=2)
+# Half-precision columns: the combined plan with the model and its float inputs cast (fp32 is every other cell).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def features(m: Model) -> List[Tuple[str, Optional[str]]]:
@@ -43,6 +46,7 @@ def features(m: Model) -> List[Tuple[str, Optional[str]]]:
             out += [(f"dit:{fqn}", None), (f"attention:{fqn}", None)]
     out += [(f"dit:{fqn}[{lo}:{hi}]", None) for fqn, (lo, hi) in m.extra_ranges]
     out += [("combined", None), ("combined", "aot_eager")]
+    out += [(f"combined@{d}", None) for d in DTYPES]
     return out
 
 
@@ -68,15 +72,25 @@ def cases():
 
 
 # ----------------------------------------------------------------------------- shared state
-_STATE: Dict[str, Tuple[torch.nn.Module, CaptureCache]] = {}
+_STATE: Dict[Tuple[str, str], Tuple[torch.nn.Module, CaptureCache]] = {}
 
 
-def model_state(name: str) -> Tuple[torch.nn.Module, CaptureCache]:
-    """One model instance and one capture per model for the whole module (captures cost seconds)."""
-    if name not in _STATE:
+def model_state(name: str, dtype: str = "fp32") -> Tuple[torch.nn.Module, CaptureCache]:
+    """One model instance and one capture per model and dtype for the whole module (captures cost seconds)."""
+    if (name, dtype) not in _STATE:
         model = MODELS[name].build()
-        _STATE[name] = (model, CaptureCache(model))
-    return _STATE[name]
+        if dtype in DTYPES:
+            model = model.to(DTYPES[dtype])
+        _STATE[name, dtype] = (model, CaptureCache(model))
+    return _STATE[name, dtype]
+
+
+def cast_inputs(inputs: dict, dtype: str) -> dict:
+    """Floating-point tensor inputs in ``dtype`` (as a half-precision pipeline passes them)."""
+    if dtype not in DTYPES:
+        return inputs
+    return {k: v.to(DTYPES[dtype]) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in inputs.items()}
 
 
 def first(out):
@@ -101,7 +115,7 @@ def plan_for(m: Model, feature: str, schedule: dict = SCHEDULE) -> List[CacheCon
     if feature.startswith("attention:"):
         fqn = feature[len("attention:"):]
         return [CacheConfig(method="attention_cache", blocks=fqn, attention=m.lists[fqn].attention, **schedule)]
-    assert feature == "combined"
+    assert feature.split("@")[0] == "combined"
     dit_list, attn_list = m.combined
     lo, hi = m.dit_range(dit_list)
     if attn_list == dit_list:  # the other part of the same list
@@ -157,6 +171,9 @@ def run_matrix_cell(name: str, feature: str, backend: Optional[str]) -> dict:
                 order = "encoder_first" if returned[:1] == ["encoder_hidden_states"] else "hidden_first"
                 assert order == spec.order, f"{fqn}.0 returns {returned}: {order}, the table says {spec.order}"
         return {"nodes": len(cap.gm.graph.nodes), "capture_s": round(cap.seconds, 2)}
+    feature, _, dtype = feature.partition("@")
+    if dtype:
+        model, captures = model_state(name, dtype)
     schedule = SCHEDULE if backend is None else COMPILED_SCHEDULE
     opt = optimize(model, plan_for(m, feature, schedule), backend=backend, captures=captures)
     steps = opt.plan.steps_count
@@ -165,14 +182,15 @@ def run_matrix_cell(name: str, feature: str, backend: Optional[str]) -> dict:
     reuse = 0
     with torch.no_grad():
         for s in range(steps):
-            inputs = m.inputs(1.0 - s / steps, seed=s)
+            inputs = cast_inputs(m.inputs(1.0 - s / steps, seed=s), dtype)
             got = first(opt(**inputs))
             plain = first(model(**inputs))
             with applied():
                 by_hand = first(model(**inputs))
             if Action.READ in opt.plan.decision(s):
                 reuse += 1
-                torch.testing.assert_close(got, by_hand, rtol=1e-5, atol=1e-5,
+                tol = {} if dtype else dict(rtol=1e-5, atol=1e-5)  # half types: torch's defaults for the dtype
+                torch.testing.assert_close(got, by_hand, **tol,
                                            msg=lambda msg: f"step {s} (reuse) != CacheAgent by hand: {msg}")
                 assert not torch.equal(got, plain), f"step {s}: a reuse step returned the uncached output"
             else:
