@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create or reuse .venv, install the package with its test extras, run the test suite.
-# Usage: bash scripts/test.sh [pytest args...]
+# Create or reuse .venv, install the package with its test extras, run the test suite on 2 workers.
+# Usage: bash scripts/test.sh [pytest args...]     e.g. bash scripts/test.sh -m "not slow"  (the quick tier)
+#        PYTEST_WORKERS=0 bash scripts/test.sh ...  (one process, no xdist)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -11,6 +12,9 @@ fi
 # The CPU build of torch 2.13.0 is on this machine's disk; an unpinned torch pulls a CUDA build.
 pip install -q --disable-pip-version-check torch==2.13.0
 pip install -q --disable-pip-version-check -e ".[dev]"
+# LoRA (peft) and offload (accelerate) workflows: optional; their tests skip with a reason without them.
+pip install -q --disable-pip-version-check -e ".[workflows]" \
+  || echo "note: peft/accelerate unavailable; the LoRA and offload workflow tests will be skipped"
 # MindIE-SD's cache agent, for the optional differential tests (installed without its torch_npu
 # dependency, which breaks `import torch` without CANN). The tests skip when it is missing.
 if ! pip show -q mindiesd >/dev/null 2>&1; then
@@ -18,8 +22,13 @@ if ! pip show -q mindiesd >/dev/null 2>&1; then
     || echo "note: mindiesd==3.1.0 unavailable; MindIE differential tests will be skipped"
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+WORKERS="${PYTEST_WORKERS:-2}"
+XDIST=()
+if [ "$WORKERS" != "0" ]; then
+  XDIST=(-n "$WORKERS" --dist loadgroup)
+fi
 set +e
-python -m pytest -q "$@"
+python -m pytest -q "${XDIST[@]}" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compiles or runs benchmarks end to end: not in the quick tier
+
 pytest.importorskip("diffusers")
 pytest.importorskip("matplotlib")
 

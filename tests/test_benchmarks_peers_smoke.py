@@ -16,6 +16,9 @@ import sys
 
 import pytest
 
+# slow; one xdist worker runs the whole module, so its module fixture (a 30 s subprocess) runs once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("peers_smoke")]
+
 pytest.importorskip("diffusers")
 pytest.importorskip("matplotlib")
 

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compiles or runs benchmarks end to end: not in the quick tier
+
 pytest.importorskip("diffusers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

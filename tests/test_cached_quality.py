@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # compiles or runs benchmarks end to end: not in the quick tier
+
 pytest.importorskip("diffusers")
 
 from npu_cache_fx import metrics, models, optimize  # noqa: E402

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real pipelines, trained models or searches: not in the quick tier
+
 from npu_cache_fx.cli import build_parser, main
 
 

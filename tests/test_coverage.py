@@ -66,8 +66,7 @@ def cases():
         for feature, backend in features(m):
             known = expected_failure(m, feature, backend)
             marks = [pytest.mark.xfail(strict=True, reason=known[0], raises=known[1])] if known else []
-            if backend:
-                marks.append(pytest.mark.slow)
+            marks.append(pytest.mark.slow)  # ~100 captures of 17 families: the full suite, not the quick tier
             yield pytest.param(name, feature, backend, marks=marks, id=cell_id(name, feature, backend))
 
 

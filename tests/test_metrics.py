@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # real pipelines, trained models or searches: not in the quick tier
+
 torch.set_num_threads(1)
 
 from npu_cache_fx import metrics  # noqa: E402

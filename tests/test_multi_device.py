@@ -25,6 +25,8 @@ import time
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # compiles or runs benchmarks end to end: not in the quick tier
+
 pytest.importorskip("diffusers")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)

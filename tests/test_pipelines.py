@@ -15,6 +15,8 @@ import contextlib
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # real pipelines, trained models or searches: not in the quick tier
+
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 

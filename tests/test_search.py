@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+pytestmark = pytest.mark.slow  # real pipelines, trained models or searches: not in the quick tier
+
 from npu_cache_fx import CacheConfig
 from npu_cache_fx.schedule import Action
 from npu_cache_fx.search import (Part, Schedule, SearchSession, config_from_json, config_to_json,

@@ -11,6 +11,8 @@ import functools
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # compiles or runs benchmarks end to end: not in the quick tier
+
 pytest.importorskip("diffusers")
 
 from npu_cache_fx import CacheConfig, optimize  # noqa: E402

@@ -25,6 +25,7 @@ pytest.importorskip("transformers")
 
 from tiny_pipelines import flux_pipeline, flux_transformer  # noqa: E402
 
+SLOW = pytest.mark.slow  # captures the tiny Flux (seconds): not in the quick tier
 STEPS = 6
 SCHEDULE = dict(steps_count=STEPS, step_start=1, step_interval=2)  # compute, write, read, write, read, compute
 FLUX_CFGS = [CacheConfig(blocks="transformer_blocks", block_start=1, **SCHEDULE),
@@ -129,6 +130,7 @@ CHANGES = {"peft add_adapter": _peft_adapter, "new Parameter": _new_parameter,
            "forward hook": _forward_hook, "attention processor": _swap_processor}
 
 
+@SLOW
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_module_change_after_first_call_recaptures(change):
     """Before: the optimized module kept its first capture and returned the unmodified model's output."""
@@ -144,6 +146,7 @@ def test_module_change_after_first_call_recaptures(change):
     assert opt.stats.captures == 2
 
 
+@SLOW
 def test_in_place_weight_update_needs_no_recapture():
     """The captured graph reads the model's own parameters: load_state_dict (copy) reaches it as is."""
     model = flux_transformer()
@@ -155,6 +158,7 @@ def test_in_place_weight_update_needs_no_recapture():
     assert not torch.equal(after, before) and opt.stats.captures == 1
 
 
+@SLOW
 def test_removed_hook_and_train_mode_are_noticed():
     model = flux_transformer()
     opt = optimize(model, FLUX_CFGS)
@@ -169,6 +173,7 @@ def test_removed_hook_and_train_mode_are_noticed():
     assert opt.stats.model_changes == 3
 
 
+@SLOW
 def test_lora_lifecycle_in_a_pipeline():
     """load_lora_weights / set_adapters / disable_lora / fuse_lora / unload_lora_weights on the pipeline of an
     optimized transformer: each stage equals CacheAgent by hand on the model as it is then."""
@@ -203,6 +208,7 @@ def test_lora_lifecycle_in_a_pipeline():
     torch.testing.assert_close(check("unload_lora_weights"), base, rtol=1e-5, atol=1e-5)
 
 
+@SLOW
 def test_lora_scale_is_one_capture_per_value():
     """``joint_attention_kwargs={"scale": s}``: peft keeps the scale a Python float, so it is part of the
     graph: each distinct value is one capture (kept), and the output follows the scale."""
@@ -225,6 +231,7 @@ def _no_offload_reference():
     return run_pipe(pipe, optimize(pipe.transformer, FLUX_CFGS))
 
 
+@SLOW
 @pytest.mark.parametrize("order", ["offload after optimize", "offload before optimize"])
 def test_model_cpu_offload_captures_once(order):
     """Before: accelerate's hook called .to() before each call, .to() dropped the captures: every call
@@ -244,6 +251,7 @@ def test_model_cpu_offload_captures_once(order):
     assert torch.equal(first, reference) and torch.equal(second, reference)
 
 
+@SLOW
 def test_group_offload_runs_the_eager_path_with_its_hooks():
     """A graph would run without the hooks that bring each block's weights in: group-offloaded models run
     the eager path (the blocks called through their hooks), with the same plan and output."""
@@ -261,6 +269,7 @@ def test_group_offload_runs_the_eager_path_with_its_hooks():
 
 
 # ----------------------------------------------------------------------------- 3. fp16
+@SLOW
 def test_fp16_flux_dual_stream_blocks_clip_is_a_pass_through():
     """fp16 Flux blocks clip their outputs (aten.clip); before: ConfigError 'does not continue any of its
     inputs' for a DiT cache on transformer_blocks."""
@@ -274,6 +283,7 @@ def test_fp16_flux_dual_stream_blocks_clip_is_a_pass_through():
 
 
 # ----------------------------------------------------------------------------- 4. save / load
+@SLOW
 def test_save_pretrained_saves_the_plain_model_and_the_plan(tmp_path):
     """Before: diffusers printed "cannot be saved", wrote "transformer": [null, null] and from_pretrained failed."""
     pipe = flux_pipeline()
