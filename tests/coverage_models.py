@@ -46,6 +46,7 @@ class Model:
     # feature -> (precise reason, exception raised); a strict xfail in tests/test_coverage.py
     xfail: Dict[str, Tuple[str, type]] = field(default_factory=dict)
     export_error: str = ""             # torch.export cannot capture it: optimize() runs its eager fallback
+    export_exception: type = Exception  # the exception type that capture raises (a strict xfail expects it)
     note: str = ""
 
     def dit_range(self, fqn: str) -> Tuple[int, int]:
@@ -406,6 +407,7 @@ MODELS: Dict[str, Model] = {m.name: m for m in [
            "noise_refiner": _B(1, "Lumina2TransformerBlock", cached=False),
            "context_refiner": _B(1, "Lumina2TransformerBlock", cached=False)},
           combined=("layers", "layers"),
+          export_exception=TypeError,
           export_error="export fails: data-dependent encoder_attention_mask.sum(dim=1).tolist() in "
                        "Lumina2RotaryPosEmbed.forward (transformer_lumina2.py line 273), then "
                        "len(set(seq_lengths)) hashes a SymInt in Lumina2Transformer2DModel.forward (line 519): "

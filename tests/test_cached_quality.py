@@ -24,6 +24,7 @@ def test_2x_plan_keeps_class_fidelity(name, n):
     ref = model.sample(labels, steps=steps, seed=0)
     out = model.sample(labels, steps=steps, seed=0, transformer=opt)
     assert opt.stats.steps_reused == steps - computed
+    assert not torch.equal(out, ref)  # the reads reused something (a READ computed would give ref exactly)
     assert abs(metrics.class_fidelity(out, labels) - metrics.class_fidelity(ref, labels)) <= 0.05
     assert metrics.psnr(out, ref) > 30
 
@@ -36,4 +37,6 @@ def test_cfg_sampling_through_optimized_module():
     out = model.sample(labels, steps=8, seed=0, cfg_scale=2.0, transformer=opt)
     assert set(opt.stats.cache_bytes_by_context) == {"cond", "uncond"}
     assert opt.stats.steps == 16 and torch.isfinite(out).all()
+    assert opt.stats.steps_reused == 2 * len(opt.plan.reuse_steps()) > 0  # both contexts reuse
+    assert not torch.equal(out, ref)  # and it shows: a READ turned into a compute would give ref exactly
     assert metrics.psnr(out, ref) > 25

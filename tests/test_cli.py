@@ -32,10 +32,10 @@ def test_demo_small_writes_its_files(tmp_path):
     for name in ("grid.png", "report.md", "demo.json"):
         assert (tmp_path / name).stat().st_size > 0
     result = json.loads((tmp_path / "demo.json").read_text())
-    assert result["speedup"] > 0 and result["cached"]["psnr"] > 20
+    assert result["speedup"] > 1.0 and result["cached"]["psnr"] > 20  # an ~2x plan measures faster than 1x
     assert result["stats"]["steps_reused"] > 0
     assert "| fewer steps" in (tmp_path / "report.md").read_text() and "| AdaStep" in (tmp_path / "report.md").read_text()
-    assert result["adastep"]["speedup"] > 0
+    assert result["adastep"]["speedup"] > 0 and result["adastep"]["steps_skipped"] > 0  # AdaStep skipped steps
 
 
 def test_bench_with_a_plan_file(tmp_path):

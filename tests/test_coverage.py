@@ -57,7 +57,7 @@ def cell_id(name: str, feature: str, backend: Optional[str]) -> str:
 def expected_failure(m: Model, feature: str, backend: Optional[str]):
     """(reason, exception type) when the cell is a known failure, else None."""
     if feature == "capture" and m.export_error:
-        return m.export_error, Exception
+        return m.export_error, m.export_exception
     return m.xfail.get(f"{feature}@{backend or 'eager'}", m.xfail.get(feature))
 
 

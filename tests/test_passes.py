@@ -144,14 +144,20 @@ def test_lowering_turns_cache_ops_into_inputs_and_copy(single):
                        + 900.0 * sum(GAINS[1:4]))
 
 
-def test_dce_drops_export_asserts_but_keeps_cache_writes(single):
-    _, _, cap = single
+def test_dce_drops_export_asserts_but_keeps_cache_writes():
+    # export inserts aten._assert_tensor_metadata where a diffusers model casts (``.to(dtype)``)
+    from dit_models import tiny_wan, wan_inputs
+    model = tiny_wan(2)
+    cap = capture(model, wan_inputs(0.5), ["blocks"])
     gm = fresh(cap)
-    region = block_region(cap, "blocks", 0, 6)
-    block_cache_pass(gm, region, "write", "w", dce=False)
+    is_assert = lambda n: n.op == "call_function" and "assert" in str(n.target)  # noqa: E731
+    asserts = [n for n in gm.graph.nodes if is_assert(n)]
+    assert asserts
+    block_cache_pass(gm, block_region(cap, "blocks", 0, 2), "write", "w", dce=False)
     n_before = len(gm.graph.nodes)
     eliminate_dead_code(gm)
-    assert len(gm.graph.nodes) <= n_before
+    assert not [n for n in gm.graph.nodes if is_assert(n)]
+    assert len(gm.graph.nodes) <= n_before - len(asserts)
     FileCheck().check_count("npu_cache_fx.cache_write", 1, exactly=True).run(gm.code)
 
 

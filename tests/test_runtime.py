@@ -231,3 +231,28 @@ def test_context_num_inference_steps_scales_the_plan():
     with pytest.raises(ConfigError, match=r"num_inference_steps=\.\.\.\): the step count must be an int >= 1"):
         with opt.cache_context("cond", num_inference_steps=0):
             pass
+
+def test_new_generation_clears_what_another_signature_wrote():
+    """An auxiliary call (same timestep, other inputs) writes with its own signature in generation 1;
+    generation 2 makes the same call only at a READ step: it must compute, not read generation 1's value."""
+    model = ToyDiT(single=7)
+    opt = optimize(model, ref_cfg())  # C W R W R
+    aux = dict(batch=2, seed=7)
+    for gen in range(2):
+        for s, t in enumerate(TS):
+            opt(**toy_inputs(t))
+            if (gen, s) == (0, 1):  # generation 1, a WRITE step: the other signature writes too
+                opt(**toy_inputs(t, **aux))
+            if (gen, s) == (1, 2):  # generation 2, a READ step: nothing of this generation to read
+                got = opt(**toy_inputs(t, **aux))[0]
+                assert torch.equal(got, model(**toy_inputs(t, **aux))[0])
+    assert opt.stats.stale_reads_avoided == 1 and opt.stats.auxiliary_calls == 2
+
+
+def test_one_step_warm_up_then_a_generation():
+    """A 1-step warm-up run, then a generation whose timestep rises above it: a new generation at step 0."""
+    opt, fresh = optimize(ToyDiT(single=7), ref_cfg()), optimize(ToyDiT(single=7), ref_cfg())
+    opt(**toy_inputs(TS[-1]))  # warm-up: one call at the last timestep
+    got, want = run(opt, TS), run(fresh, TS)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert opt.stats.generations == 2 and opt.stats.steps_reused == fresh.stats.steps_reused == 2

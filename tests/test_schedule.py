@@ -1,5 +1,5 @@
 from npu_cache_fx import CacheConfig, make_plan
-from npu_cache_fx.schedule import Action, config_actions
+from npu_cache_fx.schedule import Action, config_actions, forecast_coefficients
 
 C, W, R = Action.COMPUTE, Action.WRITE, Action.READ
 
@@ -90,3 +90,50 @@ def test_refresh_steps_validation():
     with pytest.raises(ConfigError, match="ints >= 0"):
         CacheConfig(steps_count=5, refresh_steps=[-1])
     assert CacheConfig(steps_count=5, refresh_steps=[3, 1]).refresh_steps == (1, 3)
+
+
+# ----------------------------------------------------------------------------- exact tables
+# CacheAgent-by-hand tests share config_actions and forecast_coefficients with the runtime, so a bug in
+# either passes through them: these tables pin both independently of any reference implementation.
+
+def test_refresh_steps_first_entry_counts():
+    # refresh at 2 and 5 only; step_start=0: steps 0-1 have nothing to read (compute), 3-4 read step 2's
+    # value, 6-7 read step 5's. Ignoring the first entry would give [C, C, C, C, C, W, R, R].
+    assert config_actions(dit(steps_count=8, step_start=0, refresh_steps=(2, 5))) == [C, C, W, R, R, W, R, R]
+    assert config_actions(attn(steps_count=8, step_start=0, refresh_steps=(2, 5))) == [W, R, W, R, R, W, R, R]
+
+
+def test_config_actions_table():
+    table = {
+        (5, 1, 2, None): [C, W, R, W, R],
+        (10, 0, 3, None): [W, R, R, W, R, R, W, R, R, C],  # the refresh at 9 is never read
+        (10, 4, 3, 8): [C, C, C, C, W, R, R, W, R, C],
+        (6, 2, 4, None): [C, C, W, R, R, R],
+    }
+    for (steps, start, interval, end), want in table.items():
+        assert config_actions(dit(steps_count=steps, step_start=start, step_interval=interval,
+                                  step_end=end)) == want, (steps, start, interval, end)
+
+
+def test_forecast_coefficients_table():
+    # Lagrange weights through the newest nodes (newest first), extrapolating to t.
+    assert forecast_coefficients(600.0, [700.0], 1) == [1.0]
+    assert forecast_coefficients(600.0, [700.0, 800.0], 2) == [2.0, -1.0]
+    assert forecast_coefficients(500.0, [700.0, 800.0], 2) == [3.0, -2.0]
+    assert forecast_coefficients(600.0, [700.0, 800.0, 900.0], 3) == [3.0, -3.0, 1.0]
+    assert forecast_coefficients(600.0, [700.0, 700.0, 800.0], 3) == [2.0, -1.0, 0.0]  # repeated node dropped
+    assert forecast_coefficients(650.0, [700.0, 800.0, 900.0, 1000.0], 2) == [1.5, -0.5]  # only the newest two
+
+
+def test_scaled_configs_table():
+    base = dit(steps_count=28, blocks_count=8, step_start=4, step_interval=3, step_end=24)
+    table = {28: (4, 3, 24), 14: (2, 2, 12), 50: (7, 5, 43), 20: (3, 2, 17), 56: (8, 6, 48)}
+    for steps, want in table.items():
+        s = base.scaled(steps)
+        assert (s.step_start, s.step_interval, s.step_end) == want, steps
+        assert s.steps_count == steps
+    to_end = dit(steps_count=28, blocks_count=8, step_start=4, step_interval=3).scaled(50)
+    assert to_end.step_end == 49
+    refresh = dit(steps_count=10, blocks_count=8, step_start=1, refresh_steps=(1, 4, 8)).scaled(20)
+    assert refresh.refresh_steps == (2, 8, 16) and refresh.step_start == 2 and refresh.step_end == 19
+    assert dit(steps_count=10, step_start=12).scaled(20).bypass
