@@ -1016,7 +1016,7 @@ def _export_failure(err: Exception) -> str:
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     found = re.search(r"Caused by: \((.+?):(\d+) in (\w+)\)", text)
     if found:
-        path, line, fn = found.group(1), int(found.group(2)), found.group(3)
+        path, line, fn = _source_path(err, found.group(1), int(found.group(2))), int(found.group(2)), found.group(3)
     else:
         frames = [f for f, _ in traceback.walk_tb(err.__traceback__) if not _library_file(f.f_code.co_filename)]
         if not frames:
@@ -1026,6 +1026,25 @@ def _export_failure(err: Exception) -> str:
     source = linecache.getline(path, line).strip()
     detail = f"{source} ({first[:200]})" if source and not found else (source or first[:200])
     return f"{type(err).__name__} at {path}:{line} in {fn}: {detail}"
+
+
+def _source_path(err: BaseException, path: str, line: int) -> str:
+    """The absolute file behind export's shortened ``path`` (``tests/toy.py``), from the error's traceback.
+
+    Export prints model paths shortened to a suffix; resolved against the working directory they only
+    work when it happens to be that suffix's root (not, e.g., with the virtualenv outside the checkout).
+    """
+    if os.path.isabs(path) and os.path.exists(path):
+        return path
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        for frame, lineno in traceback.walk_tb(err.__traceback__):
+            name = frame.f_code.co_filename
+            if lineno == line and (name == path or name.endswith(os.sep + path.lstrip("./" + os.sep))):
+                return name
+        err = err.__cause__ or err.__context__
+    return path
 
 
 def _library_file(filename: str) -> bool:

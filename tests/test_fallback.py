@@ -2,6 +2,7 @@
 results as the captured graphs, one clear warning, no recompiles across steps and generations."""
 
 import logging
+import os
 
 import pytest
 import torch
@@ -134,3 +135,15 @@ def test_errors_of_the_input_are_raised_not_taken_for_compiler_failures():
         with pytest.raises(ValueError, match="takes 4 tokens, got 3"):
             opt(**toy_inputs(900.0, tokens=3))
     assert opt.stats.path == "dynamo"
+
+
+def test_fallback_reason_names_the_source_from_any_working_directory(tmp_path, monkeypatch):
+    """Export prints the model's file shortened (``tests/toy.py``); the reason must still quote the line
+    when the working directory is elsewhere (e.g. the virtualenv outside the checkout)."""
+    monkeypatch.chdir(tmp_path)
+    opt = optimize(UnexportableDiT(single=3), CacheConfig(steps_count=4, step_start=1, step_interval=2,
+                                                          blocks="blocks"))
+    opt(**toy_inputs(900.0))
+    reason = opt.stats.fallback_reason
+    assert "lengths[0] > 1000" in reason and os.path.join("tests", "toy.py") in reason
+    assert os.path.isabs(reason.split(" at ", 1)[1].split(":", 1)[0])
