@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
 
-from npu_cache_fx.capture import _ALIASING, Capture, _walk_back, block_region, capture  # noqa: E402
+from npu_cache_fx.capture import _ALIASING, Capture, block_region, capture, walk_back  # noqa: E402
 from npu_cache_fx.config import ConfigError  # noqa: E402
 
 SHORT = {"hidden_states": "hidden", "encoder_hidden_states": "encoder"}
@@ -88,7 +88,7 @@ def block_pattern(cap: Capture, fqn: str, i: int) -> Dict[str, object]:
         elif name in inputs:
             order.append(f"={role_of(name)}")  # an input handed back unchanged
         else:  # computed, but nothing after the block reads it (the last block's other stream)
-            src = _walk_back(nodes[name], None, region.nodes, inputs)
+            src = walk_back(nodes[name], None, region.nodes, inputs)
             role = role_of(src.name) if src is not None else "?"
             order.append(role)
             streams.append(role)

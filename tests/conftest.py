@@ -4,7 +4,8 @@ import sys
 import pytest
 import torch
 
-# Tiny models run fastest single-threaded on the 2-core CI machine.
+# Tiny models run fastest single-threaded on the 2-core CI machine. Expensive fixtures are session-scoped:
+# under xdist a worker interleaves modules, which tears module-scoped fixtures down and builds them again.
 torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -23,7 +23,7 @@ def fresh(cap):
     return fx.GraphModule(cap.gm, graph)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def qkv():
     model = QKVDiT(n=3, dim=8)
     inputs = dict(hidden_states=torch.randn(1, 4, 8), timestep=torch.tensor([0.5]))

@@ -46,7 +46,7 @@ def _diffusers_families():
 DIFFUSERS_FAMILIES = _diffusers_families()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("peers") / "peers.json"
     env = dict(os.environ, OMP_NUM_THREADS="1",

@@ -42,7 +42,7 @@ def inputs(t=1.0, seed=0):
                 timestep=torch.tensor([t]))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def skip_capture():
     torch.manual_seed(0)
     model = LongSkipDiT().eval()

@@ -57,7 +57,7 @@ def generate(opt, make_inputs, buffers_seen=None):
     return outs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def eager_reference():
     out = {}
     for name, (model, make_inputs) in models().items():

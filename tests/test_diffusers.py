@@ -41,7 +41,7 @@ def check_loop(model, cfgs, make_inputs, order):
     return opt
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def flux():
     return tiny_flux()
 

@@ -32,7 +32,7 @@ def test_psnr_known_values():
     assert metrics.psnr(a, a + 1.0) == pytest.approx(10 * math.log10(4.0))  # mse = 1 -> 6.0206 dB
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def classifier_cache(tmp_path_factory):
     """Train the classifier from scratch into a temporary cache dir (also checks the cache mechanism)."""
     d = tmp_path_factory.mktemp("npu_cache_fx_cache")

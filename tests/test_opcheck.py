@@ -211,7 +211,7 @@ def _wan():
     return model, kwargs
 
 
-@pytest.fixture(scope="module", params=["flux", "wan"])
+@pytest.fixture(scope="session", params=["flux", "wan"])
 def exported(request):
     torch.manual_seed(0)
     model, kwargs = {"flux": _flux, "wan": _wan}[request.param]()

@@ -19,14 +19,14 @@ def fresh(cap):
     return fx.GraphModule(cap.gm, graph)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def single():
     model = ToyDiT(single=6)
     inputs = toy_inputs(900.0)
     return model, inputs, capture(model, inputs, ["blocks"])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def flux_like():
     model = ToyDiT(dual=3, joint=3)
     inputs = toy_inputs(900.0)

@@ -43,7 +43,7 @@ def generate(pipe, transformer, seed=0, **kw):
     return out.frames if hasattr(out, "frames") else out.images
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def flux():
     pipe = flux_pipeline()
     return pipe, CaptureCache(pipe.transformer)
@@ -150,7 +150,7 @@ def test_flux_second_resolution_recaptures_once_and_never_mixes(flux, capsys):
         print("\ncapture seconds per shape (tiny Flux): " + ", ".join(f"{s}x{s}: {v:.2f}s" for s, v in seconds.items()))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sd3():
     return sd3_pipeline()
 
@@ -239,7 +239,7 @@ def test_sd3_skip_layer_guidance_skipping_cached_blocks(sd3):
     assert len(extra) == STEPS - 1 and opt.stats.steps_reused == 2 and opt.stats.auxiliary_calls == STEPS - 1
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def wan():
     return wan_pipeline()
 

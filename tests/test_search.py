@@ -191,7 +191,7 @@ def _toy_run(model, steps=8, tokens=96, dim=192):
     return run_fn
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def toy_session():
     model = _ToyDiT().eval()
     session = SearchSession(model, _toy_run(model), progress=False, profile_repeats=2)
