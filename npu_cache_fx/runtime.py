@@ -34,17 +34,15 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .backends import Backend, check_backend_options, compile_graph, resolve_backend
-from .capture import (AttentionSite, Capture, Region, attention_sites, block_region, capture, choose_attention,
-                      find_block_lists, resolve_block_list)
+from .capture import Capture, capture, choose_attention, find_block_lists
 from .config import CacheConfig, ConfigError, config_list, save_plan
 from .contexts import CacheContexts
 from .fallback import EagerPath, export_failure
 from .integration import OWN_ATTRIBUTES, pipeline_steps, reported_class, without_root_hook
-from .passes import attention_cache_pass, block_cache_pass, lower_cache_ops
-from .passes.attention_cache import attention_slot
-from .passes.common import coef_slot, eliminate_dead_code, history_slots
-from .profile import span_costs
+from .passes import lower_cache_ops
+from .passes.common import coef_slot, eliminate_dead_code
 from .schedule import Action, Decision, Plan, forecast_coefficients, make_plan
+from .targets import Target, bind_target, check_overlaps, resolve_config
 from .timestep import AdaStepRule
 from .watch import ModelWatch, offload_hooks
 
@@ -119,59 +117,10 @@ class _Call:
     auxiliary: bool = False
 
 
-@dataclass
-class _Target:
-    """What config ``index`` rewrites in one capture: a block region (dit) or attention sites."""
-
-    index: int
-    config: CacheConfig
-    region: Optional[Region] = None
-    sites: Tuple[AttentionSite, ...] = ()
-    values: Dict[str, int] = field(default_factory=dict)  # newest slot -> bytes of one recorded value
-    first: int = 0  # graph position of the first rewritten node
-
-    @property
-    def prefix(self) -> str:
-        return f"c{self.index}"
-
-    @property
-    def slots(self) -> Tuple[str, ...]:
-        """The slots a read needs written in this generation (the newest values)."""
-        return tuple(self.values)
-
-    @property
-    def slot_bytes(self) -> Dict[str, int]:
-        """Every slot this target may allocate, forecast history and coefficients included."""
-        k = self.config.history
-        out = {name: size for slot, size in self.values.items() for name in history_slots(slot, k)}
-        if k > 1 and self.values:
-            out[coef_slot(self.prefix)] = 4 * k
-        return out
-
-    @property
-    def nodes(self) -> frozenset:
-        """The nodes a read removes (the block range, or the attention calls)."""
-        if self.region is not None:
-            return self.region.nodes
-        return frozenset(n for site in self.sites for n in site.nodes)
-
-    def rewrite(self, gm: fx.GraphModule, action: Action) -> None:
-        k = self.config.history
-        if self.region is not None:
-            block_cache_pass(gm, self.region, action.value, self.prefix, history=k, dce=False)
-        elif self.sites:
-            attention_cache_pass(gm, self.sites, action.value, self.prefix, history=k, dce=False)
-
-
-def _nbytes(node: fx.Node) -> int:
-    val = node.meta["val"]
-    return val.numel() * val.element_size()
-
-
 class _Entry:
     """One capture (one input signature) and the variants built from it."""
 
-    def __init__(self, cap: Optional[Capture], targets: List[_Target], eager: Optional[EagerPath] = None):
+    def __init__(self, cap: Optional[Capture], targets: List[Target], eager: Optional[EagerPath] = None):
         self.capture = cap
         self.targets = targets
         self.eager = eager  # the eager path when the model could not be captured
@@ -180,6 +129,8 @@ class _Entry:
         # Rewrite downstream targets first: an upstream rewrite then redirects the
         # downstream region's input along with every other user.
         self.rewrite_order = sorted((t for t in targets if t.values), key=lambda t: -t.first)
+        # slot name -> index of the config that owns it (cache bytes per config)
+        self.slot_owner: Dict[str, int] = {slot: t.index for t in targets for slot in t.slot_bytes}
 
     def build(self, decision: Decision) -> fx.GraphModule:
         cap = self.capture
@@ -338,17 +289,16 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         for cfg in configs:
             if not isinstance(cfg, CacheConfig):
                 raise ConfigError(f"optimize() takes CacheConfig objects, got {type(cfg).__name__}")
+            cfg = resolve_config(model, cfg)
             if cfg.method == "adastep":
-                adasteps.append(cfg.resolved())
+                adasteps.append(cfg)
                 continue
-            blocks = resolve_block_list(model, cfg.blocks)
-            cfg = cfg.replace(blocks=blocks.fqn).resolved(blocks_count=blocks.count)
             if cfg.method == "attention_cache" and cfg.block_end > cfg.block_start:
                 choose_attention(model, f"{cfg.blocks}.{cfg.block_start}", cfg.attention)  # fail now
             resolved.append(cfg)
         if len(adasteps) > 1:
             raise ConfigError(f"at most one CacheConfig(method='adastep') per model, got {len(adasteps)}")
-        _check_overlaps(resolved)
+        check_overlaps(resolved)
         self.configs: Tuple[CacheConfig, ...] = tuple(resolved)
         self.adastep: Optional[CacheConfig] = adasteps[0] if adasteps else None
         if resolved:
@@ -811,7 +761,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                 return entry
             if cap.in_spec != spec:
                 raise RuntimeError(f"captured input structure {cap.in_spec} differs from the call's {spec}")
-            targets = [self._target(i, c, cap, leaves) for i, c in enumerate(self.configs)]
+            targets = [bind_target(i, c, cap, self.model, leaves) for i, c in enumerate(self.configs)]
             entry = self._entries[key] = _Entry(cap, targets)
             if len(self._entries) > 1:
                 log.info("new input signature for %s: captured again (%d captures)",
@@ -855,56 +805,6 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         flat, entry.out_spec = pytree.tree_flatten(out)
         return flat
 
-    def _target(self, i: int, cfg: CacheConfig, cap: Capture, leaves) -> _Target:
-        target = _Target(i, cfg)
-        if cfg.bypass:
-            return target
-        nodes = cap.nodes()
-        order = {name: k for k, name in enumerate(nodes)}
-        spans = cap.spans[cfg.blocks]
-        if not any(spans):
-            raise ConfigError(f"{cfg.label}: no block of {cfg.blocks} is called in {type(self.model).__name__}"
-                              f".forward for these inputs (no nodes in the captured graph)")
-        if not any(spans[cfg.block_start:cfg.block_end]):  # e.g. SD3's skip_layers call: nothing to cache
-            log.info("%s: blocks %s[%d:%d] are not called for this input signature; computed as is",
-                     cfg.label, cfg.blocks, cfg.block_start, cfg.block_end)
-            return target
-        if cfg.method == "dit_block_cache":
-            region = block_region(cap, cfg.blocks, cfg.block_start, cfg.block_end, label=cfg.label)
-            target.region = region
-            target.values = {f"{target.prefix}.{s.role}": _nbytes(nodes[s.input]) for s in region.streams}
-            target.first = min(order[n] for n in region.nodes)
-            total = sum(target.slot_bytes.values())
-            if cfg.max_cache_bytes is not None and total > cfg.max_cache_bytes:
-                raise ConfigError(f"CacheConfig.max_cache_bytes={cfg.max_cache_bytes}: {cfg.label} needs {total} "
-                                  "bytes per cache context for these inputs")
-            return target
-        sites = attention_sites(cap, self.model, cfg.blocks, cfg.block_start, cfg.block_end, cfg.attention)
-        sites = self._fit_budget(cfg, cap, leaves, sites, nodes)
-        target.sites = tuple(sites)
-        target.values = {attention_slot(target.prefix, site, k): _nbytes(nodes[name])
-                         for site in sites for k, name in enumerate(site.outputs)}
-        target.first = min((order[n] for site in sites for n in site.nodes), default=0)
-        return target
-
-    def _fit_budget(self, cfg: CacheConfig, cap: Capture, leaves, sites, nodes) -> List[AttentionSite]:
-        """Keep the attention calls that fit ``max_cache_bytes``, highest measured cost per byte first."""
-        if cfg.max_cache_bytes is None:
-            return sites
-        size = {s.fqn: cfg.history * sum(_nbytes(nodes[n]) for n in s.outputs) for s in sites}
-        if sum(size.values()) <= cfg.max_cache_bytes:
-            return sites
-        cost = span_costs(cap.gm, leaves, {s.fqn: s.nodes for s in sites})
-        chosen, used = [], 0
-        for site in sorted(sites, key=lambda s: -cost[s.fqn] / max(size[s.fqn], 1)):
-            if used + size[site.fqn] <= cfg.max_cache_bytes:
-                chosen.append(site)
-                used += size[site.fqn]
-        log.warning("%s: max_cache_bytes=%d fits %d of %d attention calls (%d bytes); cached: %s; computed: %s",
-                    cfg.label, cfg.max_cache_bytes, len(chosen), len(sites), used,
-                    [s.fqn for s in chosen], [s.fqn for s in sites if s not in chosen])
-        return sorted(chosen, key=lambda s: s.block)
-
     def _variant(self, entry: _Entry, decision: Decision) -> _Variant:
         variant = entry.variants.get(decision)
         if variant is None:
@@ -938,7 +838,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                 if cfg.method == "dit_block_cache":
                     self.stats.blocks_skipped += cfg.block_end - cfg.block_start
                 elif entry.eager is None:
-                    self.stats.attention_calls_skipped += len(entry.targets[i].sites)
+                    self.stats.attention_calls_skipped += len(getattr(entry.targets[i], "sites", ()))
         else:
             self.stats.steps_computed += 1
 
@@ -948,9 +848,10 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         self.stats.cache_bytes = sum(by_ctx.values())
         by_config: Dict[str, int] = {}
         for ctx in self._contexts.values():
-            for bufs in ctx.buffers.values():
+            for key, bufs in ctx.buffers.items():
+                owner = self._entries[key].slot_owner if key in self._entries else {}
                 for slot, t in bufs.items():
-                    label = self.configs[int(slot.split(".", 1)[0][1:])].label
+                    label = self.configs[owner[slot]].label
                     by_config[label] = by_config.get(label, 0) + t.numel() * t.element_size()
         self.stats.cache_bytes_by_config = by_config
 
@@ -1007,15 +908,6 @@ def _all_ranks_agree(skip: bool) -> bool:
         flag = flag.to(torch.device(torch.accelerator.current_accelerator() or "cpu"))
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
-
-
-def _check_overlaps(configs: Sequence[CacheConfig]) -> None:
-    for i, a in enumerate(configs):
-        for b in configs[i + 1:]:
-            if (a.blocks == b.blocks and a.block_start < b.block_end and b.block_start < a.block_end
-                    and not a.bypass and not b.bypass):
-                raise ConfigError(f"CacheConfig ranges overlap on {a.blocks}: [{a.block_start}, {a.block_end}) "
-                                  f"and [{b.block_start}, {b.block_end}); use disjoint block ranges")
 
 
 def optimize(model: torch.nn.Module, cache_config: Union[CacheConfig, Sequence[CacheConfig]], *,
