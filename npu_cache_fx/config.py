@@ -20,7 +20,8 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
-__all__ = ["CacheConfig", "ConfigError", "METHODS", "MINDIE_UNBOUNDED", "PLAN_FILE", "configs_from_json",
+__all__ = ["CacheConfig", "ConfigError", "FORECASTS", "METHODS", "MINDIE_UNBOUNDED", "PLAN_FILE", "config_list",
+           "configs_from_json",
            "configs_to_json", "load_plan", "save_plan"]
 
 METHODS = ("dit_block_cache", "attention_cache", "adastep")
@@ -300,10 +301,21 @@ class CacheConfig:
         return f"{kind}[{self.blocks or 'blocks'}:{self.block_start}:{end}]"
 
 
+def config_list(configs, what: str = "optimize()") -> List[CacheConfig]:
+    """One config or an iterable of them as a list; anything else is a ConfigError naming ``what`` took it."""
+    if configs is None:
+        raise ConfigError(f"{what}: the plan is None; pass a CacheConfig or a list of them "
+                          "(npu_cache_fx.load_plan(path) reads a saved plan)")
+    out = [configs] if isinstance(configs, CacheConfig) else list(configs)
+    for c in out:
+        if not isinstance(c, CacheConfig):
+            raise ConfigError(f"{what} takes CacheConfig objects, got {type(c).__name__}")
+    return out
+
+
 def configs_to_json(configs) -> list:
     """A config or list of configs as a JSON-ready list of dicts."""
-    configs = [configs] if isinstance(configs, CacheConfig) else list(configs)
-    return [c.to_dict() for c in configs]
+    return [c.to_dict() for c in config_list(configs, "configs_to_json")]
 
 
 def configs_from_json(obj) -> list:

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
-from .config import CacheConfig, ConfigError
+from .config import CacheConfig, ConfigError, config_list
 
 __all__ = [
     "all_ranks_equal", "attention_cache_bytes", "broadcast_configs", "default_backend", "dit_cache_bytes",
@@ -59,12 +59,12 @@ def broadcast_configs(configs: Union[CacheConfig, Sequence[CacheConfig], None], 
     if dist is None or dist.get_world_size(group) == 1:
         if configs is None:
             raise ValueError("broadcast_configs: no configs given and no process group to receive them from")
-        return _as_list(configs)
+        return config_list(configs, "broadcast_configs")
     payload: List[Any] = [None]
     if dist.get_rank() == src:
         if configs is None:
             raise ValueError(f"broadcast_configs: rank {src} (src) must pass the configs")
-        payload[0] = _as_list(configs)
+        payload[0] = config_list(configs, "broadcast_configs")
     dist.broadcast_object_list(payload, src=src, group=group)  # staged on the group's default device
     got = payload[0]
     if not isinstance(got, list) or not all(isinstance(c, CacheConfig) for c in got):
@@ -80,14 +80,6 @@ def all_ranks_equal(obj: Any, group: Any = None) -> bool:
     gathered: List[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, obj, group=group)
     return all(g == gathered[0] for g in gathered)
-
-
-def _as_list(configs: Union[CacheConfig, Iterable[CacheConfig]]) -> List[CacheConfig]:
-    out = [configs] if isinstance(configs, CacheConfig) else list(configs)
-    for c in out:
-        if not isinstance(c, CacheConfig):
-            raise ConfigError(f"broadcast_configs takes CacheConfig objects, got {type(c).__name__}")
-    return out
 
 
 def default_backend() -> str:

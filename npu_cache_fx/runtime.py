@@ -21,39 +21,33 @@ Example::
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import inspect
 import itertools
-import linecache
 import logging
-import os
-import re
-import sys
 import threading
-import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .backends import Backend, check_backend_options, compile_graph, resolve_backend
-from .capture import (AttentionSite, Capture, Region, attention_sites, block_region, capture, choose_attention,
-                      find_block_lists, resolve_block_list)
-from .config import CacheConfig, ConfigError, save_plan
+from .capture import Capture, capture, choose_attention, find_block_lists
+from .config import CacheConfig, ConfigError, config_list, save_plan
 from .contexts import CacheContexts
-from .eager import EagerPath
-from .passes import attention_cache_pass, block_cache_pass, lower_cache_ops
-from .passes.attention_cache import attention_slot
-from .passes.common import coef_slot, eliminate_dead_code, history_slots
-from .profile import span_costs
+from .fallback import EagerPath, export_failure
+from .integration import OWN_ATTRIBUTES, pipeline_steps, reported_class, without_root_hook
+from .passes import lower_cache_ops
+from .passes.common import coef_slot, eliminate_dead_code
 from .schedule import Action, Decision, Plan, forecast_coefficients, make_plan
+from .targets import Target, bind_target, check_overlaps, resolve_config
 from .timestep import AdaStepRule
 from .watch import ModelWatch, offload_hooks
 
-__all__ = ["CaptureCache", "OptimizedModule", "Stats", "optimize", "signature_key", "static_cache_buffers"]
+__all__ = ["CaptureCache", "OptimizedModule", "Stats", "TIMESTEP_NAMES", "normalize_inputs", "optimize", "signature_key",
+           "static_cache_buffers", "timestep_value"]
 
 log = logging.getLogger(__name__)
 
@@ -123,59 +117,10 @@ class _Call:
     auxiliary: bool = False
 
 
-@dataclass
-class _Target:
-    """What config ``index`` rewrites in one capture: a block region (dit) or attention sites."""
-
-    index: int
-    config: CacheConfig
-    region: Optional[Region] = None
-    sites: Tuple[AttentionSite, ...] = ()
-    values: Dict[str, int] = field(default_factory=dict)  # newest slot -> bytes of one recorded value
-    first: int = 0  # graph position of the first rewritten node
-
-    @property
-    def prefix(self) -> str:
-        return f"c{self.index}"
-
-    @property
-    def slots(self) -> Tuple[str, ...]:
-        """The slots a read needs written in this generation (the newest values)."""
-        return tuple(self.values)
-
-    @property
-    def slot_bytes(self) -> Dict[str, int]:
-        """Every slot this target may allocate, forecast history and coefficients included."""
-        k = self.config.history
-        out = {name: size for slot, size in self.values.items() for name in history_slots(slot, k)}
-        if k > 1 and self.values:
-            out[coef_slot(self.prefix)] = 4 * k
-        return out
-
-    @property
-    def nodes(self) -> frozenset:
-        """The nodes a read removes (the block range, or the attention calls)."""
-        if self.region is not None:
-            return self.region.nodes
-        return frozenset(n for site in self.sites for n in site.nodes)
-
-    def rewrite(self, gm: fx.GraphModule, action: Action) -> None:
-        k = self.config.history
-        if self.region is not None:
-            block_cache_pass(gm, self.region, action.value, self.prefix, history=k, dce=False)
-        elif self.sites:
-            attention_cache_pass(gm, self.sites, action.value, self.prefix, history=k, dce=False)
-
-
-def _nbytes(node: fx.Node) -> int:
-    val = node.meta["val"]
-    return val.numel() * val.element_size()
-
-
 class _Entry:
     """One capture (one input signature) and the variants built from it."""
 
-    def __init__(self, cap: Optional[Capture], targets: List[_Target], eager: Optional[EagerPath] = None):
+    def __init__(self, cap: Optional[Capture], targets: List[Target], eager: Optional[EagerPath] = None):
         self.capture = cap
         self.targets = targets
         self.eager = eager  # the eager path when the model could not be captured
@@ -184,6 +129,8 @@ class _Entry:
         # Rewrite downstream targets first: an upstream rewrite then redirects the
         # downstream region's input along with every other user.
         self.rewrite_order = sorted((t for t in targets if t.values), key=lambda t: -t.first)
+        # slot name -> index of the config that owns it (cache bytes per config)
+        self.slot_owner: Dict[str, int] = {slot: t.index for t in targets for slot in t.slot_bytes}
 
     def build(self, decision: Decision) -> fx.GraphModule:
         cap = self.capture
@@ -270,6 +217,37 @@ def static_cache_buffers(backend: Any, options: Dict[str, Any]) -> bool:
     return value
 
 
+def normalize_inputs(signature: inspect.Signature, args: tuple, kwargs: Dict[str, Any], owner: str) -> Dict[str, Any]:
+    """A call's inputs as keyword arguments in ``forward``'s parameter order: one capture key per call form
+    (the optimized module and the search's recorder key calls the same way)."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"{owner}.forward: {err}") from None
+    out: Dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"{owner}.forward takes *{name}; npu_cache_fx needs named inputs")
+        else:
+            out[name] = value
+    return out
+
+
+def timestep_value(kwargs: Dict[str, Any]) -> Optional[float]:
+    """The first element of the call's timestep input (``TIMESTEP_NAMES``), or None."""
+    for name in TIMESTEP_NAMES:
+        t = kwargs.get(name)
+        if isinstance(t, torch.Tensor) and t.numel():
+            return float(t.reshape(-1)[0])
+        if isinstance(t, (int, float)):
+            return float(t)
+    return None
+
+
 def signature_key(leaves: Sequence[Any], spec: Any) -> Any:
     """The input signature a call is keyed by (its capture, variants and cache buffers): the pytree
     spec plus, per leaf, shape/dtype/device for tensors and the value for everything else.
@@ -311,17 +289,16 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         for cfg in configs:
             if not isinstance(cfg, CacheConfig):
                 raise ConfigError(f"optimize() takes CacheConfig objects, got {type(cfg).__name__}")
+            cfg = resolve_config(model, cfg)
             if cfg.method == "adastep":
-                adasteps.append(cfg.resolved())
+                adasteps.append(cfg)
                 continue
-            blocks = resolve_block_list(model, cfg.blocks)
-            cfg = cfg.replace(blocks=blocks.fqn).resolved(blocks_count=blocks.count)
             if cfg.method == "attention_cache" and cfg.block_end > cfg.block_start:
                 choose_attention(model, f"{cfg.blocks}.{cfg.block_start}", cfg.attention)  # fail now
             resolved.append(cfg)
         if len(adasteps) > 1:
             raise ConfigError(f"at most one CacheConfig(method='adastep') per model, got {len(adasteps)}")
-        _check_overlaps(resolved)
+        check_overlaps(resolved)
         self.configs: Tuple[CacheConfig, ...] = tuple(resolved)
         self.adastep: Optional[CacheConfig] = adasteps[0] if adasteps else None
         if resolved:
@@ -359,7 +336,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         self._lock = threading.RLock()  # one call (and so one capture) at a time
         self.stats = Stats()
         self.stats.plan_steps = self.plan.steps_count
-        if _disguise(self) is not OptimizedModule:  # diffusers reads the library from the instance's __module__
+        if reported_class(self) is not OptimizedModule:  # diffusers reads the library from the instance's __module__
             self.__dict__["__module__"] = type(model).__module__
         # (context, step, decision taken or "skip") per call; every rank must log the same sequence
         self.trace: Deque[Tuple[str, int, Union[Decision, str]]] = collections.deque(maxlen=4096)
@@ -372,7 +349,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             model = self._modules.get("model")
-            if model is None or name in _OWN_ATTRIBUTES:
+            if model is None or name in OWN_ATTRIBUTES:
                 raise
             return getattr(model, name)
 
@@ -460,7 +437,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             return self._steps
         steps = self._active_info.get("num_inference_steps")
         if steps is None:
-            steps = _pipeline_steps()
+            steps = pipeline_steps()
         return steps if steps is not None else self.plan.steps_count
 
     def _start_generation(self, ctx: "_Context", entry: "_Entry") -> None:
@@ -493,8 +470,8 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         return out
 
     @property
-    def __class__(self):  # noqa: D105  (see _Disguise)
-        return _disguise(self)
+    def __class__(self):  # noqa: D105  (see integration.reported_class)
+        return reported_class(self)
 
     @property
     def variant_graphs(self) -> Dict[Decision, fx.GraphModule]:
@@ -556,21 +533,14 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             if step == 0:
                 self._start_generation(ctx, entry)
         self._check_thread(ctx, step)
-        decision = ctx.plan.decision(step)
-        if not aux and ctx.ada is not None and self._adastep_skips(ctx, key, d, kwargs[self._latent_arg]):
-            ctx.pending_refresh.update(i for i, a in enumerate(decision) if a is Action.WRITE)
+        decision = self._decide(ctx, entry, key, step, aux, d, kwargs.get(self._latent_arg))
+        if decision is None:  # AdaStep: no model call at all
             return _Call(ctx, None, None, set(), None, [], key, skip=True, timestep=t, step=step)
         if entry.eager is not None:
-            # the eager path's agents keep one cache per config, not per input signature: an auxiliary
-            # call computes everything and leaves them alone
-            decision = tuple(Action.COMPUTE for _ in decision) if aux else self._refresh_pending(ctx, decision)
             run = functools.partial(self._run_eager, entry, spec, decision, self._active, step, t)
             return _Call(ctx, entry, _Variant(decision, None, run, []), set(), run, leaves, key, timestep=t,
                          step=step, auxiliary=aux)
         valid = ctx.valid.setdefault(key, set())
-        if not aux:
-            decision = self._refresh_pending(ctx, decision)
-        decision = self._safe_decision(entry, decision, valid)
         variant = self._variant(entry, decision)
         buffers = ctx.buffers.setdefault(key, {})
         cache_inputs = []
@@ -585,6 +555,29 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         self._set_forecast(ctx, key, entry, decision, buffers, t)
         return _Call(ctx, entry, variant, valid, variant.fn, [*leaves, *cache_inputs], key, timestep=t,
                      step=step, auxiliary=aux)
+
+    def _decide(self, ctx: "_Context", entry: "_Entry", key, step: int, aux: bool, d: Optional[float],
+                latent: Any) -> Optional[Decision]:
+        """What happens this step, in one place: ``None`` (AdaStep skips the model), else one action per config.
+
+        The plan's decision for the step, then, in order: AdaStep's skip (a refresh it skips moves to that
+        cache's next read step), the refreshes moved so, and a read of a slot this input signature has not
+        written in this generation turned into a compute. An auxiliary call (the step just run, other inputs)
+        takes the step's decision as planned with a cache of its own; on the eager path, whose agents keep
+        one cache per config, it computes everything.
+        """
+        decision = ctx.plan.decision(step)
+        if aux:
+            if entry.eager is not None:
+                return tuple(Action.COMPUTE for _ in decision)
+            return self._safe_decision(entry, decision, ctx.valid.setdefault(key, set()))
+        if ctx.ada is not None and self._adastep_skips(ctx, key, d, latent):
+            ctx.pending_refresh.update(i for i, a in enumerate(decision) if a is Action.WRITE)
+            return None
+        decision = self._refresh_pending(ctx, decision)
+        if entry.eager is not None:
+            return decision
+        return self._safe_decision(entry, decision, ctx.valid.setdefault(key, set()))
 
     def _check_thread(self, ctx: "_Context", step: int) -> None:
         """A context's generation runs on one thread; another thread continuing it would mix two
@@ -714,23 +707,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         return next((n for n in TIMESTEP_NAMES if n in params), None)
 
     def _normalize(self, args, kwargs) -> Dict[str, Any]:
-        """Inputs as keyword arguments in ``forward``'s parameter order (one capture key per call form)."""
-        try:
-            bound = self._signature.bind(*args, **kwargs)
-        except TypeError as err:
-            raise TypeError(f"{type(self.model).__name__}.forward: {err}") from None
-        out: Dict[str, Any] = {}
-        for name, value in bound.arguments.items():
-            kind = self._signature.parameters[name].kind
-            if kind is inspect.Parameter.VAR_KEYWORD:
-                out.update(value)
-            elif kind is inspect.Parameter.VAR_POSITIONAL:
-                if value:
-                    raise TypeError(f"{type(self.model).__name__}.forward takes *{name}; "
-                                    "npu_cache_fx needs named inputs")
-            else:
-                out[name] = value
-        return out
+        return normalize_inputs(self._signature, args, kwargs, type(self.model).__name__)
 
     def _maybe_new_generation(self, ctx: _Context, value: Optional[float]) -> None:
         if value is None:
@@ -765,21 +742,17 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                 self._fall_back(f"has its weights offloaded by hooks on {offloaded[:3]}{more}", backend=None,
                                 offloaded=True)
             elif cap is None and self._eager is None:
-                lists = list(dict.fromkeys([c.blocks for c in self.configs]
-                                           + [b.fqn for b in find_block_lists(self.model)]))
                 failure = None
                 try:
-                    with torch.no_grad(), _without_root_hook(self.model):
-                        cap = capture(self.model, kwargs, lists)
+                    cap = self._captures.capture(kwargs, [c.blocks for c in self.configs], key)
                 except ConfigError:
                     raise
                 except Exception as err:  # export cannot capture this model: same semantics, eagerly
                     failure = err
                 if failure is not None:
                     self._reject_bad_inputs(kwargs)
-                    self._fall_back(_export_failure(failure), backend=self.backend)
+                    self._fall_back(export_failure(failure), backend=self.backend)
                 else:
-                    self._captures[key] = cap
                     self._watch.refresh()  # export registers and removes hooks of its own
                     self.stats.captures += 1
                     self.stats.capture_seconds += cap.seconds
@@ -788,7 +761,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                 return entry
             if cap.in_spec != spec:
                 raise RuntimeError(f"captured input structure {cap.in_spec} differs from the call's {spec}")
-            targets = [self._target(i, c, cap, leaves) for i, c in enumerate(self.configs)]
+            targets = [bind_target(i, c, cap, self.model, leaves) for i, c in enumerate(self.configs)]
             entry = self._entries[key] = _Entry(cap, targets)
             if len(self._entries) > 1:
                 log.info("new input signature for %s: captured again (%d captures)",
@@ -832,56 +805,6 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         flat, entry.out_spec = pytree.tree_flatten(out)
         return flat
 
-    def _target(self, i: int, cfg: CacheConfig, cap: Capture, leaves) -> _Target:
-        target = _Target(i, cfg)
-        if cfg.bypass:
-            return target
-        nodes = cap.nodes()
-        order = {name: k for k, name in enumerate(nodes)}
-        spans = cap.spans[cfg.blocks]
-        if not any(spans):
-            raise ConfigError(f"{cfg.label}: no block of {cfg.blocks} is called in {type(self.model).__name__}"
-                              f".forward for these inputs (no nodes in the captured graph)")
-        if not any(spans[cfg.block_start:cfg.block_end]):  # e.g. SD3's skip_layers call: nothing to cache
-            log.info("%s: blocks %s[%d:%d] are not called for this input signature; computed as is",
-                     cfg.label, cfg.blocks, cfg.block_start, cfg.block_end)
-            return target
-        if cfg.method == "dit_block_cache":
-            region = block_region(cap, cfg.blocks, cfg.block_start, cfg.block_end, label=cfg.label)
-            target.region = region
-            target.values = {f"{target.prefix}.{s.role}": _nbytes(nodes[s.input]) for s in region.streams}
-            target.first = min(order[n] for n in region.nodes)
-            total = sum(target.slot_bytes.values())
-            if cfg.max_cache_bytes is not None and total > cfg.max_cache_bytes:
-                raise ConfigError(f"CacheConfig.max_cache_bytes={cfg.max_cache_bytes}: {cfg.label} needs {total} "
-                                  "bytes per cache context for these inputs")
-            return target
-        sites = attention_sites(cap, self.model, cfg.blocks, cfg.block_start, cfg.block_end, cfg.attention)
-        sites = self._fit_budget(cfg, cap, leaves, sites, nodes)
-        target.sites = tuple(sites)
-        target.values = {attention_slot(target.prefix, site, k): _nbytes(nodes[name])
-                         for site in sites for k, name in enumerate(site.outputs)}
-        target.first = min((order[n] for site in sites for n in site.nodes), default=0)
-        return target
-
-    def _fit_budget(self, cfg: CacheConfig, cap: Capture, leaves, sites, nodes) -> List[AttentionSite]:
-        """Keep the attention calls that fit ``max_cache_bytes``, highest measured cost per byte first."""
-        if cfg.max_cache_bytes is None:
-            return sites
-        size = {s.fqn: cfg.history * sum(_nbytes(nodes[n]) for n in s.outputs) for s in sites}
-        if sum(size.values()) <= cfg.max_cache_bytes:
-            return sites
-        cost = span_costs(cap.gm, leaves, {s.fqn: s.nodes for s in sites})
-        chosen, used = [], 0
-        for site in sorted(sites, key=lambda s: -cost[s.fqn] / max(size[s.fqn], 1)):
-            if used + size[site.fqn] <= cfg.max_cache_bytes:
-                chosen.append(site)
-                used += size[site.fqn]
-        log.warning("%s: max_cache_bytes=%d fits %d of %d attention calls (%d bytes); cached: %s; computed: %s",
-                    cfg.label, cfg.max_cache_bytes, len(chosen), len(sites), used,
-                    [s.fqn for s in chosen], [s.fqn for s in sites if s not in chosen])
-        return sorted(chosen, key=lambda s: s.block)
-
     def _variant(self, entry: _Entry, decision: Decision) -> _Variant:
         variant = entry.variants.get(decision)
         if variant is None:
@@ -915,7 +838,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                 if cfg.method == "dit_block_cache":
                     self.stats.blocks_skipped += cfg.block_end - cfg.block_start
                 elif entry.eager is None:
-                    self.stats.attention_calls_skipped += len(entry.targets[i].sites)
+                    self.stats.attention_calls_skipped += len(getattr(entry.targets[i], "sites", ()))
         else:
             self.stats.steps_computed += 1
 
@@ -925,9 +848,10 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         self.stats.cache_bytes = sum(by_ctx.values())
         by_config: Dict[str, int] = {}
         for ctx in self._contexts.values():
-            for bufs in ctx.buffers.values():
+            for key, bufs in ctx.buffers.items():
+                owner = self._entries[key].slot_owner if key in self._entries else {}
                 for slot, t in bufs.items():
-                    label = self.configs[int(slot.split(".", 1)[0][1:])].label
+                    label = self.configs[owner[slot]].label
                     by_config[label] = by_config.get(label, 0) + t.numel() * t.element_size()
         self.stats.cache_bytes_by_config = by_config
 
@@ -937,31 +861,27 @@ class CaptureCache(dict):
 
     The search builds one module per candidate plan over the same capture:
     ``optimize(model, cfg, captures=cache)`` never retraces a signature in ``cache``.
+    :meth:`capture` is the one place a model is captured.
     """
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
+    def capture(self, kwargs: Dict[str, Any], block_lists: Sequence[str] = (), key: Any = None) -> Capture:
+        """The capture of ``model(**kwargs)`` (normalised inputs), taken now if this signature has none.
 
-# Attributes hook libraries set and delete on the module they wrap: never read through to the wrapped
-# model (accelerate's remove_hook_from_module deletes what hasattr() found).
-_OWN_ATTRIBUTES = frozenset({"_hf_hook", "_old_forward", "_diffusers_hook"})
-
-
-@contextlib.contextmanager
-def _without_root_hook(model: torch.nn.Module) -> Iterator[None]:
-    """Export the model's own forward, not accelerate's wrapper around it (whose ``.to()`` would run on
-    export's fake tensors): :meth:`OptimizedModule.forward` calls the hook's pre/post itself."""
-    own = model.__dict__.get("forward") if "_hf_hook" in model.__dict__ else None
-    if own is None:
-        yield
-        return
-    del model.__dict__["forward"]
-    try:
-        yield
-    finally:
-        model.__dict__["forward"] = own
+        ``block_lists``: lists whose block spans are needed besides those ``find_block_lists`` finds.
+        Raises what ``torch.export`` raises when the model cannot be captured.
+        """
+        if key is None:
+            key = signature_key(*pytree.tree_flatten(((), kwargs)))
+        cap = self.get(key)
+        if cap is None:
+            lists = list(dict.fromkeys(list(block_lists) + [b.fqn for b in find_block_lists(self.model)]))
+            with torch.no_grad(), without_root_hook(self.model):
+                cap = self[key] = capture(self.model, kwargs, lists)
+        return cap
 
 
 def _check_steps(what: str, steps: Any) -> Optional[int]:
@@ -970,87 +890,12 @@ def _check_steps(what: str, steps: Any) -> Optional[int]:
     return steps
 
 
-def _pipeline_steps(depth: int = 12) -> Optional[int]:
-    """The step count of the diffusers pipeline calling the model, if one is: ``pipe._num_timesteps``, which
-    every diffusers pipeline sets to ``len(timesteps)`` before its denoising loop."""
-    frame = sys._getframe(2)
-    for _ in range(depth):
-        if frame is None:
-            return None
-        owner = getattr(frame.f_locals.get("self"), "__dict__", None)
-        if owner is not None and "scheduler" in owner:
-            steps = owner.get("_num_timesteps")
-            if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
-                return steps
-        frame = frame.f_back
-    return None
-
-
 def _dtypes(model: torch.nn.Module) -> Tuple[torch.dtype, ...]:
     return tuple(t.dtype for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _devices(model: torch.nn.Module) -> set:
     return {t.device for t in itertools.chain(model.parameters(), model.buffers())}
-
-
-def _disguise(module: "OptimizedModule") -> type:
-    """The class an optimized module reports as ``__class__``: the wrapped model's, for models that save
-    and load themselves (diffusers' ``ModelMixin``), so that ``pipe.save_pretrained`` saves the
-    transformer as the plain model (and ``isinstance(pipe.transformer, FluxTransformer2DModel)`` holds);
-    ``type(module)`` is still :class:`OptimizedModule`. Other models: ``OptimizedModule``."""
-    cls = type(module)
-    model = module.__dict__.get("_modules", {}).get("model")
-    if model is not None and hasattr(type(model), "save_pretrained") and hasattr(type(model), "from_pretrained"):
-        return type(model)
-    return cls
-
-
-def _export_failure(err: Exception) -> str:
-    """``ErrorType at file:line in fn: <source line>`` from a torch.export error, or its first line.
-
-    The place is export's "Caused by" note when there is one, else the innermost traceback frame
-    outside torch (the model's own line that raised, e.g. ``set(lengths)`` hashing a SymInt).
-    """
-    text = str(err)
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    found = re.search(r"Caused by: \((.+?):(\d+) in (\w+)\)", text)
-    if found:
-        path, line, fn = _source_path(err, found.group(1), int(found.group(2))), int(found.group(2)), found.group(3)
-    else:
-        frames = [f for f, _ in traceback.walk_tb(err.__traceback__) if not _library_file(f.f_code.co_filename)]
-        if not frames:
-            return f"{type(err).__name__}: {first[:300]}"
-        frame = frames[-1]
-        path, line, fn = frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name
-    source = linecache.getline(path, line).strip()
-    detail = f"{source} ({first[:200]})" if source and not found else (source or first[:200])
-    return f"{type(err).__name__} at {path}:{line} in {fn}: {detail}"
-
-
-def _source_path(err: BaseException, path: str, line: int) -> str:
-    """The absolute file behind export's shortened ``path`` (``tests/toy.py``), from the error's traceback.
-
-    Export prints model paths shortened to a suffix; resolved against the working directory they only
-    work when it happens to be that suffix's root (not, e.g., with the virtualenv outside the checkout).
-    """
-    if os.path.isabs(path) and os.path.exists(path):
-        return path
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        for frame, lineno in traceback.walk_tb(err.__traceback__):
-            name = frame.f_code.co_filename
-            if lineno == line and (name == path or name.endswith(os.sep + path.lstrip("./" + os.sep))):
-                return name
-        err = err.__cause__ or err.__context__
-    return path
-
-
-def _library_file(filename: str) -> bool:
-    """A file of torch or of npu_cache_fx: not the model's own code."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    return filename.startswith((os.path.dirname(torch.__file__), here))
 
 
 def _all_ranks_agree(skip: bool) -> bool:
@@ -1063,15 +908,6 @@ def _all_ranks_agree(skip: bool) -> bool:
         flag = flag.to(torch.device(torch.accelerator.current_accelerator() or "cpu"))
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
-
-
-def _check_overlaps(configs: Sequence[CacheConfig]) -> None:
-    for i, a in enumerate(configs):
-        for b in configs[i + 1:]:
-            if (a.blocks == b.blocks and a.block_start < b.block_end and b.block_start < a.block_end
-                    and not a.bypass and not b.bypass):
-                raise ConfigError(f"CacheConfig ranges overlap on {a.blocks}: [{a.block_start}, {a.block_end}) "
-                                  f"and [{b.block_start}, {b.block_end}); use disjoint block ranges")
 
 
 def optimize(model: torch.nn.Module, cache_config: Union[CacheConfig, Sequence[CacheConfig]], *,
@@ -1102,8 +938,5 @@ def optimize(model: torch.nn.Module, cache_config: Union[CacheConfig, Sequence[C
         ...                   block_start=1, block_end=23, blocks="single_transformer_blocks")
         >>> pipe.transformer = optimize(pipe.transformer, cfg)   # doctest: +SKIP
     """
-    if cache_config is None:
-        raise ConfigError("optimize(): cache_config is None; pass a CacheConfig or a list of them "
-                          "(npu_cache_fx.load_plan(path) reads a saved plan)")
-    configs = [cache_config] if isinstance(cache_config, CacheConfig) else list(cache_config)
+    configs = config_list(cache_config)
     return OptimizedModule(model, configs, backend, backend_options, timestep_arg, captures)

@@ -415,7 +415,7 @@ def test_set_steps_scales_the_plan_without_recompiling():
 # ----------------------------------------------------------------------------- 8. validation
 @pytest.mark.parametrize("call, match", [
     (lambda m: optimize(m, []), r"cache_config is empty"),
-    (lambda m: optimize(m, None), r"cache_config is None"),
+    (lambda m: optimize(m, None), r"optimize\(\): the plan is None"),
     (lambda m: optimize(m, FLUX_CFGS, backend="inductor", backend_options={"modee": "max-autotune"}),
      r"backend_options\['modee'\].*valid keys: \['static_cache_buffers', 'mode'\]"),
     (lambda m: optimize(m, FLUX_CFGS, backend="inductor", backend_options={"mode": "fast"}),

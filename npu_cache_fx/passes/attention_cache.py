@@ -14,13 +14,13 @@ Example::
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch.fx as fx
-from torch.fx.passes.infra.pass_base import PassResult
 
 from ..capture import AttentionSite
-from .common import eliminate_dead_code, emit_cache_read, emit_cache_write
+from ..schedule import Action
+from .common import RewriteResult, cache_action, eliminate_dead_code, emit_cache_read, emit_cache_write
 
 __all__ = ["attention_cache_pass", "attention_slot"]
 
@@ -29,24 +29,26 @@ def attention_slot(prefix: str, site: AttentionSite, k: int) -> str:
     return f"{prefix}.{site.fqn}.{k}"
 
 
-def attention_cache_pass(gm: fx.GraphModule, sites: Sequence[AttentionSite], mode: str, slot_prefix: str,
-                         *, history: int = 1, dce: bool = True) -> PassResult:
-    """Rewrite the attention calls ``sites`` of ``gm`` in place for ``mode`` in {"write", "read"}.
+def attention_cache_pass(gm: fx.GraphModule, sites: Sequence[AttentionSite], mode: Union[Action, str],
+                         slot_prefix: str, *, history: int = 1, dce: bool = True) -> RewriteResult:
+    """Rewrite the attention calls ``sites`` of ``gm`` in place for ``mode``: ``Action.WRITE`` or
+    ``Action.READ`` (or ``"write"`` / ``"read"``). ``rewritten`` of the result: the outputs rewritten.
 
     ``history > 1`` (forecasting): keep the last ``history`` outputs and read
     ``sum_k coef[k] * output_k`` with host-computed coefficients.
     """
-    if mode not in ("write", "read"):
-        raise ValueError(f"attention_cache_pass mode must be 'write' or 'read', got {mode!r}")
+    mode = cache_action(mode, "attention_cache_pass").value
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     removed = set()
+    rewritten = 0
     for site in sites:
         for k, name in enumerate(site.outputs):
             if name not in nodes:  # an earlier rewrite left this output dead
                 continue
             out = nodes[name]
             slot = attention_slot(slot_prefix, site, k)
+            rewritten += 1
             if mode == "write":
                 emit_cache_write(graph, out, slot, history)
             else:
@@ -60,4 +62,4 @@ def attention_cache_pass(gm: fx.GraphModule, sites: Sequence[AttentionSite], mod
         eliminate_dead_code(gm, pure=removed)
     else:
         gm.recompile()
-    return PassResult(gm, bool(sites))
+    return RewriteResult(gm, bool(sites), rewritten)

@@ -14,28 +14,30 @@ Example::
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 import torch.fx as fx
-from torch.fx.passes.infra.pass_base import PassResult
-
 from ..capture import Region
-from .common import eliminate_dead_code, emit_cache_read, emit_cache_write, set_val
+from ..schedule import Action
+from .common import RewriteResult, cache_action, eliminate_dead_code, emit_cache_read, emit_cache_write, set_val
 
 __all__ = ["block_cache_pass"]
 
 aten = torch.ops.aten
 
 
-def block_cache_pass(gm: fx.GraphModule, region: Region, mode: str, slot_prefix: str,
-                     *, history: int = 1, dce: bool = True) -> PassResult:
-    """Rewrite ``region`` of ``gm`` in place for ``mode`` in {"write", "read"}.
+def block_cache_pass(gm: fx.GraphModule, region: Region, mode: Union[Action, str], slot_prefix: str,
+                     *, history: int = 1, dce: bool = True) -> RewriteResult:
+    """Rewrite ``region`` of ``gm`` in place for ``mode``: ``Action.WRITE`` or ``Action.READ`` (or
+    ``"write"`` / ``"read"``). ``rewritten`` of the result: the streams rewritten.
 
     ``history > 1`` (forecasting): writes keep the last ``history`` deltas per stream,
     and a read emits ``in + sum_k coef[k] * delta_k`` with host-computed coefficients.
     """
-    if mode not in ("write", "read"):
-        raise ValueError(f"block_cache_pass mode must be 'write' or 'read', got {mode!r}")
+    mode = cache_action(mode, "block_cache_pass").value
     graph = gm.graph
+    rewritten = 0
     nodes = {n.name: n for n in graph.nodes}
     order = {n: i for i, n in enumerate(graph.nodes)}
     for stream in region.streams:
@@ -45,6 +47,7 @@ def block_cache_pass(gm: fx.GraphModule, region: Region, mode: str, slot_prefix:
             raise ValueError(f"{region.label}: stream input {stream.input} is not in this graph")
         src, out = nodes[stream.input], nodes[stream.output]
         slot = f"{slot_prefix}.{stream.role}"
+        rewritten += 1
         if mode == "write":
             with graph.inserting_after(out):
                 delta = graph.call_function(aten.sub.Tensor, (out, src))
@@ -61,4 +64,4 @@ def block_cache_pass(gm: fx.GraphModule, region: Region, mode: str, slot_prefix:
         eliminate_dead_code(gm, pure=region.nodes) if dce else gm.recompile()
     else:
         gm.recompile()
-    return PassResult(gm, True)
+    return RewriteResult(gm, True, rewritten)

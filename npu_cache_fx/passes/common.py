@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Union
 
 import torch
 import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops import CACHE_READ, CACHE_WRITE
+from ..schedule import Action
 
-__all__ = ["coef_slot", "eliminate_dead_code", "is_impure", "emit_cache_read", "emit_cache_write", "history_slots", "set_val",
-           "slot_meta"]
+__all__ = ["RewriteResult", "cache_action", "coef_slot", "eliminate_dead_code", "is_impure", "emit_cache_read",
+           "emit_cache_write", "history_slots", "set_val", "slot_meta"]
 
 # Export keeps these for input checking; they must not pin a removed computation.
 _DROPPABLE = {torch.ops.aten._assert_tensor_metadata.default}
+
+
+class RewriteResult(PassResult):
+    """A :class:`PassResult` that also says how much the pass rewrote (``rewritten``: streams of a block
+    range, or attention outputs), torch.fx-style."""
+
+    def __new__(cls, graph_module, modified, rewritten: int = 0):
+        self = super().__new__(cls, graph_module, modified)
+        self.rewritten = rewritten
+        return self
+
+
+def cache_action(mode: Union[Action, str], pass_name: str) -> Action:
+    """``Action.WRITE`` / ``Action.READ`` (or their values ``"write"`` / ``"read"``); anything else is an error."""
+    try:
+        action = mode if isinstance(mode, Action) else Action(mode)
+    except ValueError:
+        action = None
+    if action not in (Action.WRITE, Action.READ):
+        raise ValueError(f"{pass_name} mode must be Action.WRITE or Action.READ, got {mode!r}")
+    return action
 
 
 def is_impure(node: fx.Node, pure: frozenset = frozenset()) -> bool:

@@ -29,24 +29,17 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Opti
 import torch
 import torch.fx as fx
 
-from ..capture import AttentionSite, Capture, Region, attention_sites, block_region, resolve_block_list
+from ..capture import AttentionSite, Capture, Region, attention_sites, block_region
 from ..config import CacheConfig
 from ..passes.common import is_impure
 from ..profile import node_costs, synchronize
 from ..schedule import Action, Decision, make_plan
+from ..targets import Removal, Target, bind_target, nbytes, resolve_config
 from .space import DIT, BlockSeq
 
 __all__ = ["CostModel", "Removal", "live_nodes", "time_calls"]
 
 aten = torch.ops.aten
-
-
-@dataclass(frozen=True)
-class Removal:
-    """What one READ rewrite takes out: ``nodes`` go; ``subst[out] = in`` keeps ``in`` alive for ``out``'s users."""
-
-    nodes: FrozenSet[str]
-    subst: Tuple[Tuple[str, Optional[str]], ...] = ()
 
 
 def live_nodes(gm: fx.GraphModule, removals: Iterable[Removal]) -> FrozenSet[str]:
@@ -68,11 +61,6 @@ def live_nodes(gm: fx.GraphModule, removals: Iterable[Removal]) -> FrozenSet[str
         if node.op == "output" or is_impure(node) or users_live or name in demanded:
             live.add(name)
     return frozenset(live)
-
-
-def _nbytes(node: fx.Node) -> int:
-    val = node.meta.get("val")
-    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
 
 
 def time_calls(fns: Mapping[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1,
@@ -159,6 +147,7 @@ class CostModel:
     verification: List[Dict[str, Any]] = field(default_factory=list)
     _regions: Dict[Tuple, Region] = field(default_factory=dict, repr=False)
     _sites: Dict[Tuple, List[AttentionSite]] = field(default_factory=dict, repr=False)
+    _targets: Dict[Tuple, Target] = field(default_factory=dict, repr=False)
     _decision_time: Dict[Tuple, float] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ construction
@@ -180,8 +169,8 @@ class CostModel:
     def _elementwise_byte_cost(self) -> float:
         per_byte = []
         for node in self.cap.gm.graph.nodes:
-            if node.target in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor) and _nbytes(node) >= 4096:
-                per_byte.append(self.node_cost.get(node.name, 0.0) / _nbytes(node))
+            if node.target in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor) and nbytes(node) >= 4096:
+                per_byte.append(self.node_cost.get(node.name, 0.0) / nbytes(node))
         return statistics.median(per_byte) if per_byte else 0.0
 
     # ------------------------------------------------------------------ regions and sites
@@ -197,35 +186,27 @@ class CostModel:
             self._sites[key] = attention_sites(self.cap, self.model, fqn, start, end, attention)
         return self._sites[key]
 
+    def target(self, cfg: CacheConfig) -> Target:
+        """What ``cfg`` (resolved) does to the capture: the runtime's own :class:`~npu_cache_fx.targets.Target`."""
+        key = (cfg.method, cfg.blocks, cfg.block_start, cfg.block_end, cfg.attention, cfg.history)
+        if key not in self._targets:
+            self._targets[key] = bind_target(0, cfg, self.cap, self.model)
+        return self._targets[key]
+
     def removal(self, cfg: CacheConfig) -> Removal:
-        if cfg.method == DIT:
-            reg = self.region(cfg.blocks, cfg.block_start, cfg.block_end)
-            return Removal(reg.nodes, tuple((s.output, s.input) for s in reg.streams))
-        sites = self.sites(cfg.blocks, cfg.block_start, cfg.block_end, cfg.attention)
-        nodes = frozenset().union(*(s.nodes for s in sites)) if sites else frozenset()
-        return Removal(nodes, tuple((o, None) for s in sites for o in s.outputs))
+        return self.target(cfg).removal()
 
     def stream_bytes(self, cfg: CacheConfig) -> int:
         """Bytes one cache context holds for ``cfg`` (dit: one delta per carried stream), times the
         forecast history (``cfg.history`` values kept per slot: 1 plain, 2 linear, 3 taylor2)."""
-        nodes = self.cap.nodes()
-        k = getattr(cfg, "history", 1)
-        if cfg.method == DIT:
-            reg = self.region(cfg.blocks, cfg.block_start, cfg.block_end)
-            return k * sum(_nbytes(nodes[s.input]) for s in reg.streams)
-        return k * sum(_nbytes(nodes[o]) for s in self.sites(cfg.blocks, cfg.block_start, cfg.block_end, cfg.attention)
-                   for o in s.outputs)
+        return self.target(cfg).stream_bytes()
 
     def cache_bytes(self, configs: Sequence[CacheConfig]) -> int:
         return sum(self.stream_bytes(c) for c in self.resolve(configs) if not c.bypass)
 
     def resolve(self, configs: Sequence[CacheConfig]) -> List[CacheConfig]:
-        """Configs with their block list and open ends filled in from the model."""
-        out = []
-        for c in configs:
-            blocks = resolve_block_list(self.model, c.blocks)
-            out.append(c.resolved(blocks_count=blocks.count).replace(blocks=blocks.fqn))
-        return out
+        """Configs with their block list and open ends filled in from the model (as ``optimize`` does)."""
+        return [resolve_config(self.model, c) for c in configs]
 
     # ------------------------------------------------------------------ per-step cost
     def decision_time(self, configs: Sequence[CacheConfig], decision: Decision) -> float:

@@ -45,6 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..config import FORECASTS
 from ..schedule import Action
 from .costs import CostModel
 from .signals import Recorder
@@ -54,7 +55,7 @@ __all__ = ["FORECAST_ORDERS", "Proxy", "StreamPair", "forecast_errors", "forecas
            "watch_nodes"]
 
 # CacheConfig.forecast -> extrapolation order (refreshes used): plain reuse is order 1.
-FORECAST_ORDERS = {"none": 1, "linear": 2, "taylor2": 3}
+FORECAST_ORDERS = FORECASTS  # forecast -> values kept per slot: one meaning, config's
 
 
 def refresh_history(writes: np.ndarray, depth: int = 3) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Sequence, Union
 
-from ..config import CacheConfig, configs_from_json, configs_to_json
+from ..config import CacheConfig, config_list, configs_from_json, configs_to_json
 
 __all__ = ["config_to_json", "config_from_json", "result_to_json", "write_report", "markdown", "pareto_png"]
 
@@ -14,16 +14,12 @@ def config_to_json(cfgs: Union[CacheConfig, Sequence[CacheConfig]]) -> List[Dict
 
     The core's :func:`npu_cache_fx.config.configs_to_json`, with the method spelled out.
     """
-    return [{"method": c.method, **d} for c, d in zip(_as_list(cfgs), configs_to_json(cfgs))]
+    return [{"method": c.method, **d} for c, d in zip(config_list(cfgs, "the search report"), configs_to_json(cfgs))]
 
 
 def config_from_json(obj: Any) -> List[CacheConfig]:
     """A dict, a list of dicts, ``{"config": [...]}`` or a whole search.json -> list of CacheConfig."""
     return configs_from_json(obj)
-
-
-def _as_list(cfgs) -> List[CacheConfig]:
-    return [cfgs] if isinstance(cfgs, CacheConfig) else list(cfgs)
 
 
 # ----------------------------------------------------------------------------- report

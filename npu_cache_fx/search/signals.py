@@ -18,20 +18,18 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from ..capture import Capture
-from ..config import CacheConfig
-from ..runtime import CaptureCache, optimize, signature_key
-from ..schedule import Action
+from ..contexts import CacheContexts
+from ..runtime import CaptureCache, normalize_inputs, signature_key, timestep_value
 
 __all__ = ["Recorder", "Sketch"]
 
@@ -74,7 +72,7 @@ class _Watch(fx.Interpreter):
         return out
 
 
-class Recorder(torch.nn.Module):
+class Recorder(CacheContexts, torch.nn.Module):
     """A drop-in for ``model`` during the reference run (see module doc).
 
     ``watch(capture) -> iterable of node names`` picks the nodes to record; it is
@@ -87,7 +85,7 @@ class Recorder(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, captures: CaptureCache,
                  watch: Callable[[Capture], Sequence[str]], sketch: Optional[Sketch] = None,
                  keep_inputs: bool = True, clock: Callable[[], float] = time.perf_counter):
-        super().__init__()
+        torch.nn.Module.__init__(self)
         self._clock = clock
         self.model = model
         self._captures = captures
@@ -103,8 +101,6 @@ class Recorder(torch.nn.Module):
         self.outputs: List[torch.Tensor] = []
         self.capture: Optional[Capture] = None
         self.key: Any = None
-        self.probe = None
-        self._context = "default"
         self._steps: Dict[str, int] = {}
         self.seconds_inside = 0.0
 
@@ -114,39 +110,9 @@ class Recorder(torch.nn.Module):
         except AttributeError:
             return getattr(self._modules["model"], name)
 
-    @contextlib.contextmanager
-    def cache_context(self, name: str) -> Iterator[None]:
-        previous, self._context = self._context, name
-        try:
-            yield
-        finally:
-            self._context = previous
-
-    def _normalize(self, args, kwargs) -> Dict[str, Any]:
-        bound = self._signature.bind(*args, **kwargs)
-        out: Dict[str, Any] = {}
-        for name, value in bound.arguments.items():
-            kind = self._signature.parameters[name].kind
-            if kind is inspect.Parameter.VAR_KEYWORD:
-                out.update(value)
-            elif kind is not inspect.Parameter.VAR_POSITIONAL:
-                out[name] = value
-        return out
-
     def _capture_for(self, kwargs, leaves, spec) -> Capture:
         key = signature_key(leaves, spec)  # the runtime's key: the capture candidates reuse
-        cap = self._captures.get(key)
-        if cap is None:
-            before = set(map(id, self._captures.values()))
-            # The first optimized module captures (stats.captures == 1); every candidate reuses it.
-            self.probe = optimize(self.model, CacheConfig(steps_count=1), captures=self._captures)
-            self.probe.build_variant((Action.COMPUTE,), **kwargs)
-            cap = self._captures.get(key)
-            if cap is None:  # runtime keyed it differently: take the one it just added
-                new = [c for c in self._captures.values() if id(c) not in before]
-                if len(new) != 1:
-                    raise RuntimeError("could not find the capture of the reference inputs")
-                cap = new[0]
+        cap = self._captures.capture(kwargs, key=key)
         if self.capture is None:
             self.capture, self.key = cap, key
         if key not in self._watched:
@@ -156,14 +122,14 @@ class Recorder(torch.nn.Module):
     @torch.no_grad()
     def forward(self, *args, **kwargs):
         t0 = self._clock()
-        kwargs = self._normalize(args, kwargs)
+        kwargs = normalize_inputs(self._signature, args, kwargs, type(self.model).__name__)
         leaves, spec = pytree.tree_flatten(((), kwargs))
         cap = self._capture_for(kwargs, leaves, spec)
         key = signature_key(leaves, spec)  # the runtime's key: the capture candidates reuse
         sink: Dict[str, torch.Tensor] = {}
         flat_out = _Watch(cap.gm, self._watched[key], sink, self.sketch).run(*leaves)
-        step = self._steps.get(self._context, 0)
-        self._steps[self._context] = step + 1
+        step = self._steps.get(self._active, 0)
+        self._steps[self._active] = step + 1
         if key == self.key:
             for name, value in sink.items():
                 self.numel.setdefault(name, _numel(cap, name))
@@ -172,8 +138,8 @@ class Recorder(torch.nn.Module):
                 self.inputs.append([x.detach().clone() if isinstance(x, torch.Tensor) else x for x in leaves])
             first = next((x for x in flat_out if isinstance(x, torch.Tensor)), None)
             self.outputs.append(self.sketch(first) if first is not None else torch.zeros(0))
-        self.calls.append({"context": self._context, "step": step, "primary": key == self.key,
-                           "timestep": _timestep(kwargs), "seconds": self._clock() - t0})
+        self.calls.append({"context": self._active, "step": step, "primary": key == self.key,
+                           "timestep": timestep_value(kwargs), "seconds": self._clock() - t0})
         self.seconds_inside += self._clock() - t0
         return pytree.tree_unflatten(list(flat_out), cap.out_spec)
 
@@ -192,16 +158,6 @@ class Recorder(torch.nn.Module):
         context = context or self.contexts()[0]
         primary = [c for c in self.calls if c["primary"]]
         return torch.stack([o for c, o in zip(primary, self.outputs) if c["context"] == context])
-
-
-def _timestep(kwargs) -> Optional[float]:
-    for name in ("timestep", "timesteps", "t"):
-        t = kwargs.get(name)
-        if isinstance(t, torch.Tensor) and t.numel():
-            return float(t.reshape(-1)[0])
-        if isinstance(t, (int, float)):
-            return float(t)
-    return None
 
 
 def _numel(cap: Capture, name: str) -> int:

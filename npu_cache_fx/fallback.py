@@ -25,7 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import linecache
 import logging
+import os
+import re
+import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -36,7 +40,7 @@ from .capture import choose_attention, find_block_lists, walk_back
 from .config import CacheConfig
 from .schedule import Decision
 
-__all__ = ["EagerPath"]
+__all__ = ["EagerPath", "export_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -258,3 +262,52 @@ class EagerPath:
         for agents in self.agents:
             for agent in agents:
                 agent.reset()
+
+
+# ----------------------------------------------------------------------------- why export failed
+def export_failure(err: Exception) -> str:
+    """``ErrorType at file:line in fn: <source line>`` from a torch.export error, or its first line.
+
+    The place is export's "Caused by" note when there is one, else the innermost traceback frame
+    outside torch (the model's own line that raised, e.g. ``set(lengths)`` hashing a SymInt).
+    """
+    text = str(err)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    found = re.search(r"Caused by: \((.+?):(\d+) in (\w+)\)", text)
+    if found:
+        path, line, fn = _source_path(err, found.group(1), int(found.group(2))), int(found.group(2)), found.group(3)
+    else:
+        frames = [f for f, _ in traceback.walk_tb(err.__traceback__) if not _library_file(f.f_code.co_filename)]
+        if not frames:
+            return f"{type(err).__name__}: {first[:300]}"
+        frame = frames[-1]
+        path, line, fn = frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name
+    source = linecache.getline(path, line).strip()
+    detail = f"{source} ({first[:200]})" if source and not found else (source or first[:200])
+    return f"{type(err).__name__} at {path}:{line} in {fn}: {detail}"
+
+
+def _source_path(err: BaseException, path: str, line: int) -> str:
+    """The absolute file behind export's shortened ``path`` (``tests/toy.py``, or ``mp/x/tests/toy.py``
+    for ``/tmp/x/tests/toy.py``: export cuts a prefix of its own length), from the error's traceback.
+
+    Resolved against the working directory such paths only work when it happens to be their root (not,
+    e.g., with the virtualenv outside the checkout).
+    """
+    if os.path.isabs(path) and os.path.exists(path):
+        return path
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        for frame, lineno in traceback.walk_tb(err.__traceback__):
+            name = frame.f_code.co_filename
+            if lineno == line and name.endswith(path.lstrip("./" + os.sep)):  # a suffix, maybe cut mid-name
+                return name
+        err = err.__cause__ or err.__context__
+    return path
+
+
+def _library_file(filename: str) -> bool:
+    """A file of torch or of npu_cache_fx: not the model's own code."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return filename.startswith((os.path.dirname(torch.__file__), here))
