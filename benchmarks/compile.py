@@ -5,7 +5,7 @@ realised vs ideal speedup with a compiler backend (inductor on CPU by default; C
     python benchmarks/compile.py --quick                      # smoke: aot_eager, tiny-flux, short
     python benchmarks/compile.py --device cuda --size flux-dev   # Flux-dev shapes, bf16, reduce-overhead
 
-Five flows per model, with a ~2x plan (tiny models: ``npu_cache_fx.demo.shipped_plan``,
+Five flows per model, with a ~2x plan (tiny models: ``npu_cache_fx.bench.shipped_plan``,
 3 graph variants; flux-dev: MindIE's shipped Flux config, double [5,13) + single
 [1,23), step_start 18, interval 2, 28 steps):
 
@@ -68,7 +68,7 @@ import common  # noqa: E402
 import tinybench as tb  # noqa: E402
 
 from npu_cache_fx import CacheConfig, metrics, models, optimize  # noqa: E402
-from npu_cache_fx.demo import shipped_plan  # noqa: E402
+from npu_cache_fx.bench import shipped_plan  # noqa: E402
 from npu_cache_fx.profile import synchronize  # noqa: E402
 from npu_cache_fx.runtime import CaptureCache  # noqa: E402
 from npu_cache_fx.schedule import Action  # noqa: E402

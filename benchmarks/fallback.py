@@ -8,7 +8,7 @@ its forward, the kind that makes ``torch.export`` fail on Lumina2 and on models 
 mask-length code (``lengths = mask.sum(-1).tolist(); if len(set(lengths)) > 1: ...``).
 The check costs one host read per call; the rows isolate it (``uncached eager``, the
 model as shipped, vs ``uncached eager, unexportable``). Flows, the same ~2x plan
-(``npu_cache_fx.demo.shipped_plan``), same seeds:
+(``npu_cache_fx.bench.shipped_plan``), same seeds:
 
 * ``export path <B>``: ``optimize(model, plan, backend=B)`` — captured graph, one compiled
   graph per variant;
@@ -40,7 +40,7 @@ import tinybench as tb  # noqa: E402
 from compile import CountingBackend  # noqa: E402
 
 from npu_cache_fx import models, optimize  # noqa: E402
-from npu_cache_fx.demo import shipped_plan  # noqa: E402
+from npu_cache_fx.bench import shipped_plan  # noqa: E402
 
 DEFAULT_OUT = os.path.join("benchmarks", "out", "fallback.json")
 

@@ -13,7 +13,7 @@ For each model (tiny-wan only when its weights are shipped), measured in one run
   auto`` (default) tries a ladder of thresholds for one generation each and keeps
   the two whose skipped-step count is closest to a 1.5x and a 2x step reduction
   (the calibration table is printed); steps skipped come from ``opt.stats.steps_skipped``;
-* ``dit (shipped)``: ``npu_cache_fx.demo.shipped_plan`` (all blocks of every list,
+* ``dit (shipped)``: ``npu_cache_fx.bench.shipped_plan`` (all blocks of every list,
   step_start 3, interval 3, linear forecast);
 * ``attention cache``: ``method="attention_cache"`` on every block list (one config
   per list), ``step_start=--attn-start``, interval 2;
@@ -42,7 +42,7 @@ import common  # noqa: E402
 import tinybench as tb  # noqa: E402
 
 from npu_cache_fx import CacheConfig, models, optimize  # noqa: E402
-from npu_cache_fx.demo import shipped_plan  # noqa: E402
+from npu_cache_fx.bench import shipped_plan  # noqa: E402
 from npu_cache_fx.runtime import CaptureCache  # noqa: E402
 
 DEFAULT_OUT = os.path.join("benchmarks", "out", "timestep.json")

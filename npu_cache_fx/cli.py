@@ -72,7 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "search":
         from .search.cli import run_search
         return run_search(args)
-    from .demo import run_bench
+    from .bench import run_bench
     return run_bench(args)
 
 

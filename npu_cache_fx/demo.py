@@ -1,208 +1,22 @@
-"""The main job: ``npu-cache-fx demo`` (and ``bench``) on a shipped tiny trained model.
+"""The main job: ``npu-cache-fx demo`` on a shipped tiny trained model.
 
-Generates digits uncached, with a cache plan, with fewer steps at the same
-measured speed (the honest baseline) and with AdaStep; prints speedup, PSNR and class fidelity;
-writes ``grid.png`` (rows labelled), ``report.md`` and ``demo.json``.
+Generates digits uncached, with the shipped cache plan, with fewer steps at the same measured
+speed (the honest baseline) and with AdaStep (:func:`npu_cache_fx.bench.evaluate`); prints speedup,
+PSNR and class fidelity; writes ``grid.png`` (rows labelled), ``report.md`` and ``demo.json``.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import platform
-import statistics
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
 
-import torch
+from .bench import evaluate, print_result
 
-from . import metrics, models
-from .config import CacheConfig, configs_from_json, configs_to_json
-from .runtime import optimize
-from .timestep import fewer_steps_for
-
-__all__ = ["SHIPPED_PLANS", "run_bench", "run_demo", "shipped_plan"]
-
-log = logging.getLogger(__name__)
-
-
-def _all_blocks(steps: int, lists, **kw) -> List[CacheConfig]:
-    return [CacheConfig(steps_count=steps, blocks=b, **kw) for b in lists]
-
-
-ADASTEP_THRESHOLD = 0.002  # skips about a third of tiny-flux's 28 steps (benchmarks/timestep.py)
-
-# Plans measured on the shipped models (see README "Demo"); the search replaces them per run.
-SHIPPED_PLANS: Dict[str, Callable[[int], List[CacheConfig]]] = {
-    "tiny-flux": lambda n: _all_blocks(n, ("transformer_blocks", "single_transformer_blocks"),
-                                       step_start=3, step_interval=3, forecast="linear"),
-    "tiny-wan": lambda n: _all_blocks(n, ("blocks",), step_start=3, step_interval=3, forecast="linear"),
-}
-
-
-def shipped_plan(model_name: str, steps: int) -> List[CacheConfig]:
-    if model_name not in SHIPPED_PLANS:
-        raise ValueError(f"no shipped plan for {model_name!r}; pass --config")
-    return SHIPPED_PLANS[model_name](steps)
-
-
-def _load_plan(path: Optional[str], model_name: str, steps: int) -> List[CacheConfig]:
-    if path is None:
-        return shipped_plan(model_name, steps)
-    with open(path) as f:
-        cfgs = configs_from_json(json.load(f))
-    return [c.replace(steps_count=steps) if c.steps_count != steps else c for c in cfgs]
-
-
-def _timed(fn: Callable[[], torch.Tensor]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _measure(runs: Dict[str, Callable[[], torch.Tensor]], repeats: int) -> Dict[str, float]:
-    """Median seconds per run, the runs interleaved so machine noise hits all alike."""
-    times: Dict[str, List[float]] = {k: [] for k in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            times[name].append(_timed(fn))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _grid(rows: Dict[str, torch.Tensor], labels: torch.Tensor, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = min(len(labels), 10)
-    fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.9, len(rows) * 1.1 + 0.5), squeeze=False)
-    for r, (name, images) in enumerate(rows.items()):
-        for c in range(n):
-            img = images[c]
-            if img.dim() == 4:  # clip (F, C, H, W): frames side by side
-                img = torch.cat(list(img), dim=-1)
-            ax = axes[r][c]
-            ax.imshow(img[0].float().clamp(-1, 1).cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
-            if r == 0:
-                ax.set_title(str(int(labels[c])), fontsize=8)
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _evaluate(args, title: str, out_dir: Path) -> Dict[str, Any]:
-    model = models.load(args.model)
-    steps = args.steps or model.default_steps
-    labels = models.eval_labels(args.samples)
-    cfgs = _load_plan(args.config, args.model, steps)
-    backend = None if args.backend == "eager" else args.backend
-    fast = optimize(model.transformer, cfgs, backend=backend)
-    print(fast.plan)
-
-    sample = lambda transformer=None, n=steps: model.sample(labels, steps=n, seed=0,  # noqa: E731
-                                                            transformer=transformer)
-    sample(fast)  # capture (and compile) every variant outside the timed runs
-    times = _measure({"uncached": lambda: sample(), "cached": lambda: sample(fast)}, args.repeats)
-    speedup = times["uncached"] / times["cached"]
-    fewer = fewer_steps_for(speedup, steps)
-    ada = optimize(model.transformer, CacheConfig(method="adastep", steps_count=steps, threshold=ADASTEP_THRESHOLD,
-                                                  max_skip_steps=2))
-    sample(ada)
-    other = _measure({"fewer": lambda: sample(n=fewer), "adastep": lambda: sample(ada)}, args.repeats)
-    fewer_time = other["fewer"]
-
-    ref, cached, few = sample(), sample(fast), sample(n=fewer)
-    ada.stats.clear()
-    skipped = sample(ada)
-    rows = {"uncached": ref, "cached": cached, f"{fewer} steps": few}
-    result = {
-        "model": args.model, "steps": steps, "samples": len(labels), "backend": args.backend,
-        "plan": configs_to_json(cfgs), "plan_table": str(fast.plan),
-        "seconds": times, "speedup": speedup,
-        "uncached": {"class_fidelity": metrics.class_fidelity(ref, labels)},
-        "cached": {"psnr": metrics.psnr(cached, ref), "mse": metrics.mse(cached, ref),
-                   "class_fidelity": metrics.class_fidelity(cached, labels)},
-        "fewer_steps": {"steps": fewer, "seconds": fewer_time, "speedup": times["uncached"] / fewer_time,
-                        "psnr": metrics.psnr(few, ref), "mse": metrics.mse(few, ref),
-                        "class_fidelity": metrics.class_fidelity(few, labels)},
-        "adastep": {"threshold": ADASTEP_THRESHOLD, "max_skip_steps": 2, "seconds": other["adastep"],
-                    "speedup": times["uncached"] / other["adastep"], "steps_skipped": ada.stats.steps_skipped,
-                    "psnr": metrics.psnr(skipped, ref), "mse": metrics.mse(skipped, ref),
-                    "class_fidelity": metrics.class_fidelity(skipped, labels)},
-        "stats": {k: v for k, v in vars(fast.stats).items()},
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _grid(rows, labels, out_dir / "grid.png",
-          f"{title}: {args.model}, {steps} steps, cached {speedup:.2f}x")
-    (out_dir / "demo.json").write_text(json.dumps(result, indent=2, default=str))
-    (out_dir / "report.md").write_text(_report(result))
-    return result
-
-
-def _report(r: Dict[str, Any]) -> str:
-    c, f, a = r["cached"], r["fewer_steps"], r["adastep"]
-    verdict = ("the cache plan beats fewer steps at equal speed" if c["psnr"] > f["psnr"]
-               else "fewer steps beats this cache plan at equal speed: do not ship it")
-    return "\n".join([
-        f"# npu_cache_fx demo: {r['model']}",
-        "",
-        f"{r['samples']} samples, {r['steps']} Euler steps, backend {r['backend']}, "
-        f"torch {r['machine']['torch']}, {r['machine']['threads']} thread(s). Times are medians of interleaved runs.",
-        "",
-        "| run | seconds | speedup | PSNR vs uncached (dB) | class fidelity |",
-        "|---|---|---|---|---|",
-        f"| uncached | {r['seconds']['uncached']:.2f} | 1.00 | - | {r['uncached']['class_fidelity']:.2f} |",
-        f"| cached | {r['seconds']['cached']:.2f} | {r['speedup']:.2f} | {c['psnr']:.2f} | {c['class_fidelity']:.2f} |",
-        f"| fewer steps ({f['steps']}) | {f['seconds']:.2f} | {f['speedup']:.2f} | {f['psnr']:.2f} | "
-        f"{f['class_fidelity']:.2f} |",
-        f"| AdaStep (thr {a['threshold']}, {a['steps_skipped']} steps skipped) | {a['seconds']:.2f} | "
-        f"{a['speedup']:.2f} | {a['psnr']:.2f} | {a['class_fidelity']:.2f} |",
-        "",
-        f"Verdict: {verdict}.",
-        "",
-        "Plan:",
-        "",
-        "```",
-        r["plan_table"],
-        "```",
-        "",
-        "![grid](grid.png)",
-        "",
-    ])
-
-
-def _print(r: Dict[str, Any]) -> None:
-    c, f = r["cached"], r["fewer_steps"]
-    print(f"uncached {r['seconds']['uncached']:.2f}s  fidelity {r['uncached']['class_fidelity']:.2f}")
-    print(f"cached   {r['seconds']['cached']:.2f}s  speedup {r['speedup']:.2f}x  PSNR {c['psnr']:.2f} dB  "
-          f"fidelity {c['class_fidelity']:.2f}")
-    print(f"fewer steps ({f['steps']}) speedup {f['speedup']:.2f}x  PSNR {f['psnr']:.2f} dB  "
-          f"fidelity {f['class_fidelity']:.2f}")
-    a = r["adastep"]
-    print(f"AdaStep ({a['steps_skipped']} steps skipped) speedup {a['speedup']:.2f}x  PSNR {a['psnr']:.2f} dB  "
-          f"fidelity {a['class_fidelity']:.2f}")
+__all__ = ["run_demo"]
 
 
 def run_demo(args) -> int:
     out = Path(args.out)
-    result = _evaluate(args, "demo", out)
-    _print(result)
+    result = evaluate(args, "demo", out)
+    print_result(result)
     print(f"wrote {out / 'grid.png'}, {out / 'report.md'}, {out / 'demo.json'}")
-    return 0
-
-
-def run_bench(args) -> int:
-    out = Path(args.out)
-    result = _evaluate(args, "bench", out)
-    _print(result)
-    print(f"wrote {out / 'report.md'}, {out / 'demo.json'}")
     return 0

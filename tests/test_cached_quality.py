@@ -8,7 +8,7 @@ pytestmark = pytest.mark.slow  # compiles or runs benchmarks end to end: not in 
 pytest.importorskip("diffusers")
 
 from npu_cache_fx import metrics, models, optimize  # noqa: E402
-from npu_cache_fx.demo import shipped_plan  # noqa: E402
+from npu_cache_fx.bench import shipped_plan  # noqa: E402
 from npu_cache_fx.schedule import Action  # noqa: E402
 
 
