@@ -10,6 +10,7 @@ pytestmark = pytest.mark.slow  # real pipelines, trained models or searches: not
 torch.set_num_threads(1)
 
 from npu_cache_fx import metrics  # noqa: E402
+from npu_cache_fx.models import digits  # noqa: E402
 from npu_cache_fx.models.data import load_digits_16, make_clips, split_indices  # noqa: E402
 
 
@@ -38,8 +39,8 @@ def classifier_cache(tmp_path_factory):
     d = tmp_path_factory.mktemp("npu_cache_fx_cache")
     mp = pytest.MonkeyPatch()
     mp.setenv("NPU_CACHE_FX_CACHE_DIR", str(d))
-    mp.setattr(metrics, "_classifier", None)
-    net = metrics.get_classifier()
+    mp.setattr(digits, "_classifier", None)
+    net = digits.get_classifier()
     yield d, net
     mp.undo()
 
@@ -48,7 +49,7 @@ def test_classifier_cached_and_deterministic(classifier_cache):
     d, net = classifier_cache
     path = d / "digits_classifier_v1.safetensors"
     assert path.exists()
-    assert metrics.get_classifier() is net  # in-memory cache
+    assert digits.get_classifier() is net  # in-memory cache
     from safetensors.torch import load_file
 
     sd = load_file(str(path))
@@ -56,8 +57,8 @@ def test_classifier_cached_and_deterministic(classifier_cache):
 
 
 def test_classifier_holdout_accuracy(classifier_cache):
-    assert metrics.classifier_holdout_accuracy() >= 0.9
-    assert metrics.classifier_holdout_accuracy(shifted=True) >= 0.9
+    assert digits.classifier_holdout_accuracy() >= 0.9
+    assert digits.classifier_holdout_accuracy(shifted=True) >= 0.9
     x, y = load_digits_16()
     _, te = split_indices(len(x))
     assert metrics.class_fidelity(x[te], y[te]) >= 0.9
@@ -80,7 +81,7 @@ def test_class_fidelity_video_majority_vote(classifier_cache):
     # majority: 3 frames of digit A and 1 frame of B -> A
     a, b = x[te[0]], x[te[1]]
     clip = torch.stack([a, a, b, a]).unsqueeze(0)
-    assert metrics.predict(clip).item() == metrics.predict(a.unsqueeze(0)).item()
+    assert digits.predict(clip).item() == digits.predict(a.unsqueeze(0)).item()
 
 
 def test_noise_has_chance_fidelity(classifier_cache):
