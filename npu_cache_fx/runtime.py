@@ -330,7 +330,6 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         self._contexts: Dict[str, _Context] = {}
         self._plans: Dict[int, Plan] = {self.plan.steps_count: self.plan}
         self._steps: Optional[int] = None  # set_steps(): the step count of the coming generations
-        self._context_steps: Dict[str, int] = {}  # cache_context(name, num_inference_steps=n)
         self._watch = ModelWatch(model)
         self._dtypes = _dtypes(model)
         self._lock = threading.RLock()  # one call (and so one capture) at a time
@@ -363,9 +362,11 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         if dtypes != self._dtypes:
             self._dtypes = dtypes
             self.invalidate()
-        elif self._contexts and any(t.device not in _devices(self.model) for ctx in self._contexts.values()
-                                    for bufs in ctx.buffers.values() for t in bufs.values()):
-            self.release()
+        elif self._contexts:
+            devices = _devices(self.model)
+            if any(t.device not in devices for ctx in self._contexts.values() for bufs in ctx.buffers.values()
+                   for t in bufs.values()):
+                self.release()
         return out
 
     def invalidate(self) -> None:
@@ -397,7 +398,8 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
     # ------------------------------------------------------------------ public state
     def reset(self, context: Optional[str] = None) -> None:
         """Start a new generation in ``context`` (default: every context)."""
-        targets = self._contexts.values() if context is None else [self._contexts.get(context, _Context())]
+        targets = list(self._contexts.values()) if context is None else \
+            [self._contexts[context]] if context in self._contexts else []
         for ctx in targets:
             ctx.new_generation()
 

@@ -256,3 +256,11 @@ def test_one_step_warm_up_then_a_generation():
     got, want = run(opt, TS), run(fresh, TS)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert opt.stats.generations == 2 and opt.stats.steps_reused == fresh.stats.steps_reused == 2
+
+
+def test_reset_of_a_context_never_used_is_a_no_op():
+    opt = optimize(ToyDiT(single=7), ref_cfg())
+    opt.reset("never-used")  # used to build a _Context without its plan: TypeError
+    run(opt, TS[:2])
+    opt.reset("default")
+    assert opt._contexts["default"].step == 0
