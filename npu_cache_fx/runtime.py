@@ -377,6 +377,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             self._captures.clear()
             self._contexts.clear()
             self._eager = None
+            self.stats.path, self.stats.fallback_reason = "export", None  # decided again at the next call
             self._watch.refresh()
             self._update_bytes()
 

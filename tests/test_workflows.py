@@ -268,6 +268,24 @@ def test_group_offload_runs_the_eager_path_with_its_hooks():
     assert torch.equal(first, second)
 
 
+
+def test_offload_hooks_removed_return_to_the_graph():
+    """accelerate's hooks on a block: the eager path; hooks removed: the module notices and captures again."""
+    pytest.importorskip("accelerate")
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+    model = ToyDiT(single=4)
+    opt = optimize(model, _toy_cfg())
+    add_hook_to_module(model.blocks[0], ModelHook())  # what cpu_offload / dispatch_model put on submodules
+    ref = optimize(ToyDiT(single=4), _toy_cfg())
+    want = [ref(**toy_inputs(900.0 - 100 * s))[0] for s in range(5)]
+    got = [opt(**toy_inputs(900.0 - 100 * s))[0] for s in range(5)]
+    assert opt.stats.path == "eager" and all(torch.equal(a, b) for a, b in zip(got, want))
+    remove_hook_from_module(model.blocks[0])
+    got = [opt(**toy_inputs(900.0 - 100 * s))[0] for s in range(5)]
+    assert opt.stats.path == "export" and opt.stats.fallback_reason is None and opt.stats.captures == 1
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 # ----------------------------------------------------------------------------- 3. fp16
 @SLOW
 def test_fp16_flux_dual_stream_blocks_clip_is_a_pass_through():
