@@ -445,3 +445,16 @@ def test_auto_reports_adastep_and_fewer_steps(toy_session):
     meets = [c for c in result.evaluated if c.speedup is not None and c.speedup >= result.accept * 2.0]
     assert result.best in meets  # every branch: the winner meets the target and has the lowest MSE of those
     assert all(result.best.mse <= c.mse for c in meets)
+
+
+def test_search_refuses_arguments_its_session_would_ignore():
+    """search(session=s) used to ignore run_fn, steps_count, blocks, clock and backend silently."""
+    model = _ToyDiT().eval()
+    run_fn = lambda tr: tr  # noqa: E731 - never called: the check comes first
+    session = SearchSession(model, run_fn, steps_count=8)
+    for kw, name in ((dict(steps_count=10), "steps_count"), (dict(blocks=["blocks"]), "blocks"),
+                     (dict(clock="wall"), "clock"), (dict(backend="aot_eager"), "backend")):
+        with pytest.raises(ValueError, match=f"search\\(session=...\\): {name}=.* differs from the session's"):
+            search(model, run_fn, session=session, progress=False, **kw)
+    with pytest.raises(ValueError, match="run_fn=.* differs"):
+        search(model, lambda tr: tr, session=session, progress=False)

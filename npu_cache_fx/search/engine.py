@@ -577,6 +577,22 @@ def search_mindie(session: SearchSession, method: str, target: float, *, interva
     return result
 
 
+def _check_session_arguments(session: SearchSession, **given: Any) -> None:
+    """A session fixes what its reference run was made with: an argument of ``search`` that says otherwise
+    would be silently ignored, so it is an error (leave it out, or make a new SearchSession)."""
+    defaults = {"steps_count": None, "blocks": None, "clock": "auto", "backend": None, "backend_options": None}
+    own = {"run_fn": session.run_fn, "steps_count": session.steps_count, "blocks": session.blocks,
+           "clock": session.clock_kind, "backend": session.backend, "backend_options": session.backend_options}
+    for name, value in given.items():
+        if name != "run_fn" and value == defaults[name]:
+            continue
+        same = value is own[name] if name == "run_fn" else value == own[name]
+        if not same:
+            raise ValueError(f"search(session=...): {name}={value!r} differs from the session's {own[name]!r}; "
+                             f"the session's reference run was made with its own {name}: leave {name} out, or "
+                             f"build a SearchSession(..., {name}=...) for it")
+
+
 # ----------------------------------------------------------------------------- public entry
 def search(model, run_fn: Callable[[Any], Any], method: str = "dit_block_cache", target_speedup: float = 2.0,
            max_cache_bytes: Optional[int] = None, steps_count: Optional[int] = None, strategy: str = "ours", *,
@@ -628,6 +644,9 @@ def search(model, run_fn: Callable[[Any], Any], method: str = "dit_block_cache",
                                 progress=progress, clock=clock, backend=backend, backend_options=backend_options)
     elif session.model is not model:
         raise ValueError("session= belongs to another model")
+    else:
+        _check_session_arguments(session, run_fn=run_fn, steps_count=steps_count, blocks=blocks, clock=clock,
+                                 backend=backend, backend_options=backend_options)
     if strategy == "mindie":
         return search_mindie(session, method, target_speedup, interval=mindie_interval, repeats=repeats,
                              accept=accept, attention=attention, progress=progress)
