@@ -5,6 +5,8 @@ import contextlib
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # real pipelines, trained models or searches: not in the quick tier
+
 torch.set_num_threads(1)
 
 import diffusers  # noqa: E402
@@ -50,7 +52,7 @@ class CountingWrapper:
 
 
 def test_list_models():
-    assert models.list_models() == ["tiny-flux", "tiny-wan"]
+    assert models.list_models() == ["tiny-flux", "tiny-wan", "tiny-flux-deep"]
     with pytest.raises(KeyError):
         models.load("nope")
 

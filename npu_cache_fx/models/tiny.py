@@ -1,6 +1,6 @@
 """Tiny trained reference diffusion transformers (plain diffusers classes) + flow-matching samplers.
 
-Two models are shipped with the package (``npu_cache_fx/models/weights/``):
+Three models are shipped with the package (``npu_cache_fx/models/weights/``):
 
 ``tiny-flux``
     ``diffusers.FluxTransformer2DModel`` with 2 dual-stream blocks (``transformer_blocks``) and 6
@@ -19,7 +19,16 @@ Two models are shipped with the package (``npu_cache_fx/models/weights/``):
     patching, 4 frames x 4 x 4 = 64 tokens (one token = a 4x4 pixel patch of one frame).  The class
     goes through ``encoder_hidden_states`` (4 tokens of ``text_dim`` = 64).
 
-Both were trained with rectified flow: ``x_t = (1 - t) x0 + t * noise``, target velocity
+``tiny-flux-deep``
+    ``diffusers.FluxTransformer2DModel`` with Flux-dev's topology: 19 dual-stream + 38 single-stream
+    blocks, the same block classes and rotary layout (``axes_dims_rope`` (8, 12, 12) = head dim 32),
+    narrowed to inner dim 64 (2 heads x 32), ~5.2M params.  Generates 16x16 RGB procedural scenes
+    (:mod:`.scenes`: shape, colour, quadrant and texture of one object, plus caption-independent detail)
+    so that, unlike the digit models, the number of sampling steps visibly matters.  Packed like
+    tiny-flux (2x2 patches -> 64 tokens of 12 channels).  The caption (four attributes, encoded as one
+    label 0..255, 256 = empty) goes through :class:`AttributeConditioner`: one token per attribute.
+
+All three were trained with rectified flow: ``x_t = (1 - t) x0 + t * noise``, target velocity
 ``noise - x0``; sampling integrates ``dx/dt = v`` with Euler from t = 1 to t = 0.
 
 Timestep conventions (checked against diffusers 0.42 source):
@@ -42,6 +51,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from . import scenes
 from .data import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, NUM_FRAMES
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -82,8 +92,25 @@ WAN_TRANSFORMER_CONFIG: dict[str, Any] = dict(
 )
 WAN_CONDITIONER_CONFIG: dict[str, Any] = dict(num_tokens=4, token_dim=64, pooled_dim=0)
 
-MODEL_NAMES = ("tiny-flux", "tiny-wan")
-DEFAULT_STEPS = {"tiny-flux": 28, "tiny-wan": 20}
+# Flux-dev's depth (19 + 38 blocks) and rotary layout at 1/48 of its width (3072 -> 64).
+FLUX_DEEP_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=1,
+    in_channels=4 * scenes.SCENE_CHANNELS,
+    out_channels=None,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=32,
+    num_attention_heads=2,
+    joint_attention_dim=64,
+    pooled_projection_dim=64,
+    guidance_embeds=False,
+    axes_dims_rope=[8, 12, 12],
+)
+FLUX_DEEP_CONDITIONER_CONFIG: dict[str, Any] = dict(kind="attributes", sizes=list(scenes.ATTRIBUTE_SIZES),
+                                                    token_dim=64, pooled_dim=64)
+
+MODEL_NAMES = ("tiny-flux", "tiny-wan", "tiny-flux-deep")
+DEFAULT_STEPS = {"tiny-flux": 28, "tiny-wan": 20, "tiny-flux-deep": 28}
 
 
 class ClassConditioner(nn.Module):
@@ -103,6 +130,46 @@ class ClassConditioner(nn.Module):
     def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         ehs = self.tokens[labels]
         pooled = self.pooled[labels] if self.pooled is not None else None
+        return ehs, pooled
+
+
+class AttributeConditioner(nn.Module):
+    """The "text encoder" of tiny-flux-deep: a caption of attributes -> one token per attribute.
+
+    Labels are mixed-radix codes of ``len(sizes)`` attributes (see :func:`.scenes.decode`); the label
+    ``prod(sizes)`` is the empty caption (every attribute null).  Attribute ``i`` is looked up in its own
+    table (``sizes[i] + 1`` rows, the last one null), so token ``i`` always speaks about attribute ``i``,
+    like the words of a fixed-template caption; ``pooled`` is the sum of per-attribute vectors.
+    """
+
+    def __init__(self, sizes: Sequence[int] = scenes.ATTRIBUTE_SIZES, token_dim: int = 64, pooled_dim: int = 64,
+                 kind: str = "attributes"):
+        super().__init__()
+        if kind != "attributes":
+            raise ValueError(f"AttributeConditioner got kind={kind!r}")
+        self.sizes = tuple(int(s) for s in sizes)
+        self.num_tokens, self.token_dim, self.pooled_dim = len(self.sizes), token_dim, pooled_dim
+        self.num_labels = 1
+        for s in self.sizes:
+            self.num_labels *= s
+        self.tokens = nn.ParameterList([nn.Parameter(torch.randn(s + 1, token_dim)) for s in self.sizes])
+        self.pooled = nn.ParameterList([nn.Parameter(torch.randn(s + 1, pooled_dim) / len(self.sizes) ** 0.5)
+                                        for s in self.sizes])
+
+    def attributes(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels (B,) -> attribute indices (B, n); the empty caption maps to the null row of every table."""
+        null = labels >= self.num_labels
+        rest = torch.where(null, torch.zeros_like(labels), labels)
+        cols = []
+        for s in reversed(self.sizes):
+            cols.append(torch.where(null, torch.full_like(rest, s), rest % s))
+            rest = rest // s
+        return torch.stack(cols[::-1], dim=1)
+
+    def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attrs = self.attributes(labels)
+        ehs = torch.stack([tab[attrs[:, i]] for i, tab in enumerate(self.tokens)], dim=1)
+        pooled = sum(tab[attrs[:, i]] for i, tab in enumerate(self.pooled))
         return ehs, pooled
 
 
@@ -142,14 +209,15 @@ class TinyModel:
 
     Attributes
     ----------
-    name : str                 ``"tiny-flux"`` or ``"tiny-wan"``
+    name : str                 ``"tiny-flux"``, ``"tiny-wan"`` or ``"tiny-flux-deep"``
     transformer : nn.Module    the plain diffusers model, in eval mode
-    conditioner : ClassConditioner
-    default_steps : int        28 for tiny-flux, 20 for tiny-wan
+    conditioner : ClassConditioner (AttributeConditioner for tiny-flux-deep)
+    default_steps : int        28 for tiny-flux and tiny-flux-deep, 20 for tiny-wan
     meta : dict                the shipped json (configs + training record)
     """
 
     kind: str = ""
+    null_label: int = NULL_CLASS  # the empty prompt (CFG's unconditional branch, label dropout)
 
     def __init__(self, name: str, transformer: nn.Module, conditioner: ClassConditioner,
                  meta: dict | None = None, default_steps: int | None = None):
@@ -246,7 +314,7 @@ class TinyModel:
 
         Parameters
         ----------
-        labels : class ids (B,), 0..9 (10 = unconditional).
+        labels : class ids (B,), 0..9 (10 = unconditional); scene captions 0..255 (256) for tiny-flux-deep.
         steps : number of denoising steps (``default_steps`` if None).  Ignored when ``timesteps`` is given.
         seed : seed of the starting noise (CPU generator; same noise on every device/dtype).
         cfg_scale : None -> ONE transformer call per step.  A float -> classifier-free guidance as TWO
@@ -278,7 +346,7 @@ class TinyModel:
             raise ValueError("noise batch does not match labels")
         tr = self.transformer if transformer is None else transformer
         cond = self.conditioning(labels)
-        uncond = self.conditioning(torch.full_like(labels, NULL_CLASS)) if cfg_scale is not None else None
+        uncond = self.conditioning(torch.full_like(labels, self.null_label)) if cfg_scale is not None else None
         for i in range(len(ts)):
             t = sigmas[i].expand(b).to(self.device)
             if cfg_scale is None:
@@ -309,7 +377,7 @@ class TinyModel:
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.sigmoid(torch.randn(b, generator=generator))  # logit-normal(0, 1), as in SD3
         drop = torch.rand(b, generator=generator) < p_uncond
-        labels = torch.where(drop, torch.full_like(labels, NULL_CLASS), labels)
+        labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
         tt = t.view(b, *([1] * (x0.dim() - 1)))
         xt = (1.0 - tt) * x0 + tt * noise
         target = noise - x0
@@ -354,15 +422,16 @@ class TinyModel:
 class TinyFlux(TinyModel):
     kind = "flux"
     patch = 2
+    channels = 1  # image channels; a latent token carries channels * patch * patch values
 
     @property
     def latent_shape(self):
         n = (IMAGE_SIZE // self.patch) ** 2
-        return (n, self.patch * self.patch)
+        return (n, self.channels * self.patch * self.patch)
 
     @property
     def output_shape(self):
-        return (1, IMAGE_SIZE, IMAGE_SIZE)
+        return (self.channels, IMAGE_SIZE, IMAGE_SIZE)
 
     def to_latents(self, images):
         # Same packing as diffusers' FluxPipeline._pack_latents.
@@ -374,8 +443,8 @@ class TinyFlux(TinyModel):
     def from_latents(self, latents):
         b = latents.shape[0]
         p, hp = self.patch, IMAGE_SIZE // self.patch
-        x = latents.reshape(b, hp, hp, 1, p, p).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(b, 1, IMAGE_SIZE, IMAGE_SIZE)
+        x = latents.reshape(b, hp, hp, self.channels, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, self.channels, IMAGE_SIZE, IMAGE_SIZE)
 
     def img_ids(self) -> torch.Tensor:
         hp = IMAGE_SIZE // self.patch
@@ -396,6 +465,24 @@ class TinyFlux(TinyModel):
         return dict(hidden_states=latents, encoder_hidden_states=cond["encoder_hidden_states"],
                     pooled_projections=cond["pooled_projections"], timestep=t.to(latents.dtype),
                     img_ids=cond["img_ids"], txt_ids=cond["txt_ids"], guidance=None, return_dict=False)
+
+
+class TinyFluxDeep(TinyFlux):
+    """tiny-flux-deep: Flux-dev's 19 + 38 block topology on 16x16 RGB scenes (see :mod:`.scenes`).
+
+    Labels are scene captions 0..255 (:func:`.scenes.encode`), 256 = empty caption.  ``sample`` returns
+    (B, 3, 16, 16) in [-1, 1]; :meth:`agreement` scores samples against their captions.
+    """
+
+    channels = scenes.SCENE_CHANNELS
+    null_label = scenes.NULL_LABEL
+
+    def eval_labels(self, n: int) -> torch.Tensor:
+        return scenes.eval_labels(n)
+
+    def agreement(self, images: torch.Tensor, labels: torch.Tensor | Sequence[int]) -> dict[str, float]:
+        """Attribute checker's agreement of ``images`` with captions ``labels`` (see :mod:`.scenes`)."""
+        return scenes.attribute_agreement(images, labels)
 
 
 class TinyWan(TinyModel):
@@ -444,6 +531,10 @@ def _check_name(name: str) -> str:
 
 def default_meta(name: str) -> dict:
     _check_name(name)
+    if name == "tiny-flux-deep":
+        return {"name": name, "class": "FluxTransformer2DModel",
+                "transformer_config": dict(FLUX_DEEP_TRANSFORMER_CONFIG),
+                "conditioner_config": dict(FLUX_DEEP_CONDITIONER_CONFIG), "default_steps": DEFAULT_STEPS[name]}
     if name == "tiny-flux":
         return {"name": name, "class": "FluxTransformer2DModel", "transformer_config": dict(FLUX_TRANSFORMER_CONFIG),
                 "conditioner_config": dict(FLUX_CONDITIONER_CONFIG), "default_steps": DEFAULT_STEPS[name]}
@@ -495,8 +586,12 @@ def build(name: str, meta: dict | None = None, seed: int | None = None, init: st
         adaln_zero_init(transformer)
     elif init != "default":
         raise ValueError(f"unknown init {init!r}")
-    conditioner = ClassConditioner(**meta["conditioner_config"])
-    model_cls = TinyFlux if name == "tiny-flux" else TinyWan
+    ccfg = dict(meta["conditioner_config"])
+    if ccfg.get("kind") == "attributes":
+        conditioner: nn.Module = AttributeConditioner(**ccfg)
+    else:
+        conditioner = ClassConditioner(**ccfg)
+    model_cls = {"tiny-flux": TinyFlux, "tiny-wan": TinyWan, "tiny-flux-deep": TinyFluxDeep}[name]
     return model_cls(name, transformer, conditioner, meta=meta, default_steps=meta.get("default_steps"))
 
 
@@ -526,8 +621,9 @@ def load(name: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
          directory: str | Path | None = None) -> TinyModel:
     """Load a shipped tiny model (offline, from package data).
 
-    ``name``: ``"tiny-flux"`` or ``"tiny-wan"``.  ``directory`` overrides the weights folder (e.g. a
-    freshly trained ``examples/train_tiny.py --out DIR``).  Weights are stored in fp16 and cast to ``dtype``.
+    ``name``: ``"tiny-flux"``, ``"tiny-wan"`` or ``"tiny-flux-deep"``.  ``directory`` overrides the weights
+    folder (e.g. a freshly trained ``examples/train_tiny.py --out DIR``).  Weights are stored in fp16 and cast
+    to ``dtype``.
     """
     from safetensors.torch import load_file
 
@@ -552,6 +648,13 @@ def list_models() -> list[str]:
     return list(MODEL_NAMES)
 
 
-def eval_labels(n: int = 10) -> torch.Tensor:
-    """Fixed evaluation batch: ``0, 1, ..., 9, 0, 1, ...`` of length ``n``."""
+def eval_labels(n: int = 10, model: str | TinyModel | None = None) -> torch.Tensor:
+    """Fixed evaluation batch of length ``n``: ``0, 1, ..., 9, 0, 1, ...`` for the digit models.
+
+    For ``model="tiny-flux-deep"`` (name or loaded model) the captions of :func:`.scenes.eval_labels`
+    (a stride through all 256 scene captions), since digit labels would only name 10 of them.
+    """
+    name = model.name if isinstance(model, TinyModel) else model
+    if name == "tiny-flux-deep":
+        return scenes.eval_labels(n)
     return torch.arange(n, dtype=torch.long) % NUM_CLASSES
