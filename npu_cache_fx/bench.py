@@ -195,9 +195,10 @@ def print_result(r: Dict[str, Any]) -> None:
           f"fidelity {a['class_fidelity']:.2f}")
 
 
-def run_bench(args) -> int:
+def run_bench(args, title: str = "bench") -> int:
+    """``npu-cache-fx bench`` (and ``demo``, with ``title="demo"``): evaluate, print, write the files."""
     out = Path(args.out)
-    result = evaluate(args, "bench", out)
+    result = evaluate(args, title, out)
     print_result(result)
-    print(f"wrote {out / 'report.md'}, {out / 'demo.json'}")
+    print(f"wrote {out / 'grid.png'}, {out / 'report.md'}, {out / 'demo.json'}")
     return 0

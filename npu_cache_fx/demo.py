@@ -7,16 +7,10 @@ PSNR and class fidelity; writes ``grid.png`` (rows labelled), ``report.md`` and 
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from .bench import evaluate, print_result
+from .bench import run_bench
 
 __all__ = ["run_demo"]
 
 
 def run_demo(args) -> int:
-    out = Path(args.out)
-    result = evaluate(args, "demo", out)
-    print_result(result)
-    print(f"wrote {out / 'grid.png'}, {out / 'report.md'}, {out / 'demo.json'}")
-    return 0
+    return run_bench(args, "demo")

@@ -31,6 +31,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, 
 
 import torch
 import torch.fx as fx
+from torch._dynamo.eval_frame import skip_code
 from torch.utils import _pytree as pytree
 
 from .backends import Backend, check_backend_options, compile_graph, resolve_backend
@@ -491,11 +492,13 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         return self._variant(self._entry(kwargs, leaves, spec), decision).graph
 
     # ------------------------------------------------------------------ dispatch
-    # Dynamo skips this frame only (recursive=False): under ``torch.compile(optimized)``
-    # the host logic in _prepare/_finish stays eager and uncompiled, while the call
-    # of the variant graph (a frame of its own) is what dynamo compiles -- one graph
-    # per variant, and no step counter in any graph.
-    @torch._dynamo.disable(recursive=False)
+    # Dynamo skips this frame only (its code is marked SKIP after the class, what
+    # ``torch._dynamo.disable(recursive=False)`` does without its wrapper): under
+    # ``torch.compile(optimized)`` the host logic in _prepare/_finish stays eager and
+    # uncompiled, while the call of the variant graph (a frame of its own) is what dynamo
+    # compiles -- one graph per variant, and no step counter in any graph. The wrapper is
+    # avoided because it refuses every call while torch.export runs anywhere in the process
+    # (a global flag): a second thread calling while the first one captures would fail.
     def forward(self, *args, **kwargs):
         if self._bypass:
             return self.model(*args, **kwargs)
@@ -857,6 +860,9 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                     label = self.configs[owner[slot]].label
                     by_config[label] = by_config.get(label, 0) + t.numel() * t.element_size()
         self.stats.cache_bytes_by_config = by_config
+
+
+skip_code(OptimizedModule.forward.__code__)
 
 
 class CaptureCache(dict):

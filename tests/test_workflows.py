@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -388,6 +389,33 @@ def test_threads_with_their_own_contexts_match_single_threaded_runs():
         want = [ref(**toy_inputs(900.0 - 100 * s, seed=i))[0] for s in range(5)]
         assert all(torch.equal(a, b) for a, b in zip(results[f"request-{i}"], want))
     assert opt.stats.captures == 1 and opt.stats.steps_reused == 2 * 2
+
+
+def test_a_call_during_another_threads_capture_waits_for_it():
+    """torch.export sets a process-wide flag that Dynamo's non-recursive disable wrapper refuses calls under:
+    a thread calling while another one captured failed with "Non-recursive torch.compiler.disable is not
+    supported with torch.export" (seen under load); now it waits for the lock."""
+    opt = optimize(ToyDiT(single=4), _toy_cfg())
+    errors, outs = [], {}
+
+    def call(name, wait_for_export):
+        try:
+            if wait_for_export:
+                deadline = time.monotonic() + 30
+                while not torch.compiler.is_exporting() and time.monotonic() < deadline:
+                    time.sleep(0.0005)
+                assert torch.compiler.is_exporting(), "the other thread never started its capture"
+            with opt.cache_context(name):
+                outs[name] = opt(**toy_inputs(900.0))[0]
+        except Exception as err:
+            errors.append(err)
+    threads = [threading.Thread(target=call, args=("a", False)), threading.Thread(target=call, args=("b", True))]
+    for t in threads[::-1]:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert torch.equal(outs["a"], outs["b"]) and opt.stats.captures == 1
 
 
 def test_one_context_from_two_threads_mid_generation_is_refused():
