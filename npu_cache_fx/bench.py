@@ -24,7 +24,7 @@ from .config import CacheConfig, configs_from_json, configs_to_json
 from .runtime import optimize
 from .timestep import fewer_steps_for
 
-__all__ = ["SHIPPED_PLANS", "evaluate", "print_result", "run_bench", "shipped_plan"]
+__all__ = ["EQUAL_SPEED", "SHIPPED_PLANS", "evaluate", "print_result", "run_bench", "shipped_plan", "verdict"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ def evaluate(args, title: str, out_dir: Path) -> Dict[str, Any]:
                     "psnr": metrics.psnr(skipped, ref), "mse": metrics.mse(skipped, ref),
                     "class_fidelity": metrics.class_fidelity(skipped, labels)},
         "stats": {k: v for k, v in vars(fast.stats).items()},
+        "verdict": verdict(speedup, metrics.psnr(cached, ref), times["uncached"] / fewer_time, metrics.psnr(few, ref)),
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
     }
@@ -151,10 +152,42 @@ def evaluate(args, title: str, out_dir: Path) -> Dict[str, Any]:
     return result
 
 
+EQUAL_SPEED = 0.10  # two runs are "at equal speed" when their measured speedups differ by at most 10 %
+
+
+def verdict(cached_speedup: float, cached_psnr: float, fewer_speedup: float, fewer_psnr: float,
+            tolerance: float = EQUAL_SPEED) -> str:
+    """Cache plan vs fewer steps, from measured speedups and PSNR vs uncached.
+
+    One run wins outright when it is at least as fast *and* closer to uncached. Otherwise the two are
+    compared on quality only when their speeds are within ``tolerance`` of each other; further apart
+    (a busy machine, too few repeats) there is no equal-speed verdict.
+
+    >>> verdict(2.0, 45.0, 2.1, 40.0)
+    'the cache plan beats fewer steps at equal speed (2.00x vs 2.10x, within 10%): 45.0 dB vs 40.0 dB'
+    >>> verdict(2.9, 50.6, 4.3, 40.5)[:40]
+    'no verdict: the measured speeds differ b'
+    """
+    gap = max(cached_speedup, fewer_speedup) / min(cached_speedup, fewer_speedup) - 1
+    speeds = f"{cached_speedup:.2f}x vs {fewer_speedup:.2f}x"
+    quality = f"{cached_psnr:.1f} dB vs {fewer_psnr:.1f} dB"
+    if cached_speedup >= fewer_speedup and cached_psnr > fewer_psnr:
+        return f"the cache plan beats fewer steps: as fast or faster ({speeds}) and closer to uncached ({quality})"
+    if fewer_speedup >= cached_speedup and fewer_psnr >= cached_psnr:
+        return (f"fewer steps beats this cache plan: as fast or faster ({speeds}) and as close or closer to "
+                f"uncached ({quality}): do not ship it")
+    if gap <= tolerance:
+        if cached_psnr > fewer_psnr:
+            return (f"the cache plan beats fewer steps at equal speed ({speeds}, within {tolerance:.0%}): "
+                    f"{quality}")
+        return (f"fewer steps beats this cache plan at equal speed ({speeds}, within {tolerance:.0%}): {quality}: "
+                "do not ship it")
+    return (f"no verdict: the measured speeds differ by {gap:.0%} ({speeds}), more than {tolerance:.0%}; "
+            "rerun with more --repeats on a quiet machine, or compare at equal speed with benchmarks/peers.py")
+
+
 def _report(r: Dict[str, Any]) -> str:
     c, f, a = r["cached"], r["fewer_steps"], r["adastep"]
-    verdict = ("the cache plan beats fewer steps at equal speed" if c["psnr"] > f["psnr"]
-               else "fewer steps beats this cache plan at equal speed: do not ship it")
     return "\n".join([
         f"# npu_cache_fx demo: {r['model']}",
         "",
@@ -170,7 +203,7 @@ def _report(r: Dict[str, Any]) -> str:
         f"| AdaStep (thr {a['threshold']}, {a['steps_skipped']} steps skipped) | {a['seconds']:.2f} | "
         f"{a['speedup']:.2f} | {a['psnr']:.2f} | {a['class_fidelity']:.2f} |",
         "",
-        f"Verdict: {verdict}.",
+        f"Verdict: {r['verdict']}.",
         "",
         "Plan:",
         "",
@@ -193,6 +226,7 @@ def print_result(r: Dict[str, Any]) -> None:
     a = r["adastep"]
     print(f"AdaStep ({a['steps_skipped']} steps skipped) speedup {a['speedup']:.2f}x  PSNR {a['psnr']:.2f} dB  "
           f"fidelity {a['class_fidelity']:.2f}")
+    print(f"verdict: {r['verdict']}")
 
 
 def run_bench(args, title: str = "bench") -> int:

@@ -47,3 +47,14 @@ def test_bench_with_a_plan_file(tmp_path):
     rc = main(["--threads", "1", "bench", "--config", str(plan), "--samples", "2", "--steps", "8", "--repeats", "1",
                "--out", str(tmp_path / "b")])
     assert rc == 0 and (tmp_path / "b" / "report.md").exists()
+
+
+def test_verdict_compares_only_at_equal_speed_or_on_dominance():
+    """The demo printed "the cache plan beats fewer steps at equal speed" for rows 48 % apart in speed."""
+    from npu_cache_fx.bench import verdict
+    assert verdict(2.89, 50.6, 4.28, 40.5).startswith("no verdict: the measured speeds differ by 48%")
+    assert verdict(2.0, 45.0, 2.1, 40.0).startswith("the cache plan beats fewer steps at equal speed")
+    assert verdict(2.1, 39.0, 2.0, 40.0).startswith("fewer steps beats this cache plan at equal speed")
+    assert verdict(2.4, 41.0, 2.0, 40.0).startswith("the cache plan beats fewer steps: as fast or faster")
+    assert verdict(2.0, 39.0, 3.0, 40.0).startswith("fewer steps beats this cache plan: as fast or faster")
+    assert verdict(3.0, 39.0, 2.0, 40.0).startswith("no verdict")  # faster but worse, 50 % apart
