@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow  # real pipelines, trained models or searches: not
 
 from npu_cache_fx import CacheConfig
 from npu_cache_fx.schedule import Action
-from npu_cache_fx.search import (Part, Schedule, SearchSession, config_from_json, config_to_json,
+from npu_cache_fx.search import (Candidate, Part, Schedule, SearchSession, config_from_json, config_to_json,
                                  mindie_interval, mindie_lmin, search, stage1_windows, stage2_candidates)
 from npu_cache_fx.search.mindie import attention_candidates, attention_reuse_count, equal_cost_speedup
 from npu_cache_fx.search.refine import hill_climb, reads_to_schedule, score_reads
@@ -463,3 +463,22 @@ def test_search_refuses_arguments_its_session_would_ignore():
             search(model, run_fn, session=session, progress=False, **kw)
     with pytest.raises(ValueError, match="run_fn=.* differs"):
         search(model, lambda tr: tr, session=session, progress=False)
+
+
+def test_score_plan_scores_a_hand_written_plan_like_the_search(toy_session):
+    """A public call scores any plan (it needed the private engine._exact): for the plans the search
+    screens it gives exactly the search's predicted speedup and proxy; measured, it runs the plan."""
+    from npu_cache_fx.search import score_plan
+    from npu_cache_fx.search.engine import proxy_of
+    n = toy_session.steps_count
+    for part in (Part("dit_block_cache", 2, 5, Schedule(1, 3)), Part("dit_block_cache", 0, 6, Schedule(2, 2)),
+                 Part("dit_block_cache", 3, 4, Schedule(1, 2), forecast="linear")):
+        cand = Candidate((part,), n, toy_session.seq)
+        got = score_plan(toy_session, cand.configs())
+        assert got["proxy"] == proxy_of(toy_session, cand) > 0
+        assert got["predicted_speedup"] == toy_session.cost.predict(cand.configs())["predicted_speedup"] > 1
+    hand = [CacheConfig(steps_count=2 * n, blocks="blocks", block_start=3, block_end=4, step_start=2,
+                        step_interval=4)]  # written for twice the steps: scaled to the session's
+    got = score_plan(toy_session, hand, measure=True, repeats=1)
+    assert got["configs"][0].steps_count == n and got["configs"][0].step_interval == 2
+    assert got["mse"] > 0 and got["timed_speedup"] > 0

@@ -11,7 +11,7 @@ search (SPEC section 4) on the same capture for comparison. See :mod:`.engine`.
 """
 
 from .costs import CostModel, live_nodes
-from .engine import SearchResult, search, search_mindie, search_ours
+from .engine import SearchResult, score_plan, search, search_mindie, search_ours
 from .mindie import mindie_interval, mindie_lmin, stage1_windows, stage2_candidates
 from .report import config_from_json, config_to_json, write_report
 from .session import SearchSession
@@ -19,6 +19,7 @@ from .space import BlockSeq, Candidate, Part, Schedule
 
 __all__ = [
     "BlockSeq", "Candidate", "CostModel", "Part", "Schedule", "SearchResult", "SearchSession", "config_from_json",
-    "config_to_json", "live_nodes", "mindie_interval", "mindie_lmin", "search", "search_mindie", "search_ours",
+    "config_to_json", "live_nodes", "mindie_interval", "mindie_lmin", "score_plan", "search", "search_mindie",
+    "search_ours",
     "stage1_windows", "stage2_candidates", "write_report",
 ]

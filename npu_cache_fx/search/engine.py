@@ -23,21 +23,25 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
+import torch
 
-from ..config import CacheConfig
-from ..schedule import Action
+from ..config import CacheConfig, config_list
+from ..metrics import mse as mse_fn
+from ..metrics import psnr as psnr_fn
+from ..schedule import Action, config_actions
 from . import mindie as mi
 from .refine import actions_to_reads, hill_climb, reads_to_schedule
 from .screen import ScreenTable, pick_diverse, screen
-from .session import SearchSession
+from .session import SearchSession, as_tensor
 from .space import ATTN, DIT, Candidate, Part, Schedule, schedule_actions
 
-__all__ = ["SearchResult", "search", "search_ours", "search_mindie"]
+__all__ = ["SearchResult", "score_plan", "search", "search_ours", "search_mindie"]
 
 log = logging.getLogger(__name__)
 METHODS = ("dit_block_cache", "attention_cache", "auto")
@@ -591,6 +595,62 @@ def _check_session_arguments(session: SearchSession, **given: Any) -> None:
             raise ValueError(f"search(session=...): {name}={value!r} differs from the session's {own[name]!r}; "
                              f"the session's reference run was made with its own {name}: leave {name} out, or "
                              f"build a SearchSession(..., {name}=...) for it")
+
+
+def score_plan(session: SearchSession, configs, *, measure: bool = False, repeats: int = 3) -> Dict[str, Any]:
+    """What the search knows of any plan, written by hand or not, on ``session``'s model and reference run.
+
+    Returns ``predicted_speedup`` (the cost model over the plan's per-step decisions), ``proxy`` (the
+    search's error proxy, comparable across plans of this session), ``cache_bytes`` and ``reuse_steps``.
+    With ``measure=True`` also one full generation (``mse`` / ``psnr`` vs the uncached reference) and
+    ``timed_speedup``: the median of ``repeats`` interleaved rounds of the uncached model and the plan
+    (``session.clock``). Configs written for another step count are scaled to the session's
+    (:meth:`CacheConfig.scaled`), as a generation of that length would run them.
+
+    Example::
+
+        >>> session = SearchSession(model, run_fn).prepare()                                   # doctest: +SKIP
+        >>> score_plan(session, [CacheConfig(steps_count=28, step_start=1, step_interval=3,
+        ...                                  forecast="linear")], measure=True)                # doctest: +SKIP
+    """
+    session.prepare()
+    n = session.steps_count
+    plan = [c.scaled(n) if c.steps_count is not None and c.steps_count != n else c
+            for c in session.cost.resolve(config_list(configs, "score_plan"))]
+    cache = [c for c in plan if c.method != "adastep"]
+    if not cache:
+        raise ValueError("score_plan: the plan has no block or attention cache to score")
+    px, seq = session.proxy, session.seq
+    proxy = 0.0
+    for c in cache:
+        if c.bypass:
+            continue
+        a, b = seq.index(c.blocks, c.block_start), seq.index(c.blocks, c.block_end - 1) + 1
+        acts = config_actions(c)
+        if c.forecast != "none":
+            reads = np.array([[x is Action.READ for x in acts]])
+            writes = np.array([[x is Action.WRITE for x in acts]])
+            proxy += float(px.score_forecast(c.method, a, b, reads, writes, c.forecast)[0])
+        else:
+            proxy += px.score(px.dit_matrix(a, b) if c.method == DIT else px.attention_matrix(a, b), acts)
+    pred = session.cost.predict(cache)
+    out: Dict[str, Any] = {"configs": plan, "predicted_speedup": pred["predicted_speedup"], "proxy": proxy,
+                           "cache_bytes": session.cost.cache_bytes(cache), "reuse_steps": pred["reuse_steps"]}
+    if measure:
+        opt = session.optimized(plan)
+        with torch.no_grad():
+            result = as_tensor(session.run_fn(opt))
+        out["mse"], out["psnr"] = mse_fn(result, session.reference), psnr_fn(result, session.reference)
+        times: Dict[str, List[float]] = {"uncached": [], "plan": []}
+        for r in range(repeats):
+            order = (("uncached", session.model), ("plan", opt))
+            for name, transformer in (order if r % 2 == 0 else order[::-1]):
+                with torch.no_grad():
+                    t0 = session.clock()
+                    session.run_fn(transformer)
+                    times[name].append(session.clock() - t0)
+        out["timed_speedup"] = statistics.median(times["uncached"]) / max(statistics.median(times["plan"]), 1e-12)
+    return out
 
 
 # ----------------------------------------------------------------------------- public entry
