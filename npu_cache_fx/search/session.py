@@ -121,6 +121,7 @@ class SearchSession:
         self.reference_check_mse: Optional[float] = None
         self._evaluated: Dict[Any, Candidate] = {}
         self._modules: Dict[Any, Any] = {}
+        self._run_fn_steps: Optional[Callable[[Any, int], Any]] = None
 
     # ------------------------------------------------------------------ helpers
     def _timed(self, fn: Callable[[], Any]):
@@ -287,6 +288,7 @@ class SearchSession:
         done = self._evaluated.get(cand.key)
         if done is not None:
             return done
+        self._run_fn_steps = run_fn_steps  # time() runs the baseline again, interleaved
         out, secs, wall = self._timed(lambda: run_fn_steps(self.model, cand.sampler_steps))
         self.full_runs += 1
         out = as_tensor(out)
@@ -307,6 +309,9 @@ class SearchSession:
         self.prepare()
         runners: Dict[str, Callable[[], Any]] = {"plain": lambda: self.run_fn(self.model)}
         for i, c in enumerate(cands):
+            if c.sampler_steps is not None:  # the fewer-steps baseline: the plain model, fewer steps
+                runners[str(i)] = (lambda k=c.sampler_steps: self._run_fn_steps(self.model, k))
+                continue
             opt = self._modules.get(c.key)
             if opt is None:
                 opt = self._modules[c.key] = self.optimized(c.configs())
