@@ -8,9 +8,10 @@
 
 from .agent import CacheAgent
 from .config import CacheConfig, ConfigError, load_plan, save_plan
+from .pipeline import disable_cache, enable_cache, summary
 from .runtime import OptimizedModule, optimize
 from .schedule import Action, Plan, make_plan
 
-__all__ = ["Action", "CacheAgent", "CacheConfig", "ConfigError", "OptimizedModule", "Plan", "load_plan", "make_plan",
-           "optimize", "save_plan"]
+__all__ = ["Action", "CacheAgent", "CacheConfig", "ConfigError", "OptimizedModule", "Plan", "disable_cache",
+           "enable_cache", "load_plan", "make_plan", "optimize", "save_plan", "summary"]
 __version__ = "0.1.0"

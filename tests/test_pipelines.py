@@ -265,3 +265,51 @@ def test_wan_pipeline_sequential_cfg(wan):
     assert got.shape == (1, 5, 3, 16, 16)
     assert opt.stats.steps == 2 * STEPS and opt.stats.steps_reused == 2 * 2
     assert set(opt.stats.cache_bytes_by_context) == {"cond", "uncond"}
+
+
+# ----------------------------------------------------------------------------- one line on a pipeline
+def test_enable_cache_equals_optimize_by_hand_and_disable_restores(flux, tmp_path):
+    from npu_cache_fx import disable_cache, enable_cache, save_plan, summary
+    pipe, captures = flux
+    original = pipe.transformer
+    with torch.no_grad():
+        plain = generate(pipe, original, prompt="a cat", **FLUX_KW)
+        by_hand = generate(pipe, optimize(original, FLUX_CFGS, captures=captures), prompt="a cat", **FLUX_KW)
+    try:
+        enable_cache(pipe, save_plan(FLUX_CFGS, tmp_path))  # a saved plan, by path
+        assert isinstance(pipe.transformer, OptimizedModule) and pipe.transformer.model is original
+        with torch.no_grad():
+            cached = pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **FLUX_KW).images
+        assert torch.equal(cached, by_hand) and not torch.equal(cached, plain)
+        info = summary(pipe, echo=False)["transformer"]
+        assert info["path"] == "export" and info["steps_reused"] == 2 and info["steps"] == STEPS
+        assert info["configs"] == [c.to_dict() for c in pipe.transformer.configs]
+    finally:
+        disable_cache(pipe)
+    assert pipe.transformer is original
+    with torch.no_grad():
+        assert torch.equal(generate(pipe, pipe.transformer, prompt="a cat", **FLUX_KW), plain)
+
+
+def test_enable_cache_default_plan_and_a_pipeline_without_dit(flux):
+    import types
+    from npu_cache_fx import disable_cache, enable_cache
+    from npu_cache_fx.pipeline import default_plan
+    pipe, _ = flux
+    original = pipe.transformer
+    plan = default_plan(original, steps=28)
+    assert sorted((c.blocks, c.steps_count, c.step_start, c.step_interval, c.step_end, c.forecast) for c in plan) == [
+        ("single_transformer_blocks", 28, 4, 2, 24, "linear"), ("transformer_blocks", 28, 4, 2, 24, "linear")]
+    try:
+        enable_cache(pipe)
+        kw = dict(FLUX_KW, num_inference_steps=12)
+        with torch.no_grad():
+            cached = pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kw).images
+        assert pipe.transformer.stats.plan_steps == 12 and pipe.transformer.stats.steps_reused > 0
+        by_hand = generate(pipe, optimize(original, default_plan(original)), prompt="a cat", **kw)
+        assert torch.equal(cached, by_hand)
+        assert not torch.equal(cached, generate(pipe, original, prompt="a cat", **kw))
+    finally:
+        disable_cache(pipe)
+    with pytest.raises(ConfigError, match="no DiT denoiser"):
+        enable_cache(types.SimpleNamespace(unet=torch.nn.Linear(2, 2)))
