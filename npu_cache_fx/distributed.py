@@ -9,7 +9,7 @@ the captured graph holds the rank's shard and the functional collectives
 (``_c10d_functional.all_to_all_single`` / ``all_gather_into_tensor`` /
 ``wait_tensor``); every rank then caches its own shard. The static step plan
 gives every rank the same graph variant per step with no communication;
-AdaStep's skip vote is an all-reduce (``runtime._all_ranks_agree``).
+AdaStep's skip vote is an all-reduce (``adastep.all_ranks_agree``).
 
 Order: parallelize before the optimized module's first call (``enable_parallelism``
 then ``optimize``, or ``optimize`` then ``enable_parallelism`` -- the capture is

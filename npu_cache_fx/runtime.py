@@ -43,8 +43,8 @@ from .integration import OWN_ATTRIBUTES, pipeline_steps, reported_class, without
 from .passes import lower_cache_ops
 from .passes.common import coef_slot, eliminate_dead_code
 from .schedule import Action, Decision, Plan, forecast_coefficients, make_plan
+from .adastep import AdaStepState
 from .targets import Target, bind_target, check_overlaps, resolve_config
-from .timestep import AdaStepRule
 from .watch import ModelWatch, offload_hooks
 
 __all__ = ["CaptureCache", "OptimizedModule", "Stats", "TIMESTEP_NAMES", "normalize_inputs", "optimize", "signature_key",
@@ -176,10 +176,7 @@ class _Context:
         self.pending_refresh: set = set()  # targets whose refresh step AdaStep skipped
         # (input signature, target) -> timesteps of its writes in this generation, newest first
         self.refresh_times: Dict[Tuple[Any, int], List[float]] = {}
-        self.ada = (AdaStepRule(adastep.threshold, adastep.max_skip_steps, adastep.decay, plan.steps_count)
-                    if adastep is not None else None)
-        self.prev_latent: Optional[torch.Tensor] = None
-        self.last_output: Dict[Any, List[Any]] = {}
+        self.ada = AdaStepState(adastep, plan.steps_count) if adastep is not None else None
         self.last_step: Optional[_StepRun] = None  # the step just run, for its auxiliary calls
 
     def new_generation(self) -> None:
@@ -191,12 +188,10 @@ class _Context:
             valid.clear()
         if self.ada is not None:
             self.ada.reset()
-            self.prev_latent = None
-            self.last_output.clear()
 
     def nbytes(self) -> int:
         tensors = [t for bufs in self.buffers.values() for t in bufs.values()]
-        tensors += [t for outs in self.last_output.values() for t in outs if isinstance(t, torch.Tensor)]
+        tensors += self.ada.tensors() if self.ada is not None else []
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -449,7 +444,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         if steps != ctx.plan.steps_count:
             ctx.plan = self.plan_for(steps)
             if ctx.ada is not None:
-                ctx.ada.steps_count = steps
+                ctx.ada.set_steps(steps)
             log.debug("%s: a generation of %d steps: the plan is scaled from %d steps", type(self.model).__name__,
                       steps, self.plan.steps_count)
         if entry.eager is not None:
@@ -577,7 +572,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             if entry.eager is not None:
                 return tuple(Action.COMPUTE for _ in decision)
             return self._safe_decision(entry, decision, ctx.valid.setdefault(key, set()))
-        if ctx.ada is not None and self._adastep_skips(ctx, key, d, latent):
+        if ctx.ada is not None and ctx.ada.skips(key, step, d, latent):
             ctx.pending_refresh.update(i for i, a in enumerate(decision) if a is Action.WRITE)
             return None
         decision = self._refresh_pending(ctx, decision)
@@ -617,7 +612,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         if call.skip:
             self.stats.steps += 1
             self.stats.steps_skipped += 1
-            flat_out, out_spec = ctx.last_output[call.key]
+            flat_out, out_spec = ctx.ada.output(call.key)
         else:
             decision = call.variant.decision
             written = {s for s, *_ in call.variant.slots}
@@ -630,8 +625,8 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                         del times[target.config.history:]
             self._count(call.entry, decision, call.auxiliary)
             out_spec = call.entry.out_spec
-            if ctx.ada is not None and not call.auxiliary:
-                self._keep_output(ctx, call.key, flat_out, out_spec)
+            if ctx.ada is not None and not call.auxiliary and ctx.ada.keep(call.key, flat_out, out_spec):
+                self._update_bytes()
         self.trace.append((self._active, call.step, "skip" if call.skip else call.variant.decision))
         if call.auxiliary:
             return pytree.tree_unflatten(list(flat_out), out_spec)
@@ -640,29 +635,6 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         if ctx.step == ctx.plan.steps_count:  # the generation is over; the next step call starts a new one
             ctx.wrapped_at = call.timestep  # (an auxiliary call of this last step still finds its cache)
         return pytree.tree_unflatten(list(flat_out), out_spec)
-
-    # ------------------------------------------------------------------ AdaStep
-    def _adastep_skips(self, ctx: "_Context", key, d: Optional[float], latent) -> bool:
-        """Decide this step's skip (rule, then a vote across ranks); record the latent."""
-        skip = ctx.ada.decide(d if ctx.step > 0 else None, vote=_all_ranks_agree)
-        if isinstance(latent, torch.Tensor):
-            if ctx.prev_latent is None or ctx.prev_latent.shape != latent.shape:
-                ctx.prev_latent = latent.detach().clone()
-            else:
-                ctx.prev_latent.copy_(latent)
-        return skip and key in ctx.last_output
-
-    def _keep_output(self, ctx: "_Context", key, flat_out, out_spec) -> None:
-        """Copy the step's output into persistent buffers: a skipped step returns them."""
-        kept = ctx.last_output.get(key)
-        if kept is None:
-            kept = [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in flat_out]
-            ctx.last_output[key] = (kept, out_spec)
-            self._update_bytes()
-        else:
-            for buf, x in zip(kept[0], flat_out):
-                if isinstance(x, torch.Tensor):
-                    buf.copy_(x)
 
     def _set_forecast(self, ctx: "_Context", key, entry: "_Entry", decision: Decision, buffers, t) -> None:
         """Fill each forecasting read's coefficient buffer (in place: a static address) for timestep ``t``."""
@@ -692,11 +664,10 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         has_t = isinstance(t, torch.Tensor) and t.numel() > 0
         if has_t:
             scalars.append(t.reshape(-1)[0].double())
-        latent = kwargs.get(self._latent_arg) if ctx.ada is not None else None
-        has_d = (isinstance(latent, torch.Tensor) and ctx.prev_latent is not None
-                 and ctx.prev_latent.shape == latent.shape)
+        d = ctx.ada.distance(kwargs.get(self._latent_arg)) if ctx.ada is not None else None
+        has_d = d is not None
         if has_d:
-            scalars.append((latent - ctx.prev_latent).abs().mean().double())
+            scalars.append(d)
         values = torch.stack([x.to(scalars[0].device) for x in scalars]).tolist() if scalars else []
         t_value = values[0] if has_t else (float(t) if isinstance(t, (int, float)) else None)
         d_value = values[-1] if has_d else None
@@ -905,18 +876,6 @@ def _dtypes(model: torch.nn.Module) -> Tuple[torch.dtype, ...]:
 
 def _devices(model: torch.nn.Module) -> set:
     return {t.device for t in itertools.chain(model.parameters(), model.buffers())}
-
-
-def _all_ranks_agree(skip: bool) -> bool:
-    """AdaStep's vote: skip only if every rank proposes to (no-op without torch.distributed)."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return skip
-    flag = torch.tensor([1 if skip else 0], dtype=torch.int32)
-    if dist.get_backend() != "gloo":
-        flag = flag.to(torch.device(torch.accelerator.current_accelerator() or "cpu"))
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def optimize(model: torch.nn.Module, cache_config: Union[CacheConfig, Sequence[CacheConfig]], *,
