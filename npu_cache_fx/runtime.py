@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import copy
 import functools
 import inspect
 import itertools
@@ -376,6 +377,16 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             self.stats.path, self.stats.fallback_reason = "export", None  # decided again at the next call
             self._watch.refresh()
             self._update_bytes()
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "OptimizedModule":
+        """A deep copy of the wrapped model under the same plan and options; its captures, compiled
+        variants and caches start empty (they belong to the original's parameters)."""
+        configs = list(self.configs) + ([self.adastep] if self.adastep is not None else [])
+        copied = OptimizedModule(copy.deepcopy(self.model, memo), configs, self.backend, self._backend_options,
+                                 self._timestep_arg)
+        copied._steps = self._steps
+        memo[id(self)] = copied
+        return copied
 
     def enable_parallelism(self, *args, **kwargs):
         """diffusers' ``enable_parallelism`` on the wrapped model, then :meth:`invalidate`.

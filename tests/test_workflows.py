@@ -533,3 +533,15 @@ def test_package_exports_plan_io():
     import npu_cache_fx
     assert {"save_plan", "load_plan"} <= set(npu_cache_fx.__all__)
     assert os.path.basename(save_plan.__module__.replace(".", "/")) == "config"
+
+
+def test_deepcopy_gives_an_independent_module_under_the_same_plan():
+    """It raised "cannot pickle '_thread.RLock' object" (the lock added for threads)."""
+    import copy
+    opt = optimize(ToyDiT(single=4), _toy_cfg())
+    opt.set_steps(5)
+    first = [opt(**toy_inputs(900.0 - 100 * s))[0] for s in range(5)]
+    twin = copy.deepcopy(opt)
+    assert twin.model is not opt.model and twin.configs == opt.configs and twin.stats.captures == 0
+    assert all(torch.equal(a, twin(**toy_inputs(900.0 - 100 * s))[0]) for s, a in enumerate(first))
+    assert twin.stats.steps_reused == opt.stats.steps_reused == 2 and twin.plan_for(5) == opt.plan_for(5)
