@@ -100,12 +100,16 @@ def _describe(err: BaseException) -> str:
     return one(err) if root is err else f"{one(err)} {one(root)}"
 
 
-def _substitute(sig: inspect.Signature, args: tuple, kwargs: Dict[str, Any],
+def _positional(sig: inspect.Signature) -> List[str]:
+    return [n for n, p in sig.parameters.items()
+            if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+
+
+def _substitute(positional: List[str], args: tuple, kwargs: Dict[str, Any],
                 values: Dict[str, Any]) -> Tuple[tuple, Dict[str, Any]]:
-    """``(args, kwargs)`` of a call with ``values`` put where the call passed those parameters."""
+    """``(args, kwargs)`` of a call with ``values`` put where the call passed those parameters
+    (``positional``: the names of the callee's positional parameters, in order)."""
     args, kwargs = list(args), dict(kwargs)
-    positional = [n for n, p in sig.parameters.items()
-                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     for name, value in values.items():
         if name in kwargs:
             kwargs[name] = value
@@ -194,6 +198,7 @@ class EagerPath:
 
     def _block_forward(self, i: int, agent: CacheAgent, mod: torch.nn.Module, run: Callable) -> Callable:
         sig = inspect.signature(type(mod).forward.__get__(mod))
+        positional = _positional(sig)
 
         def forward(*args, **kwargs):
             bound = sig.bind(*args, **kwargs).arguments
@@ -203,7 +208,7 @@ class EagerPath:
 
             def call(hidden, *encoder):
                 """The block called exactly as the model called it, with the agent's stream values."""
-                a, k = _substitute(sig, args, kwargs, dict(zip(streams, (hidden, *encoder))))
+                a, k = _substitute(positional, args, kwargs, dict(zip(streams, (hidden, *encoder))))
                 return run(*a, **k)
 
             if i not in self._paired and "encoder_hidden_states" in streams:

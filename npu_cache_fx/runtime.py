@@ -272,7 +272,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
     from the wrapped model. See :func:`optimize`.
     """
 
-    def __init__(self, model: torch.nn.Module, configs: Sequence[CacheConfig], backend: Backend = None,
+    def __init__(self, model: torch.nn.Module, configs: Union[CacheConfig, Sequence[CacheConfig]], backend: Backend = None,
                  backend_options: Optional[Dict[str, Any]] = None, timestep_arg: Optional[str] = "auto",
                  captures: Optional["CaptureCache"] = None):
         super().__init__()
@@ -280,12 +280,11 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         if captures is not None and captures.model is not model:
             raise ValueError("captures= belongs to another model")
         self._captures = captures if captures is not None else CaptureCache(model)
+        configs = config_list(configs, "optimize()")
         if not configs:
             raise ConfigError("optimize(): cache_config is empty; pass a CacheConfig or a non-empty list of them")
         resolved, adasteps = [], []
         for cfg in configs:
-            if not isinstance(cfg, CacheConfig):
-                raise ConfigError(f"optimize() takes CacheConfig objects, got {type(cfg).__name__}")
             cfg = resolve_config(model, cfg)
             if cfg.method == "adastep":
                 adasteps.append(cfg)
@@ -378,12 +377,16 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             self._watch.refresh()
             self._update_bytes()
 
+    @property
+    def all_configs(self) -> List[CacheConfig]:
+        """The plan as given to ``optimize``, resolved: the cache configs, then AdaStep's if any."""
+        return list(self.configs) + ([self.adastep] if self.adastep is not None else [])
+
     def __deepcopy__(self, memo: Dict[int, Any]) -> "OptimizedModule":
         """A deep copy of the wrapped model under the same plan and options; its captures, compiled
         variants and caches start empty (they belong to the original's parameters)."""
-        configs = list(self.configs) + ([self.adastep] if self.adastep is not None else [])
-        copied = OptimizedModule(copy.deepcopy(self.model, memo), configs, self.backend, self._backend_options,
-                                 self._timestep_arg)
+        copied = OptimizedModule(copy.deepcopy(self.model, memo), self.all_configs, self.backend,
+                                 self._backend_options, self._timestep_arg)
         copied._steps = self._steps
         memo[id(self)] = copied
         return copied
@@ -476,7 +479,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             raise TypeError(f"{type(self.model).__name__} has no save_pretrained: save optimized.model's "
                             "state_dict yourself and the plan with npu_cache_fx.save_plan")
         out = save(save_directory, **kwargs)
-        save_plan(list(self.configs) + ([self.adastep] if self.adastep is not None else []), save_directory)
+        save_plan(self.all_configs, save_directory)
         return out
 
     @property
@@ -724,26 +727,8 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         entry = self._entries.get(key)
         if entry is None:
             cap = self._captures.get(key)
-            offloaded = offload_hooks(self.model) if cap is None and self._eager is None else []
-            if offloaded:  # a graph would run without the hooks that bring the weights in
-                more = " ..." if len(offloaded) > 3 else ""
-                self._fall_back(f"has its weights offloaded by hooks on {offloaded[:3]}{more}", backend=None,
-                                offloaded=True)
-            elif cap is None and self._eager is None:
-                failure = None
-                try:
-                    cap = self._captures.capture(kwargs, [c.blocks for c in self.configs], key)
-                except ConfigError:
-                    raise
-                except Exception as err:  # export cannot capture this model: same semantics, eagerly
-                    failure = err
-                if failure is not None:
-                    self._reject_bad_inputs(kwargs)
-                    self._fall_back(export_failure(failure), backend=self.backend)
-                else:
-                    self._watch.refresh()  # export registers and removes hooks of its own
-                    self.stats.captures += 1
-                    self.stats.capture_seconds += cap.seconds
+            if cap is None and self._eager is None:
+                cap = self._capture(kwargs, key)
             if cap is None:
                 entry = self._entries[key] = _Entry(None, [], eager=self._eager)
                 return entry
@@ -755,6 +740,31 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                 log.info("new input signature for %s: captured again (%d captures)",
                          type(self.model).__name__, len(self._entries))
         return entry
+
+    def _capture(self, kwargs: Dict[str, Any], key: Any) -> Optional[Capture]:
+        """Capture this signature, or switch to a fallback path (and return None) when a graph cannot run
+        the model: weights offloaded by hooks inside it, or a model export cannot capture."""
+        offloaded = offload_hooks(self.model)
+        if offloaded:  # a graph would run without the hooks that bring the weights in
+            more = " ..." if len(offloaded) > 3 else ""
+            self._fall_back(f"has its weights offloaded by hooks on {offloaded[:3]}{more}", backend=None,
+                            offloaded=True)
+            return None
+        failure = None
+        try:
+            cap = self._captures.capture(kwargs, [c.blocks for c in self.configs], key)
+        except ConfigError:
+            raise
+        except Exception as err:  # export cannot capture this model: same semantics, eagerly
+            failure = err
+        if failure is not None:
+            self._reject_bad_inputs(kwargs)
+            self._fall_back(export_failure(failure), backend=self.backend)
+            return None
+        self._watch.refresh()  # export registers and removes hooks of its own
+        self.stats.captures += 1
+        self.stats.capture_seconds += cap.seconds
+        return cap
 
     def _reject_bad_inputs(self, kwargs: Dict[str, Any]) -> None:
         """Raise the plain model's own error when it rejects these inputs too: a bad call, not a model
@@ -826,7 +836,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                 if cfg.method == "dit_block_cache":
                     self.stats.blocks_skipped += cfg.block_end - cfg.block_start
                 elif entry.eager is None:
-                    self.stats.attention_calls_skipped += len(getattr(entry.targets[i], "sites", ()))
+                    self.stats.attention_calls_skipped += len(entry.targets[i].sites)
         else:
             self.stats.steps_computed += 1
 
@@ -837,7 +847,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         by_config: Dict[str, int] = {}
         for ctx in self._contexts.values():
             for key, bufs in ctx.buffers.items():
-                owner = self._entries[key].slot_owner if key in self._entries else {}
+                owner = self._entries[key].slot_owner  # buffers exist only for signatures with an entry
                 for slot, t in bufs.items():
                     label = self.configs[owner[slot]].label
                     by_config[label] = by_config.get(label, 0) + t.numel() * t.element_size()
@@ -917,5 +927,4 @@ def optimize(model: torch.nn.Module, cache_config: Union[CacheConfig, Sequence[C
         ...                   block_start=1, block_end=23, blocks="single_transformer_blocks")
         >>> pipe.transformer = optimize(pipe.transformer, cfg)   # doctest: +SKIP
     """
-    configs = config_list(cache_config)
-    return OptimizedModule(model, configs, backend, backend_options, timestep_arg, captures)
+    return OptimizedModule(model, cache_config, backend, backend_options, timestep_arg, captures)

@@ -62,6 +62,8 @@ def nbytes(node: fx.Node) -> int:
 class Target:
     """Config ``index`` bound to one capture, with nothing to cache (the base of the two methods)."""
 
+    sites: Tuple[AttentionSite, ...] = ()  # the attention calls a read skips (attention caches only)
+
     def __init__(self, index: int, config: CacheConfig) -> None:
         self.index = index
         self.config = config
@@ -86,9 +88,10 @@ class Target:
             out[coef_slot(self.prefix)] = 4 * k
         return out
 
-    def stream_bytes(self) -> int:
-        """Bytes one cache context holds for the recorded values (times the forecast history)."""
-        return self.config.history * sum(self.values.values())
+    def stream_bytes(self, history: Optional[int] = None) -> int:
+        """Bytes one cache context holds for the recorded values, times the forecast ``history`` (values
+        kept per slot; default this config's)."""
+        return (self.config.history if history is None else history) * sum(self.values.values())
 
     @property
     def nodes(self) -> FrozenSet[str]:

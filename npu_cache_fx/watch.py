@@ -88,44 +88,38 @@ def _adapter_state(mod: torch.nn.Module) -> Optional[Tuple[Any, ...]]:
             tuple(d["merged_adapters"]), tuple(scaling.items()) if isinstance(scaling, dict) else None)
 
 
-def _probe(mod: torch.nn.Module) -> List[Tuple[Callable[[], Any], Any]]:
-    """(read, value) pairs for what can change on ``mod`` without a registration."""
-    probes: List[Tuple[Callable[[], Any], Any]] = []
-    for name in _HOOK_DICTS:
-        hooks = mod.__dict__.get(name)
-        if hooks:  # removing a hook registers nothing
-            probes.append((hooks.__len__, len(hooks)))
-    if _adapter_state(mod) is not None:
-        probes.append((lambda m=mod: _adapter_state(m), _adapter_state(mod)))
-    if "processor" in mod.__dict__:  # diffusers Attention: set_processor() swaps a plain object
-        probes.append((lambda m=mod: id(m.__dict__.get("processor")), id(mod.__dict__["processor"])))
-    return probes
+def _registry_hooks(mod: torch.nn.Module) -> Tuple[str, ...]:
+    """Names of the hooks in diffusers' HookRegistry on ``mod`` (group offloading, caches...), if any."""
+    hooks = getattr(mod.__dict__.get("_diffusers_hook"), "hooks", None)
+    return tuple(hooks) if isinstance(hooks, dict) else ()
 
 
 def fingerprint(model: torch.nn.Module) -> Tuple[Dict[str, Any], List[Tuple[Callable[[], Any], Any]]]:
-    """What a capture of ``model`` depends on, by section, and the probes that re-read its mutable part."""
+    """What a capture of ``model`` depends on, by section, and the probes that re-read its mutable part:
+    what can change without a registration (a hook removed, an adapter switched, a processor swapped, a
+    forward replaced, ``train()``)."""
     modules, params, hooks, adapters, processors, forwards = [], [], [], [], [], []
     probes: List[Tuple[Callable[[], Any], Any]] = []
     for name, mod in model.named_modules(remove_duplicate=False):
+        d = mod.__dict__
         modules.append((name, id(mod)))
         params.append((name, tuple((k, id(v)) for k, v in mod._parameters.items()),
                        tuple((k, id(v)) for k, v in mod._buffers.items())))
-        hooked = tuple((h, tuple(mod.__dict__[h])) for h in _HOOK_DICTS if mod.__dict__.get(h))
+        hooked = [h for h in _HOOK_DICTS if d.get(h)]
         if hooked:
-            hooks.append((name, hooked))
+            hooks.append((name, tuple((h, tuple(d[h])) for h in hooked)))
+            probes += [(d[h].__len__, len(d[h])) for h in hooked]  # removing a hook registers nothing
         state = _adapter_state(mod)
         if state is not None:
             adapters.append((name, state))
-        if "processor" in mod.__dict__:
-            processors.append((name, id(mod.__dict__["processor"])))
-        own = mod.__dict__.get("forward")
-        accelerate = mod.__dict__.get("_hf_hook")
-        registry = getattr(mod.__dict__.get("_diffusers_hook"), "hooks", None)  # diffusers' HookRegistry
-        registered = tuple(registry) if isinstance(registry, dict) else ()
+            probes.append((lambda m=mod: _adapter_state(m), state))
+        if "processor" in d:  # diffusers Attention: set_processor() swaps a plain object
+            processors.append((name, id(d["processor"])))
+            probes.append((lambda m=mod: id(m.__dict__.get("processor")), id(d["processor"])))
+        own, accelerate, registered = d.get("forward"), d.get("_hf_hook"), _registry_hooks(mod)
         if own is not None or accelerate is not None or registered:
             forwards.append((name, id(own), id(accelerate), registered))
             probes.append((lambda m=mod: id(m.__dict__.get("forward")), id(own)))
-        probes += _probe(mod)
     for hooks_dict in _global_hook_dicts():
         hooks.append(("<global>", tuple(hooks_dict)))
         probes.append((hooks_dict.__len__, len(hooks_dict)))
@@ -143,12 +137,7 @@ def offload_hooks(model: torch.nn.Module) -> List[str]:
     for name, mod in model.named_modules():
         if not name:
             continue
-        if "_hf_hook" in mod.__dict__:
-            found.append(name)
-            continue
-        registry = mod.__dict__.get("_diffusers_hook")
-        hooks = getattr(registry, "hooks", None)
-        if isinstance(hooks, dict) and any("offload" in str(k) for k in hooks):
+        if "_hf_hook" in mod.__dict__ or any("offload" in h for h in _registry_hooks(mod)):
             found.append(name)
     return found
 

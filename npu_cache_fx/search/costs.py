@@ -187,8 +187,9 @@ class CostModel:
         return self._sites[key]
 
     def target(self, cfg: CacheConfig) -> Target:
-        """What ``cfg`` (resolved) does to the capture: the runtime's own :class:`~npu_cache_fx.targets.Target`."""
-        key = (cfg.method, cfg.blocks, cfg.block_start, cfg.block_end, cfg.attention, cfg.history)
+        """What ``cfg`` (resolved) does to the capture: the runtime's own :class:`~npu_cache_fx.targets.Target`
+        (one per cached range: the forecast changes what a slot keeps, not where the range is)."""
+        key = (cfg.method, cfg.blocks, cfg.block_start, cfg.block_end, cfg.attention)
         if key not in self._targets:
             self._targets[key] = bind_target(0, cfg, self.cap, self.model)
         return self._targets[key]
@@ -199,7 +200,7 @@ class CostModel:
     def stream_bytes(self, cfg: CacheConfig) -> int:
         """Bytes one cache context holds for ``cfg`` (dit: one delta per carried stream), times the
         forecast history (``cfg.history`` values kept per slot: 1 plain, 2 linear, 3 taylor2)."""
-        return self.target(cfg).stream_bytes()
+        return self.target(cfg).stream_bytes(cfg.history)
 
     def cache_bytes(self, configs: Sequence[CacheConfig]) -> int:
         return sum(self.stream_bytes(c) for c in self.resolve(configs) if not c.bypass)

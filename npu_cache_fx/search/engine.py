@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
@@ -38,6 +37,7 @@ from ..schedule import Action, config_actions
 from . import mindie as mi
 from .refine import actions_to_reads, hill_climb, reads_to_schedule
 from .screen import ScreenTable, pick_diverse, screen
+from .costs import time_calls
 from .session import SearchSession, as_tensor
 from .space import ATTN, DIT, Candidate, Part, Schedule, schedule_actions
 
@@ -644,15 +644,9 @@ def score_plan(session: SearchSession, configs, *, measure: bool = False, repeat
         with torch.no_grad():
             result = as_tensor(session.run_fn(opt))
         out["mse"], out["psnr"] = mse_fn(result, session.reference), psnr_fn(result, session.reference)
-        times: Dict[str, List[float]] = {"uncached": [], "plan": []}
-        for r in range(repeats):
-            order = (("uncached", session.model), ("plan", opt))
-            for name, transformer in (order if r % 2 == 0 else order[::-1]):
-                with torch.no_grad():
-                    t0 = session.clock()
-                    session.run_fn(transformer)
-                    times[name].append(session.clock() - t0)
-        out["timed_speedup"] = statistics.median(times["uncached"]) / max(statistics.median(times["plan"]), 1e-12)
+        times = time_calls({"uncached": lambda: session.run_fn(session.model), "plan": lambda: session.run_fn(opt)},
+                           repeats=repeats, warmup=0, clock=session.clock)
+        out["timed_speedup"] = times["uncached"] / max(times["plan"], 1e-12)
     return out
 
 
