@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -106,14 +107,8 @@ def summary(pipe: Any, *, echo: bool = True) -> Dict[str, Dict[str, Any]]:
         module = getattr(pipe, name, None)
         if not isinstance(module, OptimizedModule):
             continue
-        s = module.stats
         out[name] = {"model": type(module.model).__name__, "plan": str(module.plan),
-                     "configs": [c.to_dict() for c in module.configs], "path": s.path,
-                     "fallback_reason": s.fallback_reason, "steps": s.steps, "steps_computed": s.steps_computed,
-                     "steps_reused": s.steps_reused, "steps_skipped": s.steps_skipped,
-                     "blocks_skipped": s.blocks_skipped, "cache_bytes": s.cache_bytes, "captures": s.captures,
-                     "variants_built": s.variants_built, "model_changes": s.model_changes,
-                     "generations": s.generations, "plan_steps": s.plan_steps}
+                     "configs": [c.to_dict() for c in module.configs], **dataclasses.asdict(module.stats)}
     if echo:
         for name, row in out.items():
             print(f"{name} ({row['model']}): path {row['path']}, {row['steps']} steps = {row['steps_computed']} "
