@@ -1,7 +1,8 @@
 """Shared by the per-family examples (flux.py, wan.py, hunyuan_video.py, qwen_image.py, cogvideox.py, sd3.py).
 
-A :class:`Recipe` is a recommended cache plan for a model family, written for
-the real model's block counts (MindIE-SD's shipped configs where they exist).
+A :class:`~npu_cache_fx.recipes.Recipe` (``npu_cache_fx.recipes.RECIPES``) is a
+recommended cache plan for a model family, written for the real model's block
+counts (MindIE-SD's shipped configs where they exist).
 ``--tiny`` (the default without ``--model-id``) runs it on a tiny random model
 from ``tests/coverage_models.py`` / ``tests/tiny_pipelines.py``, with every
 block range scaled down proportionally to the tiny block lists (printed).
@@ -15,8 +16,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
@@ -25,51 +25,12 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # tiny models and pipelines, built offline
 
 from npu_cache_fx import CacheConfig, optimize  # noqa: E402
+from npu_cache_fx.recipes import RECIPES, Recipe  # noqa: E402,F401  (RECIPES: for the examples)
 from npu_cache_fx.runtime import OptimizedModule  # noqa: E402
 
 
-@dataclass(frozen=True)
-class Range:
-    blocks: str        # ModuleList of the transformer, e.g. "single_transformer_blocks"
-    real_count: int    # its length in the real model
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
-class Recipe:
-    family: str
-    source: str                  # where the numbers come from
-    steps: int                   # num_inference_steps the plan is written for (CacheConfig.steps_count)
-    step_start: int
-    step_interval: int
-    ranges: Tuple[Range, ...]
-    step_end: Optional[int] = None
-    method: str = "dit_block_cache"
-    call: Dict[str, Any] = field(default_factory=dict)  # pipeline call arguments for the real model
-
-
-def scale_range(start: int, end: int, real: int, count: int) -> Tuple[int, int]:
-    """``[start, end)`` of a ``real``-block list mapped proportionally onto ``count`` blocks (never empty)."""
-    if count == real:
-        return start, end
-    lo = min(count - 1, round(start * count / real))
-    hi = max(lo + 1, min(count, round(end * count / real)))
-    return lo, hi
-
-
 def configs(recipe: Recipe, transformer: torch.nn.Module, verbose: bool = True) -> List[CacheConfig]:
-    out = []
-    for r in recipe.ranges:
-        count = len(transformer.get_submodule(r.blocks))
-        lo, hi = scale_range(r.start, r.end, r.real_count, count)
-        if verbose and (lo, hi, count) != (r.start, r.end, r.real_count):
-            print(f"  {r.blocks}: recipe [{r.start}, {r.end}) of {r.real_count} blocks scaled down to "
-                  f"[{lo}, {hi}) of this model's {count}")
-        out.append(CacheConfig(method=recipe.method, steps_count=recipe.steps, step_start=recipe.step_start,
-                               step_interval=recipe.step_interval, step_end=recipe.step_end, blocks=r.blocks,
-                               block_start=lo, block_end=hi))
-    return out
+    return recipe.configs(transformer, verbose=verbose)
 
 
 def parse_args(recipe: Recipe, doc: str) -> argparse.Namespace:

@@ -6,13 +6,9 @@ no reuse after step 45, 50 steps.
     python examples/cogvideox.py --model-id THUDM/CogVideoX-5b [--out video]
 """
 
-from _common import Range, Recipe, backend_arg, parse_args, run_real, run_tiny_loop
+from _common import RECIPES, backend_arg, parse_args, run_real, run_tiny_loop
 
-RECIPE = Recipe(
-    family="CogVideoX", source="starting point, not a MindIE-SD shipped config (50 steps)",
-    steps=50, step_start=12, step_interval=3, step_end=45,
-    ranges=(Range("transformer_blocks", 42, 5, 37),),  # CogVideoX-5b: 42 blocks (2b: 30; ranges scale to it)
-    call=dict(num_frames=49, guidance_scale=6.0))
+RECIPE = RECIPES['CogVideoX']  # npu_cache_fx/recipes.py
 
 
 def save(out, path):

@@ -5,13 +5,9 @@ refresh from step 18 every 2 steps, 28 steps.
     python examples/flux.py --model-id black-forest-labs/FLUX.1-dev [--backend torchair] [--out flux.png]
 """
 
-from _common import Range, Recipe, backend_arg, parse_args, run_real, run_tiny_pipeline
+from _common import RECIPES, backend_arg, parse_args, run_real, run_tiny_pipeline
 
-RECIPE = Recipe(
-    family="FLUX.1", source="MindIE-SD shipped config (FLUX.1-dev, 28 steps)",
-    steps=28, step_start=18, step_interval=2,
-    ranges=(Range("transformer_blocks", 19, 5, 13), Range("single_transformer_blocks", 38, 1, 23)),
-    call=dict(height=1024, width=1024, guidance_scale=3.5))
+RECIPE = RECIPES['FLUX.1']  # npu_cache_fx/recipes.py
 
 
 def main() -> None:

@@ -5,13 +5,9 @@ blocks [3, 18), refresh from step 10 every 3 steps (50 steps, the pipeline defau
     python examples/hunyuan_video.py --model-id hunyuanvideo-community/HunyuanVideo [--out video]
 """
 
-from _common import Range, Recipe, backend_arg, parse_args, run_real, run_tiny_loop
+from _common import RECIPES, backend_arg, parse_args, run_real, run_tiny_loop
 
-RECIPE = Recipe(
-    family="HunyuanVideo", source="MindIE-SD shipped config (HunyuanVideo, 50 steps)",
-    steps=50, step_start=10, step_interval=3,
-    ranges=(Range("single_transformer_blocks", 40, 5, 35), Range("transformer_blocks", 20, 3, 18)),
-    call=dict(height=320, width=512, num_frames=61))
+RECIPE = RECIPES['HunyuanVideo']  # npu_cache_fx/recipes.py
 
 
 def save(out, path):

@@ -7,13 +7,9 @@ step 10 every 3 steps, no reuse after step 35, 40 steps.
 
 import sys
 
-from _common import Range, Recipe, backend_arg, parse_args, run_real, run_tiny_loop
+from _common import RECIPES, backend_arg, parse_args, run_real, run_tiny_loop
 
-RECIPE = Recipe(
-    family="Qwen-Image-Edit", source="MindIE-SD shipped config (Qwen-Image-Edit, 40 steps)",
-    steps=40, step_start=10, step_interval=3, step_end=35,
-    ranges=(Range("transformer_blocks", 60, 10, 50),),
-    call=dict(true_cfg_scale=4.0, negative_prompt=" "))
+RECIPE = RECIPES['Qwen-Image']  # npu_cache_fx/recipes.py
 
 
 def main() -> None:

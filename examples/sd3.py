@@ -9,13 +9,9 @@ Do not combine with ``skip_guidance_layers``: that pipeline option calls the tra
 per step without a cache context, so each such step counts twice.
 """
 
-from _common import Range, Recipe, backend_arg, parse_args, run_real, run_tiny_pipeline
+from _common import RECIPES, backend_arg, parse_args, run_real, run_tiny_pipeline
 
-RECIPE = Recipe(
-    family="SD3", source="starting point, not a MindIE-SD shipped config (28 steps)",
-    steps=28, step_start=14, step_interval=2,
-    ranges=(Range("transformer_blocks", 24, 2, 20),),  # SD3-medium: 24 blocks (3.5-large: 38; ranges scale)
-    call=dict(height=1024, width=1024, guidance_scale=7.0))
+RECIPE = RECIPES['SD3']  # npu_cache_fx/recipes.py
 
 
 def main() -> None:

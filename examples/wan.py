@@ -6,14 +6,9 @@ tune it with the quality tools before production): blocks [5, 35) of 40, refresh
     python examples/wan.py --model-id Wan-AI/Wan2.1-T2V-1.3B-Diffusers [--out video]
 """
 
-from _common import Range, Recipe, backend_arg, parse_args, run_real, run_tiny_pipeline
+from _common import RECIPES, backend_arg, parse_args, run_real, run_tiny_pipeline
 
-RECIPE = Recipe(
-    family="Wan2.1", source="starting point, not a MindIE-SD shipped config (50 steps)",
-    steps=50, step_start=12, step_interval=3, step_end=45,
-    ranges=(Range("blocks", 40, 5, 35),),  # Wan2.1-14B has 40 blocks (1.3B: 30; ranges scale to it)
-    call=dict(height=480, width=832, num_frames=81, guidance_scale=5.0,
-              negative_prompt="blurry, low quality, static"))
+RECIPE = RECIPES['Wan2.1']  # npu_cache_fx/recipes.py
 
 
 def save(out, path):

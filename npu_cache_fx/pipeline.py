@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 
 from .backends import Backend
-from .capture import find_block_lists
 from .config import CacheConfig, ConfigError, config_list, load_plan
+from .recipes import default_plan
 from .runtime import OptimizedModule, optimize
 
 __all__ = ["DENOISERS", "default_plan", "disable_cache", "enable_cache", "summary"]
@@ -35,23 +35,6 @@ __all__ = ["DENOISERS", "default_plan", "disable_cache", "enable_cache", "summar
 log = logging.getLogger(__name__)
 
 DENOISERS = ("transformer", "transformer_2")  # pipeline attributes holding a DiT denoiser
-DEFAULT_STEPS = 28
-
-
-def default_plan(model: torch.nn.Module, steps: int = DEFAULT_STEPS) -> List[CacheConfig]:
-    """A conservative plan for any DiT: a DiT cache over every block of each block list, refreshed every
-    second step from 15 % of the steps to the last 10 % (computed in full), linear forecast.
-
-    About 1.6x on the blocks with little drift; stated for ``steps`` steps and scaled to each request's
-    step count. Search a plan on your own prompts for more (``npu_cache_fx.search``).
-    """
-    lists = find_block_lists(model)
-    if not lists:
-        raise ConfigError(f"{type(model).__name__} has no list of transformer blocks: enable_cache needs a DiT "
-                          "denoiser (a UNet pipeline has none)")
-    start, end = round(0.15 * steps), steps - 1 - round(0.1 * steps)
-    return [CacheConfig(steps_count=steps, blocks=b.fqn, step_start=start, step_interval=2, step_end=end,
-                        forecast="linear") for b in lists]
 
 
 def _denoisers(pipe: Any) -> Dict[str, torch.nn.Module]:

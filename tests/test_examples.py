@@ -17,7 +17,7 @@ from npu_cache_fx import optimize  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
-from _common import scale_range  # noqa: E402
+from npu_cache_fx.recipes import scale_range  # noqa: E402
 
 FAMILIES = {"flux": "flux", "wan": "wan", "hunyuan_video": "hunyuan_video", "qwen_image": "qwen_image",
             "cogvideox": "cogvideox", "sd3": "sd3"}
@@ -57,6 +57,21 @@ def test_recipe_fits_the_tiny_model(family):
     for r, cfg in zip(recipe.ranges, opt.configs):
         assert 0 <= r.start < r.end <= r.real_count
         assert cfg.block_end - cfg.block_start >= 1
+    assert type(model).__name__ == recipe.model_class  # recipe_for finds the recipe of this family
+
+
+def test_default_plan_per_family():
+    """enable_cache's default: MindIE-SD's shipped recipe where the family has one, else the conservative plan."""
+    from coverage_models import MODELS
+    from npu_cache_fx.recipes import RECIPES, conservative_plan, default_plan, recipe_for
+    shipped = {name for name, r in RECIPES.items() if r.shipped}
+    assert shipped == {"FLUX.1", "HunyuanVideo", "Qwen-Image"}
+    for family in FAMILIES:
+        model = MODELS[FAMILIES[family]].build()
+        recipe = recipe_for(model)
+        want = recipe.configs(model) if recipe.shipped else conservative_plan(model)
+        assert default_plan(model) == want, family
+    assert recipe_for(MODELS["wan"].build(), shipped_only=True) is None
 
 
 def test_forward_patterns_script(tmp_path):

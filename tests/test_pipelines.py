@@ -294,18 +294,26 @@ def test_enable_cache_equals_optimize_by_hand_and_disable_restores(flux, tmp_pat
 def test_enable_cache_default_plan_and_a_pipeline_without_dit(flux):
     import types
     from npu_cache_fx import disable_cache, enable_cache
-    from npu_cache_fx.pipeline import default_plan
+    from npu_cache_fx.recipes import conservative_plan, default_plan
     pipe, _ = flux
     original = pipe.transformer
-    plan = default_plan(original, steps=28)
-    assert sorted((c.blocks, c.steps_count, c.step_start, c.step_interval, c.step_end, c.forecast) for c in plan) == [
+    # Flux: MindIE-SD's shipped FLUX.1-dev config (double [5, 13) of 19, single [1, 23) of 38, from step 18
+    # every 2nd of 28) on the tiny model's 2 double and 4 single blocks
+    plan = default_plan(original)
+    assert [(c.blocks, c.block_start, c.block_end, c.steps_count, c.step_start, c.step_interval, c.forecast)
+            for c in plan] == [("transformer_blocks", 1, 2, 28, 18, 2, "none"),
+                               ("single_transformer_blocks", 0, 2, 28, 18, 2, "none")]
+    assert [c.step_start for c in default_plan(original, steps=14)] == [9, 9]
+    # a family without a shipped config: every block list, every 2nd step from 15 % to the last 10 %
+    assert sorted((c.blocks, c.steps_count, c.step_start, c.step_interval, c.step_end, c.forecast)
+                  for c in conservative_plan(original, steps=28)) == [
         ("single_transformer_blocks", 28, 4, 2, 24, "linear"), ("transformer_blocks", 28, 4, 2, 24, "linear")]
     try:
         enable_cache(pipe)
         kw = dict(FLUX_KW, num_inference_steps=12)
         with torch.no_grad():
             cached = pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kw).images
-        assert pipe.transformer.stats.plan_steps == 12 and pipe.transformer.stats.steps_reused > 0
+        assert pipe.transformer.stats.plan_steps == 12 and pipe.transformer.stats.steps_reused == 2
         by_hand = generate(pipe, optimize(original, default_plan(original)), prompt="a cat", **kw)
         assert torch.equal(cached, by_hand)
         assert not torch.equal(cached, generate(pipe, original, prompt="a cat", **kw))
