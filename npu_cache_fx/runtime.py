@@ -445,6 +445,16 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             plan = self._plans[steps] = make_plan(configs) if configs else Plan((), ((),) * steps)
         return plan
 
+    def _pipeline_step_index(self) -> Optional[int]:
+        """The step index the pipeline passed to ``cache_context(..., step_index=i)`` (Wan), if any.
+
+        It ties this module's step to the pipeline's: a denoiser that runs only part of a generation
+        (Wan 2.2's two experts, ``transformer`` for the high-noise steps and ``transformer_2`` after the
+        boundary) follows the plan for the steps it runs, and a read it joins on without a cache computes
+        (see :meth:`_safe_decision`)."""
+        index = self._active_info.get("step_index")
+        return index if isinstance(index, int) and not isinstance(index, bool) and index >= 0 else None
+
     def _generation_steps(self) -> int:
         if self._steps is not None:
             return self._steps
@@ -544,9 +554,14 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             if ctx.step == ctx.plan.steps_count:
                 ctx.new_generation()
             self._maybe_new_generation(ctx, t)
-            step = ctx.step
-            if step == 0:
+            index = self._pipeline_step_index()
+            if index is not None and index < ctx.step:  # the pipeline started over
+                ctx.new_generation()
+            if ctx.step == 0:
                 self._start_generation(ctx, entry)
+            if index is not None and ctx.step < index < ctx.plan.steps_count:
+                ctx.step = index  # joined mid-generation: Wan 2.2's low-noise expert takes over at its boundary
+            step = ctx.step
         self._check_thread(ctx, step)
         decision = self._decide(ctx, entry, key, step, aux, d, kwargs.get(self._latent_arg))
         if decision is None:  # AdaStep: no model call at all

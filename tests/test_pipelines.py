@@ -267,6 +267,51 @@ def test_wan_pipeline_sequential_cfg(wan):
     assert set(opt.stats.cache_bytes_by_context) == {"cond", "uncond"}
 
 
+def _boundary_before(pipe, step, **kw):
+    """A Wan 2.2 boundary_ratio that hands the generation to ``transformer_2`` at ``step``."""
+    pipe.scheduler.set_timesteps(kw["num_inference_steps"])
+    t = pipe.scheduler.timesteps
+    return float(t[step - 1] + t[step]) / 2 / pipe.scheduler.config.num_train_timesteps
+
+
+@pytest.mark.parametrize("switch", [3, 2], ids=["at-a-write", "at-a-read"])
+def test_wan22_experts_each_follow_their_part_of_the_plan(switch):
+    """Wan 2.2: ``transformer`` runs the steps before the boundary and ``transformer_2`` the rest; each
+    follows the plan for the steps it runs (the step index WanPipeline passes to cache_context), so two
+    identical experts give exactly the one-expert output when the switch falls on a refresh step. It used to
+    start transformer_2 at step 0 of the plan."""
+    import copy
+    from npu_cache_fx import enable_cache
+    from npu_cache_fx.schedule import Action
+    one = wan_pipeline()
+    two = wan_pipeline(boundary_ratio=0.5)
+    two.transformer_2 = copy.deepcopy(one.transformer)
+    two.transformer.load_state_dict(one.transformer.state_dict())
+    two.register_to_config(boundary_ratio=_boundary_before(two, switch, **WAN_KW))
+    cfg = CacheConfig(block_start=1, block_end=3, **SCHEDULE)  # compute write read write read compute
+    enable_cache(one, [cfg])
+    enable_cache(two, [cfg])
+    with torch.no_grad():
+        want = one(generator=torch.Generator().manual_seed(0), **WAN_KW).frames
+        got = two(generator=torch.Generator().manual_seed(0), **WAN_KW).frames
+    high, low = two.transformer, two.transformer_2
+    steps = lambda m: [(s, d[0]) for c, s, d in m.trace if c == "cond"]  # noqa: E731
+    C, W, R = Action.COMPUTE, Action.WRITE, Action.READ
+    planned = [C, W, R, W, R, C]
+    assert steps(high) == list(enumerate(planned))[:switch]
+    joined = [C if a is R else a for a in planned[switch:switch + 1]] + planned[switch + 1:]  # no cache yet: compute
+    assert steps(low) == list(zip(range(switch, STEPS), joined))
+    assert low.stats.stale_reads_avoided == (2 if planned[switch] is R else 0)  # cond and uncond
+    if planned[switch] is W:
+        assert torch.equal(got, want)
+    else:
+        assert not torch.equal(got, want)
+    # the next request starts both experts over
+    with torch.no_grad():
+        again = two(generator=torch.Generator().manual_seed(0), **WAN_KW).frames
+    assert torch.equal(again, got) and steps(low)[-(STEPS - switch):] == steps(low)[:STEPS - switch]
+
+
 # ----------------------------------------------------------------------------- one line on a pipeline
 def test_enable_cache_equals_optimize_by_hand_and_disable_restores(flux, tmp_path):
     from npu_cache_fx import disable_cache, enable_cache, save_plan, summary

@@ -92,23 +92,30 @@ def flux_pipeline(guidance_embeds: bool = True):
     return pipe
 
 
-def wan_transformer(layers: int = 4):
+def wan_transformer(layers: int = 4, seed: int = 0):
     from diffusers import WanTransformer3DModel
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
                                  out_channels=4, text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=layers,
                                  rope_max_seq_len=32).eval()
 
 
-def wan_pipeline():
-    """``WanPipeline`` (text-to-video) with a tiny UMT5 and ``AutoencoderKLWan`` (4 latent channels)."""
+def wan_pipeline(boundary_ratio: float = None):
+    """``WanPipeline`` (text-to-video) with a tiny UMT5 and ``AutoencoderKLWan`` (4 latent channels).
+
+    ``boundary_ratio``: Wan 2.2's two experts, ``transformer`` for timesteps at or above
+    ``boundary_ratio * 1000`` and ``transformer_2`` (other weights) below."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
     tok = t5_tokenizer()
+    transformer = wan_transformer()
+    experts = {}
+    if boundary_ratio is not None:
+        experts = dict(transformer_2=wan_transformer(seed=1), boundary_ratio=boundary_ratio)
     pipe = WanPipeline(tokenizer=tok, text_encoder=t5_encoder(len(tok), umt5=True), vae=vae,
-                       transformer=wan_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+                       transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **experts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
