@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # tiny models and pipelines, built offline
 
-from npu_cache_fx import CacheConfig, optimize  # noqa: E402
+from npu_cache_fx import CacheConfig, disable_cache, enable_cache, optimize  # noqa: E402
 from npu_cache_fx.recipes import RECIPES, Recipe  # noqa: E402,F401  (RECIPES: for the examples)
 from npu_cache_fx.runtime import OptimizedModule  # noqa: E402
 
@@ -86,16 +86,14 @@ def timed(fn: Callable[[], Any]) -> Tuple[Any, float]:
 
 
 def run_tiny_pipeline(recipe: Recipe, pipe, call: Dict[str, Any], backend) -> None:
-    """Tiny pipeline: uncached vs ``pipe.transformer = optimize(pipe.transformer, recipe)``."""
+    """Tiny pipeline: uncached vs ``enable_cache(pipe, recipe plan)``."""
     print(f"{recipe.family} (tiny random pipeline, {recipe.steps} steps) -- recipe: {recipe.source}")
-    cfgs = configs(recipe, pipe.transformer)
-    original = pipe.transformer
-    opt = optimize(original, cfgs, backend=backend)
     run = lambda: _images(pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=recipe.steps, **call))  # noqa: E731
-    pipe.transformer = opt
+    enable_cache(pipe, configs(recipe, pipe.transformer), backend=backend)
+    opt = pipe.transformer
     timed(run)                     # warm-up: capture and build every variant
     out, cached_s = timed(run)
-    pipe.transformer = original
+    disable_cache(pipe)
     ref, base_s = timed(run)
     report(recipe, opt, base_s, cached_s, ref, out)
 
@@ -136,8 +134,7 @@ def run_real(recipe: Recipe, pipeline_cls, args, call: Dict[str, Any], save: Cal
     dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
     pipe = pipeline_cls.from_pretrained(args.model_id, torch_dtype=dtype).to(args.device)
     print(f"{recipe.family}: {args.model_id} on {args.device} -- recipe: {recipe.source}")
-    cfgs = configs(recipe, pipe.transformer)
-    pipe.transformer = optimize(pipe.transformer, cfgs, backend=backend_arg(args.backend))
+    enable_cache(pipe, configs(recipe, pipe.transformer), backend=backend_arg(args.backend))
     print(pipe.transformer.plan)
     kw = dict(recipe.call, **call, num_inference_steps=recipe.steps)
     out, seconds = timed(lambda: pipe(generator=torch.Generator("cpu").manual_seed(0), **kw))

@@ -24,7 +24,8 @@ from .config import CacheConfig, configs_from_json, configs_to_json
 from .runtime import optimize
 from .timestep import fewer_steps_for
 
-__all__ = ["EQUAL_SPEED", "SHIPPED_PLANS", "evaluate", "print_result", "run_bench", "shipped_plan", "verdict"]
+__all__ = ["EQUAL_SPEED", "SHIPPED_PLANS", "evaluate", "measure_interleaved", "print_result", "run_bench",
+           "shipped_plan", "verdict"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def _timed(fn: Callable[[], torch.Tensor]) -> float:
     return time.perf_counter() - start
 
 
-def _measure(runs: Dict[str, Callable[[], torch.Tensor]], repeats: int) -> Dict[str, float]:
+def measure_interleaved(runs: Dict[str, Callable[[], torch.Tensor]], repeats: int) -> Dict[str, float]:
     """Median seconds per run, the runs interleaved so machine noise hits all alike."""
     times: Dict[str, List[float]] = {k: [] for k in runs}
     for _ in range(repeats):
@@ -112,13 +113,13 @@ def evaluate(args, title: str, out_dir: Path) -> Dict[str, Any]:
     sample = lambda transformer=None, n=steps: model.sample(labels, steps=n, seed=0,  # noqa: E731
                                                             transformer=transformer)
     sample(fast)  # capture (and compile) every variant outside the timed runs
-    times = _measure({"uncached": lambda: sample(), "cached": lambda: sample(fast)}, args.repeats)
+    times = measure_interleaved({"uncached": lambda: sample(), "cached": lambda: sample(fast)}, args.repeats)
     speedup = times["uncached"] / times["cached"]
     fewer = fewer_steps_for(speedup, steps)
     ada = optimize(model.transformer, CacheConfig(method="adastep", steps_count=steps, threshold=ADASTEP_THRESHOLD,
                                                   max_skip_steps=2))
     sample(ada)
-    other = _measure({"fewer": lambda: sample(n=fewer), "adastep": lambda: sample(ada)}, args.repeats)
+    other = measure_interleaved({"fewer": lambda: sample(n=fewer), "adastep": lambda: sample(ada)}, args.repeats)
     fewer_time = other["fewer"]
 
     ref, cached, few = sample(), sample(fast), sample(n=fewer)

@@ -30,14 +30,16 @@ from .config import CacheConfig, ConfigError, config_list, load_plan
 from .recipes import default_plan
 from .runtime import OptimizedModule, optimize
 
-__all__ = ["DENOISERS", "default_plan", "disable_cache", "enable_cache", "summary"]
+__all__ = ["DENOISERS", "default_plan", "denoisers", "disable_cache", "enable_cache", "summary"]
 
 log = logging.getLogger(__name__)
 
 DENOISERS = ("transformer", "transformer_2")  # pipeline attributes holding a DiT denoiser
 
 
-def _denoisers(pipe: Any) -> Dict[str, torch.nn.Module]:
+def denoisers(pipe: Any) -> Dict[str, torch.nn.Module]:
+    """The pipeline's DiT denoisers by attribute name (``transformer``, ``transformer_2``); a pipeline
+    without one (a UNet pipeline) raises :class:`ConfigError` saying what to do instead."""
     found = {name: getattr(pipe, name, None) for name in DENOISERS}
     found = {name: m for name, m in found.items() if isinstance(m, torch.nn.Module)}
     if not found:
@@ -64,7 +66,7 @@ def enable_cache(pipe: Any, plan: Union[None, str, os.PathLike, CacheConfig, Seq
 
     A denoiser already optimized is optimized again from its original module with the new plan.
     """
-    for name, module in _denoisers(pipe).items():
+    for name, module in denoisers(pipe).items():
         original = module.model if isinstance(module, OptimizedModule) else module
         setattr(pipe, name, optimize(original, _plan_for(plan, original), backend=backend,
                                      backend_options=backend_options))

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow  # real pipelines, trained models or searches: not
 from npu_cache_fx.cli import build_parser, main
 
 
-@pytest.mark.parametrize("cmd", [[], ["demo"], ["search"], ["bench"]])
+@pytest.mark.parametrize("cmd", [[], ["demo"], ["search"], ["generate"], ["bench"]])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(cmd + ["--help"])

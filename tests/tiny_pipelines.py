@@ -2,8 +2,8 @@
 
 Tokenizers are built in memory from a handful of words (a CLIP BPE with
 whole-word merges, a T5/UMT5 unigram); text encoders, VAEs and transformers
-are random-init from tiny configs. Used by tests/test_pipelines.py and the
-``--tiny`` path of examples/.
+are random-init from tiny configs. Used by tests/test_pipelines.py, tests/test_pipeline_cli.py
+(saved with ``save_pretrained``) and the ``--tiny`` path of examples/.
 """
 
 from __future__ import annotations
@@ -148,5 +148,47 @@ def sd3_pipeline():
         text_encoder=clip_text_model_with_projection(len(tok)), tokenizer=tok,
         text_encoder_2=clip_text_model_with_projection(len(tok)), tokenizer_2=clip_tokenizer(),
         text_encoder_3=t5_encoder(len(tok3)), tokenizer_3=tok3)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def qwen2_tokenizer():
+    """A real ``Qwen2Tokenizer`` (byte-level BPE over the 256 byte symbols, no merges) with Qwen's chat tokens."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    vocab = {"<|endoftext|>": 0}
+    for symbol in bytes_to_unicode().values():
+        vocab.setdefault(symbol, len(vocab))
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tok
+
+
+def qwen_image_pipeline():
+    """``QwenImagePipeline`` with a tiny Qwen2.5-VL text encoder (true CFG: cond and uncond in two calls)."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    tok = qwen2_tokenizer()
+    n = len(tok)
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=3,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4)).eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4,
+                                 latents_std=[1.0] * 4).eval()
+    torch.manual_seed(0)
+    text = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                rope_theta=1000000.0, vocab_size=n, bos_token_id=0, eos_token_id=0)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=dict(depth=1, hidden_size=16, intermediate_size=16,
+                                                                num_heads=2, out_hidden_size=16),
+                           hidden_size=16, vocab_size=n, bos_token_id=0, eos_token_id=0,
+                           vision_start_token_id=n, vision_end_token_id=n + 1, vision_token_id=n + 2,
+                           image_token_id=n + 3, video_token_id=n + 4)
+    pipe = QwenImagePipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                             text_encoder=Qwen2_5_VLForConditionalGeneration(cfg).eval(), tokenizer=tok)
     pipe.set_progress_bar_config(disable=True)
     return pipe
