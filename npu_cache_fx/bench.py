@@ -24,8 +24,8 @@ from .config import CacheConfig, configs_from_json, configs_to_json
 from .runtime import optimize
 from .timestep import fewer_steps_for
 
-__all__ = ["EQUAL_SPEED", "SHIPPED_PLANS", "evaluate", "measure_interleaved", "print_result", "run_bench",
-           "shipped_plan", "verdict"]
+__all__ = ["EQUAL_SPEED", "SHIPPED_PLANS", "evaluate", "machine_info", "measure_interleaved", "print_result",
+           "run_bench", "shipped_plan", "verdict"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,12 @@ def _timed(fn: Callable[[], torch.Tensor]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def machine_info() -> Dict[str, Any]:
+    """What a timing was measured on (torch version, threads, CPU, cores), for the JSON reports."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
 
 
 def measure_interleaved(runs: Dict[str, Callable[[], torch.Tensor]], repeats: int) -> Dict[str, float]:
@@ -142,8 +148,7 @@ def evaluate(args, title: str, out_dir: Path) -> Dict[str, Any]:
                     "class_fidelity": metrics.class_fidelity(skipped, labels)},
         "stats": {k: v for k, v in vars(fast.stats).items()},
         "verdict": verdict(speedup, metrics.psnr(cached, ref), times["uncached"] / fewer_time, metrics.psnr(few, ref)),
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "machine": machine_info(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     _grid(rows, labels, out_dir / "grid.png",

@@ -21,10 +21,9 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,6 +33,7 @@ from .pipeline import disable_cache, enable_cache, summary
 from .pipeline import denoisers as pipeline_denoisers
 from .recipes import default_plan
 from .runtime import OptimizedModule
+from .bench import machine_info, measure_interleaved, verdict
 from .timestep import fewer_steps_for
 
 __all__ = ["CLIError", "PipelineRunner", "load_pipeline", "read_prompts", "run_bench", "run_generate",
@@ -202,12 +202,6 @@ class PipelineRunner:
         return modules
 
 
-def measure(runs: Dict[str, Callable[[], Any]], repeats: int) -> Dict[str, float]:
-    """Median seconds per run, the runs interleaved so machine noise hits all alike."""
-    from .bench import measure_interleaved
-    return measure_interleaved(runs, repeats)
-
-
 def _plan_arg(plan: Optional[str], pipe: Any, steps: Optional[int]) -> Tuple[list, int, str]:
     """The plan (a file, or the default plan of the pipeline's family) and the step count to run."""
     if plan:
@@ -228,9 +222,16 @@ def _runner(args, prompts: List[str]) -> PipelineRunner:
                           _call_args(args.call))
 
 
-def _machine() -> Dict[str, Any]:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+def _warmed_up(args, prompts: List[str], plan: Optional[str]):
+    """The runner, the plan (its configs and where it came from) and the cached denoisers, every variant
+    captured and compiled by one warm-up generation per prompt × seed (outside any timing)."""
+    runner = _runner(args, prompts)
+    cfgs, runner.steps, source = _plan_arg(plan, runner.pipe, args.steps)
+    cached = runner.cached(cfgs, backend=None if args.backend == "eager" else args.backend)
+    print(f"plan: {source}")
+    print(next(iter(cached.values())).plan_for(runner.steps))
+    runner.run(cached, desc="warm-up (capture and compile)")
+    return runner, cfgs, source, cached
 
 
 def _fail(exc: CLIError) -> int:
@@ -297,16 +298,10 @@ def run_generate(args) -> int:
         prompts = [p for p in args.prompt if p.strip()] if args.prompt else []
         if not prompts:
             raise CLIError("--prompt TEXT is required (repeat it for several prompts)")
-        runner = _runner(args, prompts)
-        cfgs, steps, source = _plan_arg(args.plan, runner.pipe, args.steps)
+        runner, cfgs, source, cached = _warmed_up(args, prompts, args.plan)
     except CLIError as exc:
         return _fail(exc)
-    runner.steps = steps
-    backend = None if args.backend == "eager" else args.backend
-    cached = runner.cached(cfgs, backend=backend)
-    print(f"plan: {source}")
-    print(next(iter(cached.values())).plan_for(steps))
-    runner.run(cached, desc="warm-up (capture and compile)")
+    steps = runner.steps
     t0 = time.perf_counter()
     with_cache = runner.run(cached, desc="cached")
     cached_s = (time.perf_counter() - t0) / runner.generations
@@ -322,7 +317,7 @@ def run_generate(args) -> int:
               "backend": args.backend, "plan": configs_to_json(cfgs), "plan_source": source,
               "seconds_per_image": {"uncached": plain_s, "cached": cached_s}, "speedup": plain_s / cached_s,
               "psnr": metrics.psnr(with_cache, plain, data_range=1.0), "images": files, "summary": stats,
-              "machine": _machine()}
+              "machine": machine_info()}
     (out / "generate.json").write_text(json.dumps(result, indent=2, default=str))
     print(f"uncached {plain_s:.3f} s/image  cached {cached_s:.3f} s/image  speedup {plain_s / cached_s:.2f}x  "
           f"PSNR {result['psnr']:.2f} dB (one timed run each, after a warm-up)")
@@ -333,24 +328,17 @@ def run_generate(args) -> int:
 # ----------------------------------------------------------------------------- bench
 def run_bench(args) -> int:
     """``npu-cache-fx bench --pipeline DIR --plan ... --prompts heldout.txt``."""
-    from .bench import verdict
     try:
         prompts = read_prompts(args.prompts)
-        runner = _runner(args, prompts)
-        cfgs, steps, source = _plan_arg(args.config, runner.pipe, args.steps)
+        runner, cfgs, source, cached = _warmed_up(args, prompts, args.config)
     except CLIError as exc:
         return _fail(exc)
-    runner.steps = steps
-    backend = None if args.backend == "eager" else args.backend
-    cached = runner.cached(cfgs, backend=backend)
-    print(f"plan: {source}")
-    print(next(iter(cached.values())).plan_for(steps))
-    runner.run(cached, desc="warm-up (capture and compile)")
-    times = measure({"uncached": lambda: runner.run(desc="uncached"),
+    steps = runner.steps
+    times = measure_interleaved({"uncached": lambda: runner.run(desc="uncached"),
                      "cached": lambda: runner.run(cached, desc="cached")}, args.repeats)
     speedup = times["uncached"] / times["cached"]
     fewer = min(steps, fewer_steps_for(speedup, steps))  # a plan slower than uncached: compare with uncached
-    other = measure({"uncached": lambda: runner.run(desc="uncached"),
+    other = measure_interleaved({"uncached": lambda: runner.run(desc="uncached"),
                      "fewer": lambda: runner.run(steps=fewer, desc=f"{fewer} steps")}, args.repeats)
     fewer_speedup = other["uncached"] / other["fewer"]
     ref, got, few = runner.run(), runner.run(cached), runner.run(steps=fewer)
@@ -362,7 +350,7 @@ def run_bench(args) -> int:
               "speedup": speedup, "cached": cached_q,
               "fewer_steps": {"steps": fewer, "speedup": fewer_speedup, **fewer_q},
               "verdict": verdict(speedup, cached_q["psnr"], fewer_speedup, fewer_q["psnr"]),
-              "machine": _machine()}
+              "machine": machine_info()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2, default=str))
