@@ -2,9 +2,12 @@
 
 ``enable_cache`` optimizes every DiT denoiser the pipeline has (``transformer``; ``transformer_2``
 where present) with a plan: a list of :class:`~npu_cache_fx.CacheConfig`, a saved plan or search
-report (a path), or ``None`` for :func:`default_plan`. The plan is scaled to each request's step
-count as the pipeline runs (see :meth:`~npu_cache_fx.runtime.OptimizedModule.set_steps`), and the
-pipeline keeps working as before: CFG in any form, ``save_pretrained``, LoRA, offload.
+report (a path), or ``None`` for the default plan of the model's family
+(:func:`~npu_cache_fx.recipes.default_plan`: MindIE-SD's shipped config for FLUX.1, HunyuanVideo and
+Qwen-Image, else a conservative plan). The plan is scaled to each request's step count as the pipeline
+runs (see :meth:`~npu_cache_fx.runtime.OptimizedModule.set_steps`); Wan 2.2's two experts each run
+the plan's decisions for the steps they run. The pipeline keeps working as before: CFG in any form,
+``save_pretrained``, LoRA, offload.
 ``disable_cache`` puts the original modules back (``pipe.transformer is original``).
 
 Example::
