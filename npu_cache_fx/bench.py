@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import statistics
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -41,6 +42,8 @@ SHIPPED_PLANS: Dict[str, Callable[[int], List[CacheConfig]]] = {
     "tiny-flux": lambda n: _all_blocks(n, ("transformer_blocks", "single_transformer_blocks"),
                                        step_start=3, step_interval=3, forecast="linear"),
     "tiny-wan": lambda n: _all_blocks(n, ("blocks",), step_start=3, step_interval=3, forecast="linear"),
+    "tiny-flux-deep": lambda n: _all_blocks(n, ("transformer_blocks", "single_transformer_blocks"),
+                                            step_start=3, step_interval=3, forecast="linear"),
 }
 
 
@@ -79,7 +82,8 @@ def measure_interleaved(runs: Dict[str, Callable[[], torch.Tensor]], repeats: in
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _grid(rows: Dict[str, torch.Tensor], labels: torch.Tensor, path: Path, title: str) -> None:
+def _grid(rows: Dict[str, torch.Tensor], labels: torch.Tensor, path: Path, title: str,
+          caption: Callable[[int], str] = str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -92,17 +96,29 @@ def _grid(rows: Dict[str, torch.Tensor], labels: torch.Tensor, path: Path, title
             if img.dim() == 4:  # clip (F, C, H, W): frames side by side
                 img = torch.cat(list(img), dim=-1)
             ax = axes[r][c]
-            ax.imshow(img[0].float().clamp(-1, 1).cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
+            img = img.float().clamp(-1, 1).cpu()
+            if img.shape[0] == 3:  # RGB (tiny-flux-deep's scenes)
+                ax.imshow((img.permute(1, 2, 0).numpy() + 1) / 2)
+            else:
+                ax.imshow(img[0].numpy(), cmap="gray", vmin=-1, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
             if r == 0:
-                ax.set_title(str(int(labels[c])), fontsize=8)
+                ax.set_title(textwrap.fill(caption(int(labels[c])), 16), fontsize=8 if caption is str else 4.5)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _fidelity(model) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """How well samples match their conditions: the scene model's attribute checker (all four attributes
+    right) or the digit classifier."""
+    if hasattr(model, "agreement"):
+        return lambda images, labels: model.agreement(images, labels)["all"]
+    return metrics.class_fidelity
 
 
 def evaluate(args, title: str, out_dir: Path) -> Dict[str, Any]:
@@ -110,7 +126,8 @@ def evaluate(args, title: str, out_dir: Path) -> Dict[str, Any]:
     write grid.png, demo.json and report.md to ``out_dir``; return the result."""
     model = models.load(args.model)
     steps = args.steps or model.default_steps
-    labels = models.eval_labels(args.samples)
+    labels = models.eval_labels(args.samples, model)
+    fidelity = _fidelity(model)
     cfgs = _load_plan(args.config, args.model, steps)
     backend = None if args.backend == "eager" else args.backend
     fast = optimize(model.transformer, cfgs, backend=backend)
@@ -134,25 +151,26 @@ def evaluate(args, title: str, out_dir: Path) -> Dict[str, Any]:
     rows = {"uncached": ref, "cached": cached, f"{fewer} steps": few}
     result = {
         "model": args.model, "steps": steps, "samples": len(labels), "backend": args.backend,
+        "fidelity": "attribute agreement" if hasattr(model, "agreement") else "class fidelity",
         "plan": configs_to_json(cfgs), "plan_table": str(fast.plan),
         "seconds": times, "speedup": speedup,
-        "uncached": {"class_fidelity": metrics.class_fidelity(ref, labels)},
+        "uncached": {"class_fidelity": fidelity(ref, labels)},
         "cached": {"psnr": metrics.psnr(cached, ref), "mse": metrics.mse(cached, ref),
-                   "class_fidelity": metrics.class_fidelity(cached, labels)},
+                   "class_fidelity": fidelity(cached, labels)},
         "fewer_steps": {"steps": fewer, "seconds": fewer_time, "speedup": times["uncached"] / fewer_time,
                         "psnr": metrics.psnr(few, ref), "mse": metrics.mse(few, ref),
-                        "class_fidelity": metrics.class_fidelity(few, labels)},
+                        "class_fidelity": fidelity(few, labels)},
         "adastep": {"threshold": ADASTEP_THRESHOLD, "max_skip_steps": 2, "seconds": other["adastep"],
                     "speedup": times["uncached"] / other["adastep"], "steps_skipped": ada.stats.steps_skipped,
                     "psnr": metrics.psnr(skipped, ref), "mse": metrics.mse(skipped, ref),
-                    "class_fidelity": metrics.class_fidelity(skipped, labels)},
+                    "class_fidelity": fidelity(skipped, labels)},
         "stats": {k: v for k, v in vars(fast.stats).items()},
         "verdict": verdict(speedup, metrics.psnr(cached, ref), times["uncached"] / fewer_time, metrics.psnr(few, ref)),
         "machine": machine_info(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    _grid(rows, labels, out_dir / "grid.png",
-          f"{title}: {args.model}, {steps} steps, cached {speedup:.2f}x")
+    _grid(rows, labels, out_dir / "grid.png", f"{title}: {args.model}, {steps} steps, cached {speedup:.2f}x",
+          caption=models.scenes.caption if hasattr(model, "agreement") else str)
     (out_dir / "demo.json").write_text(json.dumps(result, indent=2, default=str))
     (out_dir / "report.md").write_text(_report(result))
     return result
@@ -200,7 +218,7 @@ def _report(r: Dict[str, Any]) -> str:
         f"{r['samples']} samples, {r['steps']} Euler steps, backend {r['backend']}, "
         f"torch {r['machine']['torch']}, {r['machine']['threads']} thread(s). Times are medians of interleaved runs.",
         "",
-        "| run | seconds | speedup | PSNR vs uncached (dB) | class fidelity |",
+        f"| run | seconds | speedup | PSNR vs uncached (dB) | {r['fidelity']} |",
         "|---|---|---|---|---|",
         f"| uncached | {r['seconds']['uncached']:.2f} | 1.00 | - | {r['uncached']['class_fidelity']:.2f} |",
         f"| cached | {r['seconds']['cached']:.2f} | {r['speedup']:.2f} | {c['psnr']:.2f} | {c['class_fidelity']:.2f} |",
