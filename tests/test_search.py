@@ -609,3 +609,19 @@ def test_report_shows_interleaved_speedups_only(toy_session, tmp_path):
     assert "single-run" not in table and "2.08" not in table
     assert "| 1.40 | - |" in table and "| 1.50 | 1.48 |" in table
     assert once.speedup is None and timed.speedup == 1.48
+
+
+def test_forecast_siblings_same_plan_other_orders(toy_session):
+    """The best measured plan's other forecast orders: same range and schedule, sorted by proxy, within the memory
+    budget (history x the plain bytes), with the proxy and predicted speedup the search gives them."""
+    from npu_cache_fx.search.engine import _exact, _forecast_siblings, proxy_of
+    seq, n = toy_session.seq, toy_session.steps_count
+    base = _exact(toy_session, Candidate((Part("dit_block_cache", 1, 5, Schedule(1, 2), forecast="linear"),), n, seq))
+    sib = _forecast_siblings(toy_session, base, 1.0, None)
+    assert sorted(c.parts[0].forecast for c in sib) == ["none", "taylor2"]
+    assert all(c.parts[0].schedule == base.parts[0].schedule and (c.parts[0].start, c.parts[0].end) == (1, 5)
+               for c in sib)
+    assert [c.proxy for c in sib] == sorted(proxy_of(toy_session, c) for c in sib)
+    plain = next(c for c in sib if c.parts[0].forecast == "none")
+    assert [c.parts[0].forecast for c in _forecast_siblings(toy_session, base, 1.0, plain.cache_bytes)] == ["none"]
+    assert plain.cache_bytes * 3 == next(c for c in sib if c.parts[0].forecast == "taylor2").cache_bytes
