@@ -210,7 +210,7 @@ def main(argv=None) -> int:
         args.models, args.steps, args.tune_samples, args.held_samples = "tiny-flux", 8, 2, 3
         args.targets, args.plans, args.repeats, args.per_target = "1.5", 8, 1, 1
     info = common.machine_info()
-    print(f"command : {info['command']}")
+    print(f"command : {info['command']}\ntorch   : {info['torch']}, {info['threads']} thread(s), {info['processor']}")
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     models = {name: run_model(name, args, rng) for name in args.models.split(",")}
