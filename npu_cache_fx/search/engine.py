@@ -284,8 +284,12 @@ def search_ours(session: SearchSession, method: str, target: float, *, max_cache
 
     periodic_ok = [c for c in measured if c.predicted_speedup >= target * 0.999] or measured
     best_periodic = min(periodic_ok, key=lambda c: c.mse)
-    siblings = spend.run(_forecast_siblings(session, best_periodic, target * margin, max_cache_bytes),
-                         max_full_runs, "forecast order", progress)
+    # the other forecast orders of the best measured plans, best first (a plan whose twins were all
+    # measured already passes its turn to the next one)
+    twins = [t for c in sorted(periodic_ok, key=lambda c: c.mse)
+             for t in _forecast_siblings(session, c, target * margin, max_cache_bytes)]
+    siblings = spend.run([t for t in _unique(twins) if t.key not in {c.key for c in measured}], max_full_runs,
+                         "forecast order", progress)
     if siblings:
         notes["forecast_siblings"] = {"of": best_periodic.label, "plans": [c.label for c in siblings]}
         measured = _unique(measured + siblings)
