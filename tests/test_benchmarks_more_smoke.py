@@ -130,6 +130,17 @@ def test_search_proxy_quick(tmp_path):
     assert "rank check over" in stdout
 
 
+def test_search_exhaustive_quick(tmp_path):
+    r, stdout, _ = _run("search_exhaustive", tmp_path, "--merge-into", "")
+    assert r["plans_swept"] >= 3 and -1.0 <= r["proxy_spearman_held"] <= 1.0
+    row = r["targets"]["1.5"]
+    assert row["chosen"]["plan"] and _finite_positive(row["chosen"]["held_timed_speedup"])
+    assert row["measured_over_target"] == pytest.approx(row["chosen"]["held_timed_speedup"] / 1.5)
+    assert row["dominated"] == (row["worst_gap_db"] > 0.5) and 1 <= row["chosen"]["new_full_runs"] <= 8
+    assert all(_finite_positive(x["timed_speedup"]) for x in row["rivals_timed"])
+    assert "worst gap" in stdout
+
+
 def test_spearman_exact():
     import importlib.util
     spec = importlib.util.spec_from_file_location("search_proxy", os.path.join(ROOT, "benchmarks", "search_proxy.py"))

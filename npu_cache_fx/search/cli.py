@@ -20,7 +20,7 @@ def model_run_fn(model_name: str, samples: int = 10, steps=None, seed: int = 0):
     """``(transformer, run_fn, steps)`` for a shipped model: ``run_fn(tr)`` samples ``samples`` digits."""
     from .. import models
     m = models.load(model_name)
-    labels = models.eval_labels(samples)
+    labels = models.eval_labels(samples, m)  # scene captions for tiny-flux-deep
     steps = steps or m.default_steps
 
     def run_fn(transformer):

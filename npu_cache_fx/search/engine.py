@@ -7,11 +7,15 @@ Ours (``strategy="ours"``):
    uncached generation timed;
 2. screening of every (range x schedule) plan (:mod:`.screen`): predicted speedup from the
    per-step plan and the measured costs, error proxy from the recorded trajectory;
-3. full generations only for a short, diverse list of the best-proxy plans predicted to
-   reach the target (``max_full_runs``, default 6 in all, refinement included);
-4. non-uniform refinement (:mod:`.refine`) of the best periodic plan at the same cost,
-   2 of its plans fully evaluated;
-5. the best periodic and the best refined plan timed against the uncached model
+3. measured re-ranking, within ``max_full_runs`` new full generations per search (default 8; plans
+   an earlier search of the session ran are reused at no cost): the proxy's best plans (one family
+   each, one slot for a late start) and, for every forecast order, the simple all-blocks periodic
+   plan with the best proxy for that order, run in full on the tuning batch; then the other forecast
+   orders of the best measured plan. The proxy only proposes; the measured MSE decides;
+4. non-uniform refinement (:mod:`.refine`) of the best measured periodic plan at the same cost, run
+   only with runs left and when its proxy gain exceeds the proxy's own measured error
+   (:func:`refine_gain_needed`);
+5. the best measured plan (and a refined one that beat it) timed against the uncached model
    (interleaved repeats); the lowest-MSE plan whose measured speedup is at least
    ``accept * target`` wins.
 
@@ -53,8 +57,10 @@ class SearchResult:
 
     ``config``: the winning plan as a list of :class:`CacheConfig` (``[]`` if nothing was found);
     ``candidates``: every fully evaluated plan plus the best screened ones;
-    ``full_runs``: distinct candidate plans run as full generations for quality (MindIE's cost
-    measure; a plan an earlier search of the same session already ran counts, without a new run);
+    ``full_runs``: full generations this search ran for quality (MindIE's cost measure); a plan an
+    earlier search of the same session already ran is reused and not counted again;
+    ``plans_evaluated``: distinct plans with a measured quality in this result, reused ones included
+    (what a search on a fresh session would run: compare strategies on it);
     ``timing_runs``: generations run only to time finalists (uncached included);
     ``reference_runs``: uncached/recorded generations of the setup.
     """
@@ -73,6 +79,7 @@ class SearchResult:
     clock: str = "cpu"
     notes: Dict[str, Any] = field(default_factory=dict)
     screened: Dict[str, Any] = field(default_factory=dict)  # arrays for the Pareto plot
+    plans_evaluated: int = 0
 
     @property
     def config(self) -> List[CacheConfig]:
@@ -198,7 +205,7 @@ def _finalize(session: SearchSession, finalists: List[Candidate], target: float,
 
 # ----------------------------------------------------------------------------- ours
 def search_ours(session: SearchSession, method: str, target: float, *, max_cache_bytes: Optional[int] = None,
-                max_full_runs: int = 6, refine: bool = True, refine_runs: int = 2, repeats: int = 3,
+                max_full_runs: int = 8, refine: bool = True, refine_runs: int = 2, repeats: int = 3,
                 accept: float = 0.95, intervals: Iterable[int] = range(2, 7), attention: Optional[str] = None,
                 progress: bool = True, top_rows: int = 40, margin: float = 1.0,
                 adastep_thresholds: Sequence[float] = (0.015, 0.05),
@@ -209,7 +216,7 @@ def search_ours(session: SearchSession, method: str, target: float, *, max_cache
     n = session.steps_count
     refine = refine and method in (DIT, "auto")
     refine_runs = min(refine_runs, max(max_full_runs - 2, 0)) if refine else 0
-    k_periodic = max(max_full_runs - refine_runs, 1)
+    k_periodic = max(max_full_runs, 1)
     notes: Dict[str, Any] = {"steps_count": n, "blocks": session.seq.describe(), "B": session.seq.total}
 
     tables: List[ScreenTable] = []
@@ -256,27 +263,59 @@ def search_ours(session: SearchSession, method: str, target: float, *, max_cache
         _common_notes(session, result)
         return result
     pool.sort(key=lambda c: c.proxy)
-    short = [_exact(session, c) for c in _with_late_start(pool[:k_periodic], tables, target * margin,
-                                                          max_cache_bytes, n)]
-    notes["late_start_slot"] = next((c.label for c in short if c.source == "late-start"), None)
-    _evaluate_all(session, short, f"ours {method} x{target:g}", progress)
-    fit = _fit(short)
+    # Measured re-ranking: the proxy only proposes. New full runs (plans an earlier search of this session
+    # ran are free) go to (1) the proxy's short list, the simple all-blocks periodic plan of every forecast
+    # order interleaved after its first plan, (2) the other forecast orders of the best measured plan, (3)
+    # refinement, only with runs left and a proxy gain larger than the proxy's measured error.
+    spend = _Spender(session, max_full_runs)
+    known = _known_plans(session, method, target * margin, max_cache_bytes)
+    proxy_list = [_exact(session, c) for c in _with_late_start(pool[:k_periodic], tables, target * margin,
+                                                               max_cache_bytes, n)]
+    simple = _simple_plans(session, tables, target * margin, max_cache_bytes) if reachable else []
+    notes["late_start_slot"] = next((c.label for c in proxy_list if c.source == "late-start"), None)
+    late = [c for c in proxy_list if c.source == "late-start"]
+    rest = [c for c in proxy_list if c.source != "late-start"]
+    first = rest[:1] + simple + late + rest[1:]
+    reserve = min(2, max(max_full_runs - 4, 0)) if len(first) > 1 else 0
+    short = spend.run(first, max_full_runs - reserve, f"ours {method} x{target:g}", progress)
+    measured = _unique(known + short)
+    notes["reused_plans"] = [c.label for c in known]
+    notes["simple_plans"] = [c.label for c in simple]
+
+    periodic_ok = [c for c in measured if c.predicted_speedup >= target * 0.999] or measured
+    best_periodic = min(periodic_ok, key=lambda c: c.mse)
+    # the other forecast orders of the best measured plans, best first (a plan whose twins were all
+    # measured already passes its turn to the next one)
+    twins = [t for c in sorted(periodic_ok, key=lambda c: c.mse)
+             for t in _forecast_siblings(session, c, target * margin, max_cache_bytes)]
+    siblings = spend.run([t for t in _unique(twins) if t.key not in {c.key for c in measured}], max_full_runs,
+                         "forecast order", progress)
+    if siblings:
+        notes["forecast_siblings"] = {"of": best_periodic.label, "plans": [c.label for c in siblings]}
+        measured = _unique(measured + siblings)
+        periodic_ok = [c for c in measured if c.predicted_speedup >= target * 0.999] or measured
+        best_periodic = min(periodic_ok, key=lambda c: c.mse)
+    fit = _fit(measured)
 
     refined: List[Candidate] = []
-    periodic_ok = [c for c in short if c.predicted_speedup >= target] or short
-    best_periodic = min(periodic_ok, key=lambda c: c.mse)
-    if refine and refine_runs and best_periodic.parts[0].method == DIT and len(best_periodic.parts) == 1:
-        refined = _refine(session, best_periodic, tables[0], refine_runs)
-        _evaluate_all(session, refined, "refine", progress)
-        fit = _fit(short + refined)
-        notes["refine"] = {"from": best_periodic.label, "plans": [c.label for c in refined]}
+    if (refine and refine_runs and spend.left() and best_periodic.parts and best_periodic.parts[0].method == DIT
+            and len(best_periodic.parts) == 1 and not best_periodic.extra):
+        proposed = _refine(session, best_periodic, tables[0], refine_runs)
+        needed = refine_gain_needed(fit)
+        worth = [c for c in proposed if c.proxy <= needed * best_periodic.proxy]
+        notes["refine"] = {"from": best_periodic.label, "proposed": [(c.label, c.proxy) for c in proposed],
+                           "proxy_factor_needed": needed, "plans": [c.label for c in worth]}
+        refined = spend.run(worth, min(spend.used + refine_runs, max_full_runs), "refine", progress)
+        fit = _fit(measured + refined)
 
     finalists = [best_periodic]
     ok_refined = [c for c in refined if c.predicted_speedup >= min(target, best_periodic.predicted_speedup) * 0.999]
     best_refined = min(ok_refined, key=lambda c: c.mse) if ok_refined else None
-    if best_refined is not None:
+    if best_refined is not None and best_refined.mse < best_periodic.mse:
         finalists.append(best_refined)
-    best = _finalize(session, finalists, target, accept, short + refined, repeats, progress)
+    else:
+        best_refined = None
+    best = _finalize(session, finalists, target, accept, measured + refined, repeats, progress)
     baselines: List[Candidate] = []
     if method == "auto":
         best, baselines = _baselines(session, best, target, accept, repeats, adastep_thresholds, run_fn_steps,
@@ -293,22 +332,142 @@ def search_ours(session: SearchSession, method: str, target: float, *, max_cache
                                            and best_refined.timed_speedup >= accept * target),
         })
 
-    evaluated = short + refined + baselines
+    evaluated = _unique(measured + refined + baselines)
     for c in evaluated:
         mse_hat = _predict_mse(fit, c.proxy)
         c.predicted_mse = float(mse_hat) if mse_hat is not None else None
     notes["proxy_fit"] = fit
     rows = _top_rows(tables, target, max_cache_bytes, top_rows, fit, exclude={c.key for c in evaluated})
     counts = {k: v - counts0[k] for k, v in session.counts().items()}
-    notes["new_full_runs"] = counts["full_runs"]  # the rest were run by an earlier search of the session
     result = SearchResult(
-        "ours", method, target, best, evaluated + rows, len({c.key for c in evaluated}), counts["timing_runs"],
+        "ours", method, target, best, evaluated + rows, counts["full_runs"], counts["timing_runs"],
         counts["reference_runs"], time.perf_counter() - t0,
         bool(best is not None and best.timed_speedup is not None and best.timed_speedup >= accept * target),
-        accept, session.clock_name, notes, _screened_arrays(tables, fit, max_cache_bytes))
+        accept, session.clock_name, notes, _screened_arrays(tables, fit, max_cache_bytes),
+        plans_evaluated=len({c.key for c in evaluated}))
     result.notes["target_predicted_reachable"] = reachable
     _common_notes(session, result)
     return result
+
+
+class _Spender:
+    """Full runs of one search: at most ``limit`` new generations; plans the session already ran are free."""
+
+    def __init__(self, session: SearchSession, limit: int):
+        self.session, self.limit, self.used = session, limit, 0
+
+    def left(self) -> int:
+        return max(self.limit - self.used, 0)
+
+    def run(self, cands: Sequence[Candidate], upto: int, desc: str, progress: bool) -> List[Candidate]:
+        """Evaluate ``cands`` in order while new runs stay within ``upto`` (in all, this search); skip the rest."""
+        out: List[Candidate] = []
+        bar = _progress(len(cands), desc, progress)
+        for c in _unique(cands):
+            new = not self.session.has_run(c)
+            if new and self.used >= min(upto, self.limit):
+                continue
+            self.session.evaluate(c)
+            self.used += int(new)
+            out.append(c)
+            bar.update(1)
+            bar.set_postfix_str(f"mse={c.mse:.3g}")
+        bar.close()
+        return out
+
+
+def _unique(cands: Iterable[Candidate]) -> List[Candidate]:
+    seen, out = set(), []
+    for c in cands:
+        if c.key not in seen:
+            seen.add(c.key)
+            out.append(c)
+    return out
+
+
+def _known_plans(session: SearchSession, method: str, target: float, max_cache_bytes: Optional[int]) -> List[Candidate]:
+    """Cache plans this session already ran (an earlier search, another target) predicted to reach ``target``:
+    measured quality at no cost. Fresh candidates (copies), so this result's timing and notes are its own."""
+    out = []
+    for done in session.evaluated_plans():
+        if done.extra or done.sampler_steps is not None or not done.parts or done.source.startswith("mindie"):
+            continue  # MindIE's own candidates stay MindIE's: strategies are compared on their own runs
+        if method != "auto" and any(p.method != method for p in done.parts):
+            continue
+        if math.isnan(done.predicted_speedup) or done.predicted_speedup < target * 0.999:
+            continue
+        if max_cache_bytes is not None and done.cache_bytes > max_cache_bytes:
+            continue
+        c = Candidate(done.parts, done.steps_count, done.seq, done.predicted_speedup, done.proxy,
+                      cache_bytes=done.cache_bytes, source=done.source)
+        out.append(session.evaluate(c))  # copies the measured values, no run
+    return out
+
+
+def _simple_plans(session: SearchSession, tables: List[ScreenTable], target: float,
+                  max_cache_bytes: Optional[int]) -> List[Candidate]:
+    """Per table and forecast order, the all-blocks periodic plan starting at step >= 1 with the best proxy
+    *for that order* among those predicted to reach ``target``: the hand-written plans (all blocks, start 1, interval 3, linear)
+    that beat proxy-chosen ones on trained models, and the forecast the proxy would not have chosen."""
+    import dataclasses
+    out: List[Candidate] = []
+    B = session.seq.total
+    for t in tables:
+        if (0, B) not in t.ranges or not len(t):
+            continue
+        idx = np.nonzero((t.rng == t.ranges.index((0, B))) & (t.speedup >= target))[0]
+        # start >= 1: step 1, the noisiest read, reading step 0's refresh is where the proxy's warm-up
+        # damping is most optimistic (the start-0 plan stays in reach of the proxy's own short list)
+        late = idx[np.array([t.schedules[t.sch[i]].step_start >= 1 for i in idx], dtype=bool)]
+        idx = late if len(late) else idx
+        if not len(idx):
+            continue
+        pbf = t.proxy_by_forecast if t.proxy_by_forecast is not None and len(t.proxy_by_forecast) else t.proxy[None]
+        for k, f in enumerate(t.forecasts[:len(pbf)]):
+            j = int(idx[np.lexsort((-t.speedup[idx], pbf[k, idx]))[0]])
+            part = dataclasses.replace(t.part(j), forecast=f)
+            c = Candidate((part,), session.steps_count, session.seq, source="simple")
+            c.proxy = float(pbf[k, j])
+            _exact(session, c)
+            if max_cache_bytes is None or c.cache_bytes <= max_cache_bytes:
+                out.append(c)
+    return _unique(out)
+
+
+def _forecast_siblings(session: SearchSession, cand: Candidate, target: float,
+                       max_cache_bytes: Optional[int]) -> List[Candidate]:
+    """``cand`` with each other forecast order (same range and schedule: same speed, more memory)."""
+    import dataclasses
+    if len(cand.parts) != 1 or cand.extra or cand.sampler_steps is not None:
+        return []
+    out = []
+    for f in session.proxy.forecasts():
+        if f == cand.parts[0].forecast:
+            continue
+        c = Candidate((dataclasses.replace(cand.parts[0], forecast=f),), cand.steps_count, cand.seq,
+                      source="forecast")
+        _exact(session, c)
+        if c.predicted_speedup >= min(target, cand.predicted_speedup) * 0.999 and (
+                max_cache_bytes is None or c.cache_bytes <= max_cache_bytes):
+            out.append(c)
+    return sorted(out, key=lambda c: c.proxy)
+
+
+REFINE_MIN_GAIN = 0.5  # a refined plan is run only if its proxy is below this x the periodic plan's ...
+REFINE_ERROR_SIGMAS = 2.0  # ... or below exp(-2 rms log error of the proxy fit), whichever is lower
+
+
+def refine_gain_needed(fit: Optional[Dict[str, float]]) -> float:
+    """Proxy ratio (refined / periodic) a refined plan must reach to be worth a full run.
+
+    The refinement only moves READ steps under the same cost, so it pays off only when the proxy
+    gain exceeds the proxy's own error on this model: ``exp(-2 * rms_log_error)`` of the fit on the
+    measured plans (at least a halving); without a fit with >= 3 plans, a halving.
+    """
+    need = REFINE_MIN_GAIN
+    if fit is not None and fit.get("n", 0) >= 3 and fit.get("rms_log_error") is not None:
+        need = min(need, math.exp(-REFINE_ERROR_SIGMAS * fit["rms_log_error"]))
+    return need
 
 
 LATE_START = 0.15  # of the steps: MindIE's warm-up (s0 = 5 of 28) and its attention search's lower bound
@@ -574,12 +733,11 @@ def search_mindie(session: SearchSession, method: str, target: float, *, interva
     if best is not None:
         session.time([best], repeats=repeats)
     counts = {k: v - counts0[k] for k, v in session.counts().items()}
-    notes["new_full_runs"] = counts["full_runs"]
     result = SearchResult(
-        "mindie", method, target, best, evaluated, len({c.key for c in evaluated}), counts["timing_runs"],
+        "mindie", method, target, best, evaluated, counts["full_runs"], counts["timing_runs"],
         counts["reference_runs"], time.perf_counter() - t0,
         bool(best is not None and best.timed_speedup is not None and best.timed_speedup >= accept * target),
-        accept, session.clock_name, notes)
+        accept, session.clock_name, notes, plans_evaluated=len({c.key for c in evaluated}))
     _common_notes(session, result)
     return result
 
@@ -653,7 +811,7 @@ def score_plan(session: SearchSession, configs, *, measure: bool = False, repeat
 # ----------------------------------------------------------------------------- public entry
 def search(model, run_fn: Callable[[Any], Any], method: str = "dit_block_cache", target_speedup: float = 2.0,
            max_cache_bytes: Optional[int] = None, steps_count: Optional[int] = None, strategy: str = "ours", *,
-           session: Optional[SearchSession] = None, max_full_runs: int = 6, refine: bool = True,
+           session: Optional[SearchSession] = None, max_full_runs: int = 8, refine: bool = True,
            repeats: int = 3, accept: float = 0.95, intervals: Iterable[int] = range(2, 7),
            attention: Optional[str] = None, blocks: Optional[Sequence[str]] = None,
            mindie_interval: Optional[int] = None, progress: bool = True, clock: str = "auto",

@@ -63,7 +63,7 @@ def result_to_json(result) -> Dict[str, Any]:
     return _clean({
         "strategy": result.strategy, "method": result.method, "target_speedup": result.target_speedup,
         "best": best_json(result), "target_met": result.target_met, "accept": result.accept,
-        "full_runs": result.full_runs, "timing_runs": result.timing_runs, "reference_runs": result.reference_runs,
+        "full_runs": result.full_runs, "plans_evaluated": result.plans_evaluated, "timing_runs": result.timing_runs, "reference_runs": result.reference_runs,
         "seconds": result.seconds, "clock": result.clock,
         "candidates": [c.row() for c in result.candidates],
         "notes": {k: v for k, v in result.notes.items()},
@@ -94,12 +94,14 @@ def summary_line(result) -> str:
 
 
 def candidate_table(cands, limit: int = 60) -> str:
-    head = ("| plan | source | predicted x | single-run x | timed x | mse | psnr | proxy | cache KiB |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+    """Evaluated plans; ``timed x`` is the median of interleaved repeats (``-`` for plans run once for quality
+    only: a single run's speedup is in the JSON as ``measured_speedup``, never in this table)."""
+    head = ("| plan | source | predicted x | timed x | mse | psnr | proxy | cache KiB |\n"
+            "|---|---|---|---|---|---|---|---|")
     rows = []
     for c in list(cands)[:limit]:
         rows.append(f"| `{c.label}` | {c.source} | {_fmt(c.predicted_speedup, '.2f')} | "
-                    f"{_fmt(c.measured_speedup, '.2f')} | {_fmt(c.timed_speedup, '.2f')} | {_fmt(c.mse)} | "
+                    f"{_fmt(c.timed_speedup, '.2f')} | {_fmt(c.mse)} | "
                     f"{_fmt(c.psnr, '.1f')} | {_fmt(c.proxy)} | {_fmt(c.cache_bytes / 1024, '.0f')} |")
     return "\n".join([head] + rows)
 
@@ -154,15 +156,16 @@ def pareto_png(results, path: str, title: str = "speedup vs MSE") -> str:
             plotted = plotted or bool(np.any(np.asarray(d["predicted_mse"]) > 0))
         col = colors.get(r.strategy, "tab:green")
         ev = [c for c in r.candidates if c.evaluated and c.mse and c.mse > 0]
-        xs = [c.speedup if c.speedup is not None else c.predicted_speedup for c in ev]
+        xs = [c.speedup if c.speedup is not None else c.predicted_speedup for c in ev]  # untimed: predicted
         first = r.strategy not in labelled
         ax.scatter(xs, [c.mse for c in ev], s=18, c=col, alpha=0.6,
                    label=f"{r.strategy}: fully evaluated plans" if first else None)
         plotted = plotted or bool(ev)
         if r.best is not None and r.best.mse:
-            ax.scatter([r.best.speedup], [r.best.mse], marker="*", s=220, c=col, edgecolors="k", zorder=5,
+            bx = r.best.speedup if r.best.speedup is not None else r.best.predicted_speedup
+            ax.scatter([bx], [r.best.mse], marker="*", s=220, c=col, edgecolors="k", zorder=5,
                        label=f"{r.strategy}: chosen plan per target" if first else None)
-            ax.annotate(f"x{r.target_speedup:.2f}", (r.best.speedup, r.best.mse), textcoords="offset points",
+            ax.annotate(f"x{r.target_speedup:.2f}", (bx, r.best.mse), textcoords="offset points",
                         xytext=(6, 4), fontsize=7, color=col)
         labelled.add(r.strategy)
     for t in sorted({round(r.target_speedup, 2) for r in results}):

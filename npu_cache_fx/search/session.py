@@ -250,6 +250,14 @@ class SearchSession:
         except Exception as err:  # the timed run will build what is missing
             log.debug("could not pre-build variants: %s", err)
 
+    def has_run(self, cand: Candidate) -> bool:
+        """Whether this session already ran ``cand``'s plan in full (then :meth:`evaluate` costs nothing)."""
+        return cand.key in self._evaluated
+
+    def evaluated_plans(self) -> List[Candidate]:
+        """Every plan this session ran in full, in run order."""
+        return list(self._evaluated.values())
+
     def evaluate(self, cand: Candidate, *, keep_module: bool = True) -> Candidate:
         """One full generation of ``cand``: MSE/PSNR vs the uncached reference, and its time."""
         self.prepare()

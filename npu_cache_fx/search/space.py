@@ -193,8 +193,12 @@ class Candidate:
 
     @property
     def speedup(self) -> Optional[float]:
-        """Best measured speedup known: interleaved repeats, else the single timed run."""
-        return self.timed_speedup if self.timed_speedup is not None else self.measured_speedup
+        """Measured speedup: the median of interleaved repeats against the uncached model (None if not timed).
+
+        The single timed run of the quality evaluation (``measured_speedup``) is never reported as a
+        speedup: it is one run against the median of uncached runs that may include a slow first one.
+        """
+        return self.timed_speedup
 
     def row(self) -> Dict[str, Any]:
         from .report import config_to_json
