@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 30; tiny-flux-deep: 50)")
     p.add_argument("--ema", type=float, default=0.99, help="EMA decay (0 disables)")
     p.add_argument("--p-uncond", type=float, default=0.1, help="label dropout to the null class")
+    p.add_argument("--t-dist", choices=["logit-normal", "uniform"], default=None,
+                   help="training distribution of the flow time t (default: logit-normal; tiny-flux-deep: DEEP_DEFAULTS)")
     p.add_argument("--init", choices=["adaln-zero", "default"], default="adaln-zero")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--weights-dtype", choices=["float16", "float32"], default="float16")
@@ -80,8 +82,8 @@ def parse_args(argv=None):
 # Batch 32: at 57 blocks one step costs ~1.4 s on one thread, and more, smaller steps fit the 45 min
 # budget better than fewer large ones.  lr 2e-3: a first run at 1e-3 learned colour and position but
 # not shape and texture.
-DIGIT_DEFAULTS = {"batch_size": 64, "lr": 2e-3, "warmup": 30, "eval": 50}
-DEEP_DEFAULTS = {"batch_size": 32, "lr": 2e-3, "warmup": 50, "eval": 200, "steps": 1400}
+DIGIT_DEFAULTS = {"batch_size": 64, "lr": 2e-3, "warmup": 30, "eval": 50, "t_dist": "logit-normal"}
+DEEP_DEFAULTS = {"batch_size": 32, "lr": 2e-3, "warmup": 50, "eval": 200, "steps": 1400, "t_dist": "uniform"}
 CARD_STEPS = (28, 14, 6)
 CARD_SEED = 12345
 
@@ -118,7 +120,7 @@ def deep_card(model: tiny.TinyModel, n: int, checker: Path) -> dict:
     out = {s: model.sample(labels, steps=s, seed=CARD_SEED) for s in CARD_STEPS}
     ref = out[CARD_STEPS[0]]
     card = {"n": n, "labels": "scenes.eval_labels(n)", "seed": CARD_SEED, "cfg_scale": None,
-            "sampler": "Euler, linear flow times, shift 1"}
+            "sampler": f"Euler, flow times linear then time-shifted, shift {model.default_shift:g} (model.default_shift)"}
     for s in CARD_STEPS[1:]:
         card[f"psnr_{s}_vs_{CARD_STEPS[0]}"] = round(psnr(out[s], ref), 2)
     for s in CARD_STEPS:
@@ -190,7 +192,7 @@ def main(argv=None) -> int:
             xb, yb = x[idx], y[idx]
         if args.model == "tiny-wan":
             xb = random_clips(xb, g)
-        loss = model.training_loss(xb, yb, g, p_uncond=args.p_uncond)
+        loss = model.training_loss(xb, yb, g, p_uncond=args.p_uncond, t_dist=args.t_dist)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -241,8 +243,10 @@ def main(argv=None) -> int:
         "seconds": round(train_seconds, 1), "steps": step, "final_loss": round(final_loss, 5),
         "batch_size": bs, "lr": args.lr, "weight_decay": args.weight_decay, "warmup": args.warmup,
         "ema": args.ema, "weights": chosen, "p_uncond": args.p_uncond, "seed": args.seed,
-        "threads": args.threads, "init": args.init, "objective": "rectified flow, v = noise - x0, t ~ logit-normal(0,1)",
-        "data": ("procedural 16x16 RGB scenes (npu_cache_fx.models.scenes), 256 captions, drawn fresh per batch"
+        "threads": args.threads, "init": args.init, "objective": "rectified flow, v = noise - x0, t ~ "
+        + ("logit-normal(0,1)" if args.t_dist == "logit-normal" else "uniform(0,1)"),
+        "data": (("procedural 16x16 RGB scenes (npu_cache_fx.models.scenes: one object, speckle / stripe textures, "
+                  "+-%g per-pixel grain), 256 captions, drawn fresh per batch" % scenes._GRAIN)
                  if deep else "sklearn load_digits, bilinear 8x8->16x16, [-1,1]"
                  + ("; 4-frame clips, 1 px/frame motion in one of 8 directions" if args.model == "tiny-wan" else "")),
         "torch": torch.__version__, "diffusers": diffusers.__version__,

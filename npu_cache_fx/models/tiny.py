@@ -111,6 +111,10 @@ FLUX_DEEP_CONDITIONER_CONFIG: dict[str, Any] = dict(kind="attributes", sizes=lis
 
 MODEL_NAMES = ("tiny-flux", "tiny-wan", "tiny-flux-deep")
 DEFAULT_STEPS = {"tiny-flux": 28, "tiny-wan": 20, "tiny-flux-deep": 28}
+# Time shift of the default sampling schedule (``flow_timesteps(steps, shift)``).  tiny-flux-deep samples
+# like Flux-dev, whose dynamic shift at 1024x1024 is exp(1.15) ~ 3.16: more of the steps at high noise,
+# so a coarse schedule takes large steps through the low-noise end where fine detail is resolved.
+DEFAULT_SHIFT = {"tiny-flux": 1.0, "tiny-wan": 1.0, "tiny-flux-deep": 3.0}
 
 
 class ClassConditioner(nn.Module):
@@ -213,6 +217,8 @@ class TinyModel:
     transformer : nn.Module    the plain diffusers model, in eval mode
     conditioner : ClassConditioner (AttributeConditioner for tiny-flux-deep)
     default_steps : int        28 for tiny-flux and tiny-flux-deep, 20 for tiny-wan
+    default_shift : float      time shift of the default schedule: 1.0 (linear) for the digit models, 3.0 for
+                               tiny-flux-deep (Flux-dev-like); ``meta["default_shift"]`` when present
     meta : dict                the shipped json (configs + training record)
     """
 
@@ -220,12 +226,13 @@ class TinyModel:
     null_label: int = NULL_CLASS  # the empty prompt (CFG's unconditional branch, label dropout)
 
     def __init__(self, name: str, transformer: nn.Module, conditioner: ClassConditioner,
-                 meta: dict | None = None, default_steps: int | None = None):
+                 meta: dict | None = None, default_steps: int | None = None, default_shift: float | None = None):
         self.name = name
         self.transformer = transformer.eval()
         self.conditioner = conditioner.eval()
         self.meta = dict(meta or {})
         self.default_steps = int(default_steps or DEFAULT_STEPS.get(name, 28))
+        self.default_shift = float(default_shift if default_shift is not None else DEFAULT_SHIFT.get(name, 1.0))
 
     # --- properties -------------------------------------------------------------------------------
     @property
@@ -308,7 +315,7 @@ class TinyModel:
     def sample(self, labels: torch.Tensor | Sequence[int], *, steps: int | None = None, seed: int = 0,
                cfg_scale: float | None = None, transformer: Callable | None = None,
                timesteps: Sequence[float] | torch.Tensor | None = None, return_latents: bool = False,
-               shift: float = 1.0, noise: torch.Tensor | None = None,
+               shift: float | None = None, noise: torch.Tensor | None = None,
                callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Euler flow-matching sampler (t: 1 -> 0).
 
@@ -325,7 +332,8 @@ class TinyModel:
             called with diffusers keyword arguments and ``return_dict=False``.
         timesteps : explicit decreasing flow times in (0, 1] (one per step); the final target is 0.
         return_latents : return the final latents in the transformer layout instead of images.
-        shift : optional SD3-style time shift of the linear schedule (1.0 = plain linear, the default).
+        shift : SD3-style time shift of the linear schedule (1.0 = plain linear); ``default_shift`` if None
+            (1.0 for the digit models, 3.0 for tiny-flux-deep).
         noise : explicit starting noise (transformer layout), overrides ``seed``.
         callback : ``callback(step_index, t, latents)`` after each step.
 
@@ -335,7 +343,8 @@ class TinyModel:
         labels = self._labels(labels)
         b = labels.shape[0]
         if timesteps is None:
-            ts = flow_timesteps(self.default_steps if steps is None else int(steps), shift=shift)
+            ts = flow_timesteps(self.default_steps if steps is None else int(steps),
+                                shift=self.default_shift if shift is None else float(shift))
         else:
             ts = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1)
             if ts.numel() < 1 or not bool((ts[1:] < ts[:-1]).all()) or float(ts[0]) > 1.0 or float(ts[-1]) <= 0:
@@ -370,12 +379,21 @@ class TinyModel:
 
     # --- training helpers ---------------------------------------------------------------------------
     def training_loss(self, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
-                      p_uncond: float = 0.1) -> torch.Tensor:
-        """Rectified-flow loss on a batch of images (output layout). Gradients flow into both modules."""
+                      p_uncond: float = 0.1, t_dist: str = "logit-normal") -> torch.Tensor:
+        """Rectified-flow loss on a batch of images (output layout). Gradients flow into both modules.
+
+        ``t_dist``: ``"logit-normal"`` (mean 0, std 1, as in SD3) or ``"uniform"`` (more weight on the
+        low-noise end, where fine detail is resolved).
+        """
         b = x0.shape[0]
         x0 = self.to_latents(x0)
         noise = torch.randn(x0.shape, generator=generator)
-        t = torch.sigmoid(torch.randn(b, generator=generator))  # logit-normal(0, 1), as in SD3
+        if t_dist == "logit-normal":
+            t = torch.sigmoid(torch.randn(b, generator=generator))
+        elif t_dist == "uniform":
+            t = torch.rand(b, generator=generator).clamp_min(1e-4)
+        else:
+            raise ValueError(f"unknown t_dist {t_dist!r}")
         drop = torch.rand(b, generator=generator) < p_uncond
         labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
         tt = t.view(b, *([1] * (x0.dim() - 1)))
@@ -416,7 +434,8 @@ class TinyModel:
 
     def __repr__(self) -> str:
         return (f"TinyModel(name={self.name!r}, transformer={type(self.transformer).__name__}, "
-                f"params={self.num_parameters():,}, default_steps={self.default_steps})")
+                f"params={self.num_parameters():,}, default_steps={self.default_steps}"
+                + (f", default_shift={self.default_shift:g})" if self.default_shift != 1.0 else ")"))
 
 
 class TinyFlux(TinyModel):
@@ -534,7 +553,8 @@ def default_meta(name: str) -> dict:
     if name == "tiny-flux-deep":
         return {"name": name, "class": "FluxTransformer2DModel",
                 "transformer_config": dict(FLUX_DEEP_TRANSFORMER_CONFIG),
-                "conditioner_config": dict(FLUX_DEEP_CONDITIONER_CONFIG), "default_steps": DEFAULT_STEPS[name]}
+                "conditioner_config": dict(FLUX_DEEP_CONDITIONER_CONFIG), "default_steps": DEFAULT_STEPS[name],
+                "default_shift": DEFAULT_SHIFT[name]}
     if name == "tiny-flux":
         return {"name": name, "class": "FluxTransformer2DModel", "transformer_config": dict(FLUX_TRANSFORMER_CONFIG),
                 "conditioner_config": dict(FLUX_CONDITIONER_CONFIG), "default_steps": DEFAULT_STEPS[name]}
@@ -592,7 +612,8 @@ def build(name: str, meta: dict | None = None, seed: int | None = None, init: st
     else:
         conditioner = ClassConditioner(**ccfg)
     model_cls = {"tiny-flux": TinyFlux, "tiny-wan": TinyWan, "tiny-flux-deep": TinyFluxDeep}[name]
-    return model_cls(name, transformer, conditioner, meta=meta, default_steps=meta.get("default_steps"))
+    return model_cls(name, transformer, conditioner, meta=meta, default_steps=meta.get("default_steps"),
+                     default_shift=meta.get("default_shift"))
 
 
 def weights_paths(name: str, directory: str | Path | None = None) -> tuple[Path, Path]:
