@@ -16,7 +16,7 @@ caption is four attributes:
 * ``colour``   - red, green, blue, yellow
 * ``position`` - top-left, top-right, bottom-left, bottom-right quadrant (centre jittered +-1 px)
 * ``texture``  - solid, horizontal stripes, vertical stripes (2 px bands, random phase), speckle (random
-  dark / bright 2 x 2 px cells); the dark bands / cells are 40 % of the colour
+  dark / bright 2 x 2 px cells); the dark bands / cells are 55 % of the colour
 
 The caption is encoded as one integer ``label = ((shape * 4 + colour) * 4 + position) * 4 + texture``
 (0..255; :data:`NULL_LABEL` = 256 is the empty caption for classifier-free guidance), so the models'
@@ -57,7 +57,8 @@ _PALETTE = torch.tensor([[0.90, 0.15, 0.10], [0.15, 0.80, 0.20], [0.20, 0.35, 0.
 _QUADRANT_CENTRES = (6.0, 10.0)  # pixel units, for row / column
 _JITTER = 1.0  # +- px of the object centre
 _RADIUS = (4.2, 5.2)  # object "radius" in px: large enough that shape and texture are learnable
-_DARK = 0.4  # brightness of the texture's dark bands
+_DARK = 0.55  # brightness of the texture's dark bands and cells: kept well above the background, so that
+# the silhouette (and with it the shape) stays readable through the grain
 _BAND = 2  # width of the texture bands and speckle cells in px
 _GRAIN = 0.15  # amplitude of the per-pixel, per-channel binary grain (+-, in [0, 1] units)
 _SUPERSAMPLE = 4
@@ -163,8 +164,8 @@ def render(attributes: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     cov = _coverage(shape, cy, cx, r)  # (B, H, W)
     pat = _pattern(texture, phase[:, 0], phase[:, 1], generator)
     obj = _PALETTE[colour].view(b, 3, 1, 1) * (1.0 - (1.0 - _DARK) * pat.unsqueeze(1))
-    # background: grey level 0.05..0.25 plus a linear ramp of +-0.08 along a random direction
-    level = 0.05 + 0.2 * torch.rand(b, generator=generator)
+    # background: grey level 0.05..0.20 plus a linear ramp of +-0.08 along a random direction
+    level = 0.05 + 0.15 * torch.rand(b, generator=generator)
     angle = torch.rand(b, generator=generator) * (2 * math.pi)
     ramp = (torch.arange(SCENE_SIZE, dtype=torch.float32) - (SCENE_SIZE - 1) / 2) / (SCENE_SIZE / 2)
     grad = (torch.cos(angle).view(b, 1, 1) * ramp.view(1, -1, 1) + torch.sin(angle).view(b, 1, 1) * ramp.view(1, 1, -1))
