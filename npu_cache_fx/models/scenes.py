@@ -5,7 +5,7 @@ steps already reach 40 dB against 28), so caching methods cannot be told apart t
 models.  A first version of these scenes (one object, detail fixed up to a phase and +-1 px) was learned
 just as straight: 14 vs 28 steps 43.6 dB.  What makes the step count matter is detail that the caption
 does not fix and that only the low-noise end of the trajectory resolves: film grain (every pixel and
-channel independently +-0.15) and speckle textures (random 2 x 2 px cells).  Sampled with Flux-dev's
+channel independently +-0.15) and speckle textures (every pixel of the object dark or bright at random).  Sampled with Flux-dev's
 time shift (3, see ``tiny.DEFAULT_SHIFT``), a coarse schedule crosses that end in a few large steps and
 leaves the grain and speckle half resolved.
 
@@ -15,8 +15,8 @@ caption is four attributes:
 * ``shape``    - square, disc, triangle, cross
 * ``colour``   - red, green, blue, yellow
 * ``position`` - top-left, top-right, bottom-left, bottom-right quadrant (centre jittered +-1 px)
-* ``texture``  - solid, horizontal stripes, vertical stripes (2 px bands, random phase), speckle (random
-  dark / bright 2 x 2 px cells); the dark bands / cells are 55 % of the colour
+* ``texture``  - solid, horizontal stripes, vertical stripes (2 px bands, random phase), speckle (every
+  pixel dark or bright at random); dark bands / pixels are 55 % of the colour
 
 The caption is encoded as one integer ``label = ((shape * 4 + colour) * 4 + position) * 4 + texture``
 (0..255; :data:`NULL_LABEL` = 256 is the empty caption for classifier-free guidance), so the models'
@@ -57,9 +57,9 @@ _PALETTE = torch.tensor([[0.90, 0.15, 0.10], [0.15, 0.80, 0.20], [0.20, 0.35, 0.
 _QUADRANT_CENTRES = (6.0, 10.0)  # pixel units, for row / column
 _JITTER = 1.0  # +- px of the object centre
 _RADIUS = (4.2, 5.2)  # object "radius" in px: large enough that shape and texture are learnable
-_DARK = 0.55  # brightness of the texture's dark bands and cells: kept well above the background, so that
+_DARK = 0.55  # brightness of the texture's dark bands and pixels: kept well above the background, so that
 # the silhouette (and with it the shape) stays readable through the grain
-_BAND = 2  # width of the texture bands and speckle cells in px
+_BAND = 2  # width of the texture bands in px
 _GRAIN = 0.15  # amplitude of the per-pixel, per-channel binary grain (+-, in [0, 1] units)
 _SUPERSAMPLE = 4
 
@@ -130,9 +130,10 @@ def _coverage(shape: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, r: torch.
 
 def _pattern(texture: torch.Tensor, phase_y: torch.Tensor, phase_x: torch.Tensor,
              generator: torch.Generator) -> torch.Tensor:
-    """Texture patterns (B, H, W) in {0, 1} (1 = dark): 2 px bands / cells with per-sample phase 0..3.
+    """Texture patterns (B, H, W) in {0, 1} (1 = dark): 2 px bands with per-sample phase 0..3, or speckle.
 
-    Speckle: every 2 x 2 px cell of a grid (offset by the phase) is dark or bright at random.
+    Speckle: every pixel is dark or bright at random (1 px, so that even a small cross carries dozens
+    of independent pixels: it never passes for solid or striped by chance, as 2 px cells sometimes did).
     """
     n = SCENE_SIZE
     b = texture.shape[0]
@@ -140,9 +141,7 @@ def _pattern(texture: torch.Tensor, phase_y: torch.Tensor, phase_x: torch.Tensor
     x = torch.arange(n).view(1, 1, n) + phase_x.view(b, 1, 1)
     h = ((y // _BAND) % 2).expand(b, n, n)
     v = ((x // _BAND) % 2).expand(b, n, n)
-    m = n // _BAND + 2
-    cells = torch.randint(0, 2, (b, m * m), generator=generator)
-    c = cells.gather(1, ((y // _BAND) * m + (x // _BAND)).reshape(b, n * n)).view(b, n, n)
+    c = torch.randint(0, 2, (b, n, n), generator=generator)
     pats = torch.stack([torch.zeros_like(h), h, v, c], dim=1).float()
     return pats[torch.arange(b), texture]
 
@@ -150,7 +149,7 @@ def _pattern(texture: torch.Tensor, phase_y: torch.Tensor, phase_x: torch.Tensor
 def render(attributes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Render scenes for attribute indices (B, 4) -> (B, 3, 16, 16) in [-1, 1].
 
-    The nuisance (centre jitter, size, texture phase, speckle cells, background level and gradient, grain)
+    The nuisance (centre jitter, size, texture phase, speckle, background level and gradient, grain)
     is drawn from ``generator``; the attributes fix everything a caption says.
     """
     attributes = torch.as_tensor(attributes).long()
@@ -197,8 +196,8 @@ def scenes_for(labels: torch.Tensor | Sequence[int], seed: int = 0) -> torch.Ten
 class AttributeChecker(nn.Module):
     """Small CNN with one classification head per attribute (shape, colour, position, texture).
 
-    The first layers keep full resolution: the texture bands and cells are 2 px wide and must not be
-    pooled away before they are seen.  Two convolutions at 8 x 8 read the shape through the grain.
+    The first layers keep full resolution: the texture bands are 2 px wide and the speckle 1 px, and must
+    not be pooled away before they are seen.  Two convolutions at 8 x 8 read the shape through the grain.
     """
 
     def __init__(self):
