@@ -5,9 +5,9 @@ steps already reach 40 dB against 28), so caching methods cannot be told apart t
 models.  A first version of these scenes (one object, detail fixed up to a phase and +-1 px) was learned
 just as straight: 14 vs 28 steps 43.6 dB.  What makes the step count matter is detail that the caption
 does not fix and that only the low-noise end of the trajectory resolves: film grain (every pixel and
-channel independently +-0.15) and speckle textures (every pixel of the object dark or bright at random).  Sampled with Flux-dev's
-time shift (3, see ``tiny.DEFAULT_SHIFT``), a coarse schedule crosses that end in a few large steps and
-leaves the grain and speckle half resolved.
+channel independently +-0.15) and speckle textures (every pixel of the object dark or bright at random).
+Sampled with Flux-dev's time shift (3, see ``tiny.DEFAULT_SHIFT``), a coarse schedule crosses that end in
+a few large steps and leaves the grain and speckle half resolved.
 
 A scene is one anti-aliased object on a dark grey gradient background, with grain over everything.  Its
 caption is four attributes:

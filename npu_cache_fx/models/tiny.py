@@ -23,13 +23,15 @@ Three models are shipped with the package (``npu_cache_fx/models/weights/``):
     ``diffusers.FluxTransformer2DModel`` with Flux-dev's topology: 19 dual-stream + 38 single-stream
     blocks, the same block classes and rotary layout (``axes_dims_rope`` (8, 12, 12) = head dim 32),
     narrowed to inner dim 64 (2 heads x 32), ~5.2M params.  Generates 16x16 RGB procedural scenes
-    (:mod:`.scenes`: shape, colour, quadrant and texture of one object, plus caption-independent detail)
-    so that, unlike the digit models, the number of sampling steps visibly matters.  Packed like
+    (:mod:`.scenes`: shape, colour, quadrant and texture of one object, plus caption-independent detail:
+    film grain, speckle) so that, unlike the digit models, the number of sampling steps visibly matters.
+    Its default schedule is time-shifted like Flux-dev's (``default_shift`` 3, see :data:`DEFAULT_SHIFT`).  Packed like
     tiny-flux (2x2 patches -> 64 tokens of 12 channels).  The caption (four attributes, encoded as one
     label 0..255, 256 = empty) goes through :class:`AttributeConditioner`: one token per attribute.
 
 All three were trained with rectified flow: ``x_t = (1 - t) x0 + t * noise``, target velocity
-``noise - x0``; sampling integrates ``dx/dt = v`` with Euler from t = 1 to t = 0.
+``noise - x0``; sampling integrates ``dx/dt = v`` with Euler from t = 1 to t = 0 (linear flow times for the
+digit models, time-shifted with shift 3 for tiny-flux-deep).
 
 Timestep conventions (checked against diffusers 0.42 source):
 * Flux: ``timestep`` in [0, 1]; ``FluxTransformer2DModel.forward`` multiplies it by 1000 itself.
