@@ -194,3 +194,16 @@ def test_flow_timesteps():
 
 def test_eval_labels():
     assert models.eval_labels(12).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+
+
+def test_training_loss_t_dist():
+    """``training_loss(t_dist=...)``: logit-normal is the default (the shipped weights' recipe), uniform the option."""
+    m = models.build("tiny-flux", seed=0)
+    x = torch.zeros(2, 1, 16, 16)
+    y = torch.tensor([1, 2])
+    a = m.training_loss(x, y, torch.Generator().manual_seed(0))
+    b = m.training_loss(x, y, torch.Generator().manual_seed(0), t_dist="logit-normal")
+    c = m.training_loss(x, y, torch.Generator().manual_seed(0), t_dist="uniform")
+    assert torch.equal(a, b) and not torch.equal(a, c) and bool(torch.isfinite(c))
+    with pytest.raises(ValueError):
+        m.training_loss(x, y, torch.Generator().manual_seed(0), t_dist="beta")

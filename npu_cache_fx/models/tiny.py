@@ -370,12 +370,21 @@ class TinyModel:
 
     # --- training helpers ---------------------------------------------------------------------------
     def training_loss(self, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
-                      p_uncond: float = 0.1) -> torch.Tensor:
-        """Rectified-flow loss on a batch of images (output layout). Gradients flow into both modules."""
+                      p_uncond: float = 0.1, t_dist: str = "logit-normal") -> torch.Tensor:
+        """Rectified-flow loss on a batch of images (output layout). Gradients flow into both modules.
+
+        ``t_dist``: ``"logit-normal"`` (mean 0, std 1, as in SD3; the default) or ``"uniform"`` (more weight
+        on the low-noise end, where fine detail is resolved).
+        """
         b = x0.shape[0]
         x0 = self.to_latents(x0)
         noise = torch.randn(x0.shape, generator=generator)
-        t = torch.sigmoid(torch.randn(b, generator=generator))  # logit-normal(0, 1), as in SD3
+        if t_dist == "logit-normal":
+            t = torch.sigmoid(torch.randn(b, generator=generator))
+        elif t_dist == "uniform":
+            t = torch.rand(b, generator=generator).clamp_min(1e-4)
+        else:
+            raise ValueError(f"unknown t_dist {t_dist!r}")
         drop = torch.rand(b, generator=generator) < p_uncond
         labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
         tt = t.view(b, *([1] * (x0.dim() - 1)))
