@@ -27,7 +27,7 @@ def _run(script, tmp_path, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, os.path.join("benchmarks", f"{script}.py"), "--quick", "--out", str(out),
-                           *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+                           *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     assert "command :" in proc.stdout and "torch" in proc.stdout
     assert out.exists() and (tmp_path / f"{script}.md").exists()
@@ -48,14 +48,26 @@ def test_compile_quick(tmp_path):
     assert data["settings"]["backend"] == "aot_eager"
     flows = r["flows"]
     assert set(flows) == {"uncached eager", "uncached aot_eager", "cached eager", "cached aot_eager",
-                          "user compile aot_eager"}
-    # one compiled graph per variant, nothing compiled after warm-up
-    for name in ("cached aot_eager", "user compile aot_eager"):
+                          "cached aot_eager full", "user compile aot_eager"}
+    # full graphs: one compiled graph per variant; regional: fewer graphs than segments; nothing after warm-up
+    for name in ("cached aot_eager", "cached aot_eager full", "user compile aot_eager"):
         per_variant = flows[name]["variants"]
         assert len(per_variant) == r["variants"], per_variant
-        assert all(v["graphs"] == 1 for v in per_variant.values()), per_variant
+        if name != "cached aot_eager":
+            assert all(v["graphs"] == 1 for v in per_variant.values()), per_variant
         assert flows[name]["recompiles"] == 0
         assert _finite_positive(flows[name]["realised_over_ideal"])
+    regional = r["stats"]["cached aot_eager"]
+    assert r["default_graphs"] == regional["graph_mode"] == "regional"
+    assert flows["cached aot_eager"]["graphs"] == regional["graphs_compiled"] and regional["graphs_shared"] > 0
+    # compile cost probes (fresh subprocesses) and the ratios
+    cost = r["compile_cost"]
+    for kind in ("plain", "regional", "full"):
+        assert _finite_positive(cost[kind]["first"]["cost_cpu_s"]), cost[kind]
+        assert cost[kind]["second"]["calls_that_compiled"] >= 1
+    assert set(r["ratios"]) >= {"regional_over_full_step", "regional_over_plain_compile",
+                                "second_over_first_resolution"}
+    assert "ratios: regional_over_full_step" in stdout
     assert flows["uncached aot_eager"]["graphs"] >= 1
     assert r["recompile_error"] is None
     assert all(_finite_positive(f["per_step_ms"]) for f in flows.values())
