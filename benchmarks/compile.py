@@ -80,7 +80,8 @@ import tinybench as tb  # noqa: E402
 
 from npu_cache_fx import CacheConfig, metrics, models, optimize  # noqa: E402
 from npu_cache_fx.backends import graph_mode  # noqa: E402
-from npu_cache_fx.bench import shipped_plan  # noqa: E402
+from npu_cache_fx.bench import SHIPPED_PLANS, shipped_plan  # noqa: E402
+from npu_cache_fx.capture import find_block_lists  # noqa: E402
 from npu_cache_fx.profile import synchronize  # noqa: E402
 from npu_cache_fx.runtime import CaptureCache  # noqa: E402
 from npu_cache_fx.schedule import Action  # noqa: E402
@@ -147,9 +148,12 @@ class TinyWorkload(Workload):
         self.name, self.device = name, device
         self.steps = steps or self.model.default_steps
         self.labels = models.eval_labels(samples)
-        self.lists = tb.block_lists(name)
-        self.plan = shipped_plan(name, self.steps)
         self.transformer = self.model.transformer
+        # tiny-flux-deep (--compile-cost only): Flux-dev's 19 + 38 block topology, tiny-flux's plan shape
+        self.lists = tb.BLOCK_LISTS.get(name) or tuple(b.fqn for b in find_block_lists(self.transformer))
+        self.plan = shipped_plan(name, self.steps) if name in SHIPPED_PLANS else [
+            CacheConfig(steps_count=self.steps, blocks=b, step_start=3, step_interval=3, forecast="linear")
+            for b in self.lists]
 
     def generate(self, transformer=None):
         out = self.model.sample(self.labels, steps=self.steps, seed=0, transformer=transformer)
@@ -271,6 +275,10 @@ class CountingBackend:
                             "nodes": sum(1 for n in gm.graph.nodes if n.op == "call_function"),
                             "inputs": len(example_inputs)})
         return fn
+
+
+def variant_label(decision) -> str:  # (probe() names its own variable ``kind``)
+    return kind(decision)
 
 
 def kind(decision) -> str:
@@ -714,11 +722,18 @@ def probe(args) -> Dict[str, Any]:
     else:
         fn = opt = optimize(w.transformer, w.plan, backend=args.backend,
                             backend_options={**mode_opts, "graphs": kind})
-    out: Dict[str, Any] = {"kind": kind}
+    out: Dict[str, Any] = {"kind": kind, "compiler_warmup_cpu_s": 0.0}
+    if args.compiler_warmup == "on":  # one-time compiler start-up (imports, toolchain checks), paid by any first
+        # compile in a process whatever the model: excluded from both sides by compiling an unrelated graph first
+        c0 = cpu_seconds()
+        torch.compile(lambda a: (a * 2.0).sin() + a.cos(), backend=args.backend)(torch.randn(8, 8))
+        out["compiler_warmup_cpu_s"] = cpu_seconds() - c0
     seen_first = [False]
     for res, side in (("first", None), ("second", args.second_side)):
         make, x0 = resolution_kwargs(w, side), latent_noise(w, side)
         cost_cpu, cost_wall, changed, steady = 0.0, 0.0, 0, []
+        first_labels: List[str] = []
+        steady_by: Dict[str, List[float]] = {}
         for gen in range(2):
             x = x0.clone()
             if opt is not None:
@@ -735,13 +750,18 @@ def probe(args) -> Dict[str, Any]:
                 else:
                     new = not seen_first[0] or (gen == 0 and i == 0)
                     seen_first[0] = True
+                label = opt.trace[-1][2] if opt is not None else "full"
+                label = label if isinstance(label, str) else variant_label(label)
                 if new:
                     cost_cpu, cost_wall, changed = cost_cpu + dc, cost_wall + dw, changed + 1
+                    first_labels.append(label)
                 elif gen == 1:
                     steady.append(dc)
+                    steady_by.setdefault(label, []).append(dc)
                 x = x + (t_next - t) * v.float()
         base = common.median(steady)
-        out[res] = {"cost_cpu_s": cost_cpu - changed * base, "cost_wall_s": cost_wall - changed * base,
+        run = sum(common.median(steady_by.get(lab, steady)) for lab in first_labels)  # one steady call each
+        out[res] = {"cost_cpu_s": cost_cpu - run, "cost_wall_s": cost_wall - run,
                     "calls_that_compiled": changed, "steady_call_ms": base * 1e3,
                     "tokens": int(x0[0].numel() / x0.shape[-1]) if w.model.kind == "flux" else list(x0.shape[2:])}
     if opt is not None:
@@ -757,12 +777,13 @@ def compile_cost(name: str, args) -> Dict[str, Any]:
     import json
     import subprocess
     results: Dict[str, Any] = {}
-    for kind in ("plain", "regional", "full"):
+    for kind in args.cost_kinds:
         with tempfile.TemporaryDirectory(prefix="inductor_probe_") as tmp:
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tmp)
             cmd = [sys.executable, os.path.abspath(__file__), "--probe", kind, "--models", name,
                    "--backend", args.backend, "--mode", args.mode, "--samples", str(args.samples),
-                   "--threads", str(args.threads), "--second-side", str(args.second_side)] + (
+                   "--threads", str(args.threads), "--second-side", str(args.second_side),
+                   "--compiler-warmup", args.compiler_warmup] + (
                        ["--steps", str(args.steps)] if args.steps else [])
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -774,17 +795,17 @@ def compile_cost(name: str, args) -> Dict[str, Any]:
             results[kind] = json.loads(line[len("PROBE "):])
             f, sec = results[kind]["first"], results[kind]["second"]
             print(f"   compile cost {kind:<8} first resolution {f['cost_cpu_s']:7.1f} s cpu ({f['cost_wall_s']:6.1f} s "
-                  f"wall), second {sec['cost_cpu_s']:7.1f} s cpu; steady call {f['steady_call_ms']:.2f} ms "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                  f"wall), second {sec['cost_cpu_s']:7.1f} s cpu (compiler warm-up excluded: "
+                  f"{results[kind]['compiler_warmup_cpu_s']:.1f} s cpu; {time.perf_counter() - t0:.0f} s)", flush=True)
     ratios: Dict[str, Any] = {}
-    if all("first" in results.get(k, {}) for k in ("plain", "regional", "full")):
-        plain = results["plain"]["first"]["cost_cpu_s"]
-        ratios = {"regional_over_plain_compile": results["regional"]["first"]["cost_cpu_s"] / plain,
-                  "full_over_plain_compile": results["full"]["first"]["cost_cpu_s"] / plain,
-                  "second_over_first_resolution": results["regional"]["second"]["cost_cpu_s"]
-                  / results["regional"]["first"]["cost_cpu_s"],
-                  "second_over_first_resolution_full": results["full"]["second"]["cost_cpu_s"]
-                  / results["full"]["first"]["cost_cpu_s"]}
+    ok = {k for k in args.cost_kinds if "first" in results.get(k, {})}
+    for k in ("regional", "full"):
+        if k in ok and "plain" in ok:
+            ratios[f"{k}_over_plain_compile"] = results[k]["first"]["cost_cpu_s"] / results["plain"]["first"]["cost_cpu_s"]
+    for k in ("regional", "full", "plain"):
+        if k in ok:
+            name_k = "second_over_first_resolution" + ("" if k == "regional" else f"_{k}")
+            ratios[name_k] = results[k]["second"]["cost_cpu_s"] / results[k]["first"]["cost_cpu_s"]
     results["ratios"] = ratios
     return results
 
@@ -818,11 +839,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(auto: split for tiny models, eager for flux-dev)")
     p.add_argument("--inductor-cache", choices=("fresh", "default"), default="fresh",
                    help="fresh: empty TORCHINDUCTOR_CACHE_DIR (cold compile times, default); default: the user's")
-    p.add_argument("--compile-cost", choices=("on", "off"), default="on",
+    p.add_argument("--compile-cost", choices=("on", "off", "only"), default="on",
                    help="tiny models: measure the plain compile, the cold compile of all variants (regional, full) "
-                        "and a second resolution, each in a fresh subprocess (default on)")
+                        "and a second resolution, each in a fresh subprocess (default on; 'only': nothing else, "
+                        "and --models may also name tiny-flux-deep, Flux-dev's 19 + 38 blocks at width 64)")
+    p.add_argument("--cost-kinds", default="plain,regional,full",
+                   help="compile cost: which compiles to measure, from plain,regional,full (default all three)")
     p.add_argument("--second-side", type=int, default=12,
                    help="latent tokens per image side of the second resolution (default 12; the models' own is 8)")
+    p.add_argument("--compiler-warmup", choices=("on", "off"), default="on",
+                   help="compile cost: compile an unrelated tiny graph first in each subprocess, so the compiler's "
+                        "one-time start-up (the same for any model) is not counted (default on; its CPU seconds "
+                        "are reported as compiler_warmup_cpu_s)")
     p.add_argument("--probe", choices=("plain", "regional", "full"), default=None, help=argparse.SUPPRESS)
     tb.add_run_args(p, DEFAULT_OUT)
     p.add_argument("--quick", action="store_true",
@@ -836,6 +864,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.ideal = "eager" if args.ideal == "auto" else args.ideal
     if args.probe is not None:
         args.models = args.models or "tiny-flux"
+    args.cost_kinds = [k.strip() for k in args.cost_kinds.split(",") if k.strip()]
+    if not set(args.cost_kinds) <= {"plain", "regional", "full"}:
+        p.error(f"--cost-kinds: choose from plain, regional, full; got {args.cost_kinds}")
     args.backend = args.backend or "inductor"
     args.mode = args.mode or ("reduce-overhead" if args.device == "cuda" and args.backend == "inductor"
                               else "default")
@@ -902,7 +933,10 @@ def main(argv=None) -> Dict[str, Any]:
     if args.size == "flux-dev":
         names, notes = ["flux-dev"], []
     else:
-        names, notes = tb.models_to_run(args.models, args.quick)
+        if args.compile_cost == "only" and args.models:
+            names, notes = [m.strip() for m in args.models.split(",") if m.strip()], []
+        else:
+            names, notes = tb.models_to_run(args.models, args.quick)
     result: Dict[str, Any] = {"machine": info, "settings": {
         "size": args.size, "device": str(device), "backend": args.backend, "mode": args.mode,
         "samples": args.samples, "steps": args.steps, "repeats": args.repeats, "cost_repeats": args.cost_repeats,
@@ -915,11 +949,16 @@ def main(argv=None) -> Dict[str, Any]:
     md += [f"Not run: {n}" for n in notes] + ([""] if notes else [])
     try:
         for name in names:
-            w = FluxDevWorkload(args.steps, device, blocks=args.blocks) if name == "flux-dev" else TinyWorkload(
-                name, args.samples, args.steps, device)
-            r = run_workload(w, args)
+            if args.compile_cost == "only":
+                print(f"\n## {name}")
+                r = {"workload": name, "model": name, "ratios": {}}
+            else:
+                w = FluxDevWorkload(args.steps, device, blocks=args.blocks) if name == "flux-dev" else TinyWorkload(
+                    name, args.samples, args.steps, device)
+                r = run_workload(w, args)
+                del w
             result["models"][name] = r
-            if args.size == "tiny" and args.compile_cost == "on":
+            if args.size == "tiny" and args.compile_cost != "off":
                 print(f"   5. compile cost ({args.backend}; fresh subprocess and inductor cache each; second "
                       f"resolution: {args.second_side} latent tokens per side)")
                 cost = r["compile_cost"] = compile_cost(name, args)
@@ -927,6 +966,9 @@ def main(argv=None) -> Dict[str, Any]:
             ratio_line = ", ".join(f"{k} {v:.3f}" + (f" (goal <= {GOALS[k]})" if k in GOALS else "")
                                    for k, v in r["ratios"].items() if v is not None)
             print(f"   ratios: {ratio_line}")
+            if "tables" not in r:  # --compile-cost only
+                md += [f"## {name}", "", f"Compile cost: {r.get('compile_cost')}", "", f"Ratios: {ratio_line}", ""]
+                continue
             t = r["tables"]
             plan_names = ", ".join(c.get("name") or c.get("blocks", "") for c in r["plan"])
             md += [f"## {r['workload']}", "", f"Plan: {plan_names} ({r['variants']} variants); backend "
@@ -948,7 +990,6 @@ def main(argv=None) -> Dict[str, Any]:
                        tb.markdown_table(["graphs", "first resolution cpu s", "wall s", "second resolution cpu s",
                                           "steady call ms"], rows_cc), ""]
             md += [f"Ratios: {ratio_line}", ""]
-            del w
     finally:
         if tmp is not None:
             tmp.cleanup()
