@@ -178,7 +178,9 @@ def compile_segment(gm: fx.GraphModule, example_inputs, backend: Backend,
     keys segments by their inputs' shapes, strides, dtypes and aliasing), so it is handed to the backend
     directly, without Dynamo: no guard evaluation per call (~70 us per segment on a CPU, a few percent of
     a tiny model's step), and nothing to recompile. torchair, which expects to run under Dynamo, gets the
-    segment through ``torch.compile(fullgraph=True, dynamic=False)`` like a whole variant.
+    segment through ``torch.compile(fullgraph=True, dynamic=False)`` like a whole variant, and so does a
+    segment the backend cannot compile on its own: one with a data-dependent output shape (``nonzero`` in
+    Mochi's blocks) needs the shape environment Dynamo sets up.
     """
     resolved = resolve_backend(backend, options)
     if resolved is None:
@@ -191,7 +193,12 @@ def compile_segment(gm: fx.GraphModule, example_inputs, backend: Backend,
             else torch._dynamo.lookup_backend("inductor")
     elif isinstance(resolved, str):
         resolved = torch._dynamo.lookup_backend(resolved)
-    return resolved(gm, list(example_inputs))
+    try:
+        return resolved(gm, list(example_inputs))
+    except Exception as err:  # noqa: BLE001 - the Dynamo route below raises what is really wrong
+        log.debug("compiling a segment without Dynamo failed (%s: %s); compiling it with torch.compile",
+                  type(err).__name__, err)
+        return compile_graph(gm, backend, options)
 
 
 def ge_ready_blocks(inner: Callable, options: Optional[Dict[str, Any]] = None) -> Callable:

@@ -125,8 +125,15 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
     for n in placeholders:
         slot[n] = len(slot)
     constants: List[str] = []
+    submodules: Dict[fx.Node, torch.nn.Module] = {}  # get_attr of a module (export's autocast / grad-mode HOPs)
     for n in gm.graph.nodes:
         if n.op == "get_attr":
+            obj: Any = gm
+            for part in n.target.split("."):
+                obj = getattr(obj, part)
+            if isinstance(obj, torch.nn.Module):
+                submodules[n] = obj
+                continue
             slot[n] = len(placeholders) + len(constants)
             constants.append(n.target)
     runs: List[Tuple[Tuple, List[fx.Node]]] = []
@@ -142,11 +149,17 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
     for r, (label, members) in enumerate(runs):
         member_set = set(members)
         graph = fx.Graph()
+        root = torch.nn.Module()
         env: Dict[fx.Node, fx.Node] = {}
         inputs: List[int] = []
 
         def arg(a: fx.Node) -> fx.Node:
             if a in env:
+                return env[a]
+            if a in submodules:  # a module stays an attribute of the segment (part of its structural key)
+                name = f"sub{sum(1 for _ in root.children())}"
+                root.add_module(name, submodules[a])
+                env[a] = graph.get_attr(name)
                 return env[a]
             ph = graph.placeholder(f"i{len(inputs)}")
             inputs.append(slot[a])
@@ -164,7 +177,7 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
             slot[n] = next_slot
             outputs.append(next_slot)
             next_slot += 1
-        seg_gm = fx.GraphModule(torch.nn.Module(), graph, class_name="Segment")
+        seg_gm = fx.GraphModule(root, graph, class_name="Segment")
         segments.append(Segment(label, seg_gm, inputs, outputs))
     (flat,) = output_node.args
     outs = [slot[a] if isinstance(a, fx.Node) else ("const", a) for a in flat]
@@ -182,6 +195,11 @@ def structural_key(segment: Segment, example: Sequence[Any]) -> str:
     stride, dtype, device, requires_grad, which inputs are the same tensor) and the grad mode: everything a
     compiled segment is specialised on."""
     h = hashlib.sha256(segment.gm.code.encode())
+    for name, sub in segment.gm.named_children():  # export's HOP bodies (autocast regions)
+        h.update(f"{name}:{getattr(sub, 'code', repr(sub))}".encode())
+        if not isinstance(sub, fx.GraphModule) or any(True for _ in sub.parameters()) or any(
+                True for _ in sub.buffers()):
+            h.update(f"id{id(sub)}".encode())  # weights inside: never shared with another module's
     first: Dict[int, int] = {}
     for k, value in enumerate(example):
         h.update(_describe(value).encode())
