@@ -839,9 +839,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(auto: split for tiny models, eager for flux-dev)")
     p.add_argument("--inductor-cache", choices=("fresh", "default"), default="fresh",
                    help="fresh: empty TORCHINDUCTOR_CACHE_DIR (cold compile times, default); default: the user's")
-    p.add_argument("--compile-cost", choices=("on", "off", "only"), default="on",
+    p.add_argument("--compile-cost", choices=("on", "off", "only"), default=None,
                    help="tiny models: measure the plain compile, the cold compile of all variants (regional, full) "
-                        "and a second resolution, each in a fresh subprocess (default on; 'only': nothing else, "
+                        "and a second resolution, each in a fresh subprocess (default on, --quick: off; 'only': "
+                        "nothing else, "
                         "and --models may also name tiny-flux-deep, Flux-dev's 19 + 38 blocks at width 64)")
     p.add_argument("--cost-kinds", default="plain,regional,full",
                    help="compile cost: which compiles to measure, from plain,regional,full (default all three)")
@@ -864,6 +865,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.ideal = "eager" if args.ideal == "auto" else args.ideal
     if args.probe is not None:
         args.models = args.models or "tiny-flux"
+    if args.compile_cost is None:
+        args.compile_cost = "off" if args.quick else "on"
     args.cost_kinds = [k.strip() for k in args.cost_kinds.split(",") if k.strip()]
     if not set(args.cost_kinds) <= {"plain", "regional", "full"}:
         p.error(f"--cost-kinds: choose from plain, regional, full; got {args.cost_kinds}")
