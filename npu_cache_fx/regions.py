@@ -73,8 +73,9 @@ def _labels(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Dict[fx.No
 def _order(gm: fx.GraphModule, labels: Dict[fx.Node, Tuple]) -> List[fx.Node]:
     """The call_function nodes in an order where each block's nodes are contiguous.
 
-    Glue inside a block's run is moved after the block unless a later node of the block needs it
-    (then it joins the block). Falls back to graph order if that would break a dependency."""
+    Glue inside a block's run is moved after the block unless a later node of the block needs it or
+    mutates a tensor in place (then it joins the block, where it was). Falls back to graph order if
+    that would break a dependency."""
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     last: Dict[Tuple, int] = {}
     inside: Dict[fx.Node, Tuple] = {}  # glue node -> the block whose run it interrupts
@@ -87,9 +88,17 @@ def _order(gm: fx.GraphModule, labels: Dict[fx.Node, Tuple]) -> List[fx.Node]:
             current = labels[n]
         elif current is not None and last[current] > k:
             inside[n] = current
-    for n in reversed(nodes):  # users first: a chain of glue feeding the block joins it whole
+    # the last in-place op of each block: glue before it is not moved past it (it might read what it mutates)
+    last_mutation: Dict[Tuple, int] = {}
+    for k, n in enumerate(nodes):
+        schema = getattr(n.target, "_schema", None)
+        if labels[n] != GLUE and schema is not None and schema.is_mutable:
+            last_mutation[labels[n]] = k
+    for k in range(len(nodes) - 1, -1, -1):  # users first: a chain of glue feeding the block joins it whole
+        n = nodes[k]
         block = inside.get(n)
-        if block is not None and any(labels.get(u) == block for u in n.users):
+        if block is not None and (any(labels.get(u) == block for u in n.users)
+                                  or last_mutation.get(block, -1) > k):
             labels[n] = block
     out: List[fx.Node] = []
     deferred: Dict[Tuple, List[fx.Node]] = {}
