@@ -12,7 +12,10 @@ Five flows per model, with a ~2x plan (tiny models: ``npu_cache_fx.bench.shipped
 * ``uncached eager``: the model;
 * ``uncached <backend>``: ``torch.compile(model, backend=B)``;
 * ``cached eager``: ``optimize(model, plan)``;
-* ``cached <backend>``: ``optimize(model, plan, backend=B)`` (each variant compiled once);
+* ``cached <backend>``: ``optimize(model, plan, backend=B)`` (the default graphs: regional, each distinct
+  block / glue graph compiled once and shared by the variants; full graphs for CUDA graphs);
+* ``cached <backend> full``: the same with ``backend_options={"graphs": "full"}`` (one whole graph per
+  variant, what ``cached <backend>`` was before regional compilation);
 * ``user compile <backend>``: ``torch.compile(optimize(model, plan), backend=B)``.
 
 ``B`` is a counting backend wrapping the real one (``--backend``; with ``--mode`` other
@@ -42,6 +45,14 @@ Measured:
    timed per call) or ``eager`` (the eager hook shares; default for flux-dev, where
    compiling ~60 segments is too slow). Target: realised/ideal >= 0.95.
 
+5. compile cost (``--compile-cost``, on by default): each measurement in a fresh subprocess with its own
+   empty inductor cache and ``compile_threads=1`` (so the C++ compiler's CPU time is counted as the
+   process's children): the plain model's compile (``torch.compile(model)``, first call), the cold compile
+   of all variants, regional and full, and the cost of a second resolution (the model called with other
+   image / video sizes after a generation at the first). Cost = CPU seconds (self + children) of the calls
+   that captured or compiled, less a steady call each; wall seconds alongside. Ratios: regional / plain
+   (goal <= 0.5), second / first resolution (goal <= 0.1), regional / full step time (goal <= 1.03).
+
 ``--inductor-cache fresh`` (default) points ``TORCHINDUCTOR_CACHE_DIR`` at an empty
 temporary folder, so compile times are cold (graphs identical to an earlier one in the
 same run still hit the cache, as they would for a user).
@@ -68,7 +79,9 @@ import common  # noqa: E402
 import tinybench as tb  # noqa: E402
 
 from npu_cache_fx import CacheConfig, metrics, models, optimize  # noqa: E402
-from npu_cache_fx.bench import shipped_plan  # noqa: E402
+from npu_cache_fx.backends import graph_mode  # noqa: E402
+from npu_cache_fx.bench import SHIPPED_PLANS, shipped_plan  # noqa: E402
+from npu_cache_fx.capture import find_block_lists  # noqa: E402
 from npu_cache_fx.profile import synchronize  # noqa: E402
 from npu_cache_fx.runtime import CaptureCache  # noqa: E402
 from npu_cache_fx.schedule import Action  # noqa: E402
@@ -79,7 +92,9 @@ FLUX_DEV_STEPS = 28
 
 
 FLUX_DEV_BLOCKS = (19, 38)
-FLOWS = ("uncached eager", "uncached compiled", "cached eager", "cached compiled", "user compile")
+FLOWS = ("uncached eager", "uncached compiled", "cached eager", "cached compiled", "cached compiled full",
+         "user compile")
+GOALS = {"regional_over_plain_compile": 0.5, "second_over_first_resolution": 0.1, "regional_over_full_step": 1.03}
 
 
 def mindie_flux_plan(steps: int = FLUX_DEV_STEPS, blocks: Tuple[int, int] = FLUX_DEV_BLOCKS) -> List[CacheConfig]:
@@ -133,9 +148,12 @@ class TinyWorkload(Workload):
         self.name, self.device = name, device
         self.steps = steps or self.model.default_steps
         self.labels = models.eval_labels(samples)
-        self.lists = tb.block_lists(name)
-        self.plan = shipped_plan(name, self.steps)
         self.transformer = self.model.transformer
+        # tiny-flux-deep (--compile-cost only): Flux-dev's 19 + 38 block topology, tiny-flux's plan shape
+        self.lists = tb.BLOCK_LISTS.get(name) or tuple(b.fqn for b in find_block_lists(self.transformer))
+        self.plan = shipped_plan(name, self.steps) if name in SHIPPED_PLANS else [
+            CacheConfig(steps_count=self.steps, blocks=b, step_start=3, step_interval=3, forecast="linear")
+            for b in self.lists]
 
     def generate(self, transformer=None):
         out = self.model.sample(self.labels, steps=self.steps, seed=0, transformer=transformer)
@@ -257,6 +275,10 @@ class CountingBackend:
                             "nodes": sum(1 for n in gm.graph.nodes if n.op == "call_function"),
                             "inputs": len(example_inputs)})
         return fn
+
+
+def variant_label(decision) -> str:  # (probe() names its own variable ``kind``)
+    return kind(decision)
 
 
 def kind(decision) -> str:
@@ -442,16 +464,22 @@ def skipped_per_generation(plan, blocks: Dict[str, List[float]]) -> float:
 def run_workload(w: Workload, args) -> Dict[str, Any]:
     b, mode = args.backend, args.mode
     print(f"\n## {w.describe()}")
-    print(f"   plan: {' + '.join(c.label for c in w.plan)}; backend {b}, mode {mode}")
+    print(f"   plan: {' + '.join(c.label for c in w.plan)}; backend {b}, mode {mode}, "
+          f"graphs {graph_mode(b, {'mode': mode} if b == 'inductor' else {})} (full: the 'full' flow)")
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
     counters.clear()
     captures = CaptureCache(w.transformer)
     sync = w.device.type != "cpu"
     backends = {f"uncached {b}": CountingBackend(b, mode), f"cached {b}": CountingBackend(b, mode),
-                f"user compile {b}": CountingBackend(b, mode)}
+                f"cached {b} full": CountingBackend(b, mode), f"user compile {b}": CountingBackend(b, mode)}
     opt_eager = optimize(w.transformer, w.plan, captures=captures)
-    opt_comp = optimize(w.transformer, w.plan, backend=backends[f"cached {b}"], captures=captures)
+    # the counting backend is a callable: say which graphs a user of backend=b, mode gets by default
+    default_graphs = graph_mode(b, {"mode": mode} if b == "inductor" else {})
+    opt_comp = optimize(w.transformer, w.plan, backend=backends[f"cached {b}"], captures=captures,
+                        backend_options={"graphs": default_graphs})
+    opt_full = optimize(w.transformer, w.plan, backend=backends[f"cached {b} full"], captures=captures,
+                        backend_options={"graphs": "full"})
     opt_user = optimize(w.transformer, w.plan, captures=captures)
     user = torch.compile(opt_user, backend=backends[f"user compile {b}"])
     plan = opt_eager.plan
@@ -464,6 +492,7 @@ def run_workload(w: Workload, args) -> Dict[str, Any]:
                                   backend=backends[f"uncached {b}"], **kw),
         "cached eager": Recorder(opt_eager, w.steps, plan, **kw),
         f"cached {b}": Recorder(opt_comp, w.steps, plan, backends[f"cached {b}"], **kw),
+        f"cached {b} full": Recorder(opt_full, w.steps, plan, backends[f"cached {b} full"], **kw),
         f"user compile {b}": Recorder(user, w.steps, plan, backends[f"user compile {b}"], **kw),
     }
     chosen = {flow_name(f, b) for f in args.flows}
@@ -616,7 +645,14 @@ def run_workload(w: Workload, args) -> Dict[str, Any]:
               f"{split['compile_s']:.1f} s, block share {1 - split['rest_s'] / split['total_s']:.1%} of "
               f"{split['total_s'] * 1e3:.2f} ms = {split['total_over_compiled_call']:.2f} x the compiled full call "
               f"(max |err| vs graph {split['max_abs_err_vs_graph']:.1e})")
+    step_ratio = None
+    if f"cached {b}" in rows and f"cached {b} full" in rows:
+        step_ratio = rows[f"cached {b}"]["per_step_ms"] / rows[f"cached {b} full"]["per_step_ms"]
+        print(f"   step time, cached {b} ({default_graphs} graphs) / cached {b} full: {step_ratio:.3f} "
+              f"(medians {rows[f'cached {b}']['per_step_ms']:.3f} / {rows[f'cached {b} full']['per_step_ms']:.3f} "
+              f"ms per step; goal <= {GOALS['regional_over_full_step']})")
     return {"workload": w.describe(), "model": w.name, "steps": w.steps, "backend": b, "mode": mode,
+            "ratios": {"regional_over_full_step": step_ratio},
             "plan": [c.to_dict() for c in w.plan], "plan_table": str(plan), "variants": len(plan.variants()),
             "flows": rows, "graph_breaks": graph_breaks, "recompile_error": recompile_error,
             "cuda_graphs": {"captures_warmup": cg_warm[0], "captures_timed": cg_timed[0],
@@ -631,10 +667,147 @@ def run_workload(w: Workload, args) -> Dict[str, Any]:
                                 **{k: v for k, v in split.items() if k != "blocks_s"},
                                 "blocks_ms": {k: [x * 1e3 for x in v] for k, v in split["blocks_s"].items()}}},
             "stats": {"cached eager": tb.stats_dict(opt_eager), f"cached {b}": tb.stats_dict(opt_comp),
-                      f"user compile {b}": tb.stats_dict(opt_user)},
+                      f"cached {b} full": tb.stats_dict(opt_full), f"user compile {b}": tb.stats_dict(opt_user)},
+            "default_graphs": default_graphs,
             "tables": {"compile": {"headers": h_compile, "rows": t_compile},
                        "steady": {"headers": h_steady, "rows": t_steady},
                        "ideal": {"headers": h_ideal, "rows": t_ideal}}}
+
+
+# ----------------------------------------------------------------------------- compile cost (subprocesses)
+def cpu_seconds() -> float:
+    """CPU seconds of this process (process_time: ns resolution) and its reaped children (the C++ compiler
+    with compile_threads=1; os.times: clock-tick resolution, fine for compiles)."""
+    t = os.times()
+    return time.process_time() + t.children_user + t.children_system
+
+
+def resolution_kwargs(w: "TinyWorkload", side: Optional[int]) -> Callable[[torch.Tensor, float], Dict[str, Any]]:
+    """``(latents, t) -> kwargs`` of one call at another image size: ``side`` latent tokens per image side
+    (tiny-flux: 8 at 16x16; tiny-wan: 8 per frame). ``None``: the model's own size."""
+    model = w.model
+    cond = model.conditioning(model._labels(w.labels))
+    if side is not None and model.kind == "flux":
+        ids = torch.zeros(side, side, 3)
+        ids[..., 1] = torch.arange(side).view(side, 1)
+        ids[..., 2] = torch.arange(side).view(1, side)
+        cond = dict(cond, img_ids=ids.reshape(side * side, 3).to(model.device, model.dtype))
+
+    def make(latents, t):
+        tt = torch.full((latents.shape[0],), float(t), device=model.device)
+        return model._kwargs(latents.to(model.dtype), tt, cond)
+    return make
+
+
+def latent_noise(w: "TinyWorkload", side: Optional[int]) -> torch.Tensor:
+    model = w.model
+    shape = list(model.latent_shape)
+    if side is not None:
+        shape = [side * side, shape[1]] if model.kind == "flux" else shape[:2] + [side, side]
+    g = torch.Generator().manual_seed(0)
+    return torch.randn([len(w.labels), *shape], generator=g).to(model.device)
+
+
+def probe(args) -> Dict[str, Any]:
+    """One compile-cost measurement (run in a fresh subprocess by :func:`compile_cost`)."""
+    import torch._inductor.config as inductor_config
+    inductor_config.compile_threads = 1  # the C++ compiler runs as reaped children: its CPU time is counted
+    common.set_threads(args.threads)
+    w = TinyWorkload(args.models, args.samples, args.steps, torch.device("cpu"))
+    kind = args.probe
+    mode_opts = {"mode": args.mode} if args.backend == "inductor" and args.mode != "default" else {}
+    if kind == "plain":
+        fn = torch.compile(w.transformer, backend=args.backend, **({"mode": args.mode} if mode_opts else {}))
+        opt = None
+    else:
+        fn = opt = optimize(w.transformer, w.plan, backend=args.backend,
+                            backend_options={**mode_opts, "graphs": kind})
+    out: Dict[str, Any] = {"kind": kind, "compiler_warmup_cpu_s": 0.0}
+    if args.compiler_warmup == "on":  # one-time compiler start-up (imports, toolchain checks), paid by any first
+        # compile in a process whatever the model: excluded from both sides by compiling an unrelated graph first
+        c0 = cpu_seconds()
+        torch.compile(lambda a: (a * 2.0).sin() + a.cos(), backend=args.backend)(torch.randn(8, 8))
+        out["compiler_warmup_cpu_s"] = cpu_seconds() - c0
+    seen_first = [False]
+    for res, side in (("first", None), ("second", args.second_side)):
+        make, x0 = resolution_kwargs(w, side), latent_noise(w, side)
+        cost_cpu, cost_wall, changed, steady = 0.0, 0.0, 0, []
+        first_labels: List[str] = []
+        steady_by: Dict[str, List[float]] = {}
+        for gen in range(2):
+            x = x0.clone()
+            if opt is not None:
+                opt.reset()
+            for i in range(w.steps):
+                t, t_next = 1.0 - i / w.steps, 1.0 - (i + 1) / w.steps
+                before = (opt.stats.captures, opt.stats.graphs_compiled) if opt is not None else None
+                c0, w0 = cpu_seconds(), time.perf_counter()
+                with torch.no_grad():
+                    v = fn(**make(x, t))[0]
+                dc, dw = cpu_seconds() - c0, time.perf_counter() - w0
+                if opt is not None:
+                    new = (opt.stats.captures, opt.stats.graphs_compiled) != before
+                else:
+                    new = not seen_first[0] or (gen == 0 and i == 0)
+                    seen_first[0] = True
+                label = opt.trace[-1][2] if opt is not None else "full"
+                label = label if isinstance(label, str) else variant_label(label)
+                if new:
+                    cost_cpu, cost_wall, changed = cost_cpu + dc, cost_wall + dw, changed + 1
+                    first_labels.append(label)
+                elif gen == 1:
+                    steady.append(dc)
+                    steady_by.setdefault(label, []).append(dc)
+                x = x + (t_next - t) * v.float()
+        base = common.median(steady)
+        run = sum(common.median(steady_by.get(lab, steady)) for lab in first_labels)  # one steady call each
+        out[res] = {"cost_cpu_s": cost_cpu - run, "cost_wall_s": cost_wall - run,
+                    "calls_that_compiled": changed, "steady_call_ms": base * 1e3,
+                    "tokens": int(x0[0].numel() / x0.shape[-1]) if w.model.kind == "flux" else list(x0.shape[2:])}
+    if opt is not None:
+        out["stats"] = {k: v for k, v in tb.stats_dict(opt).items()
+                        if k in ("captures", "capture_seconds", "compile_seconds", "graphs_compiled",
+                                 "graphs_shared", "graph_mode", "timings", "dynamic_capture")}
+    return out
+
+
+def compile_cost(name: str, args) -> Dict[str, Any]:
+    """Plain compile, cold compile of all variants (regional, full) and second-resolution cost, each in a
+    fresh subprocess with an empty inductor cache."""
+    import json
+    import subprocess
+    results: Dict[str, Any] = {}
+    for kind in args.cost_kinds:
+        with tempfile.TemporaryDirectory(prefix="inductor_probe_") as tmp:
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tmp)
+            cmd = [sys.executable, os.path.abspath(__file__), "--probe", kind, "--models", name,
+                   "--backend", args.backend, "--mode", args.mode, "--samples", str(args.samples),
+                   "--threads", str(args.threads), "--second-side", str(args.second_side),
+                   "--compiler-warmup", args.compiler_warmup] + (
+                       ["--steps", str(args.steps)] if args.steps else [])
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")), None)
+            if proc.returncode != 0 or line is None:
+                results[kind] = {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+                print(f"   compile cost {kind}: FAILED {results[kind]['error']}")
+                continue
+            results[kind] = json.loads(line[len("PROBE "):])
+            f, sec = results[kind]["first"], results[kind]["second"]
+            print(f"   compile cost {kind:<8} first resolution {f['cost_cpu_s']:7.1f} s cpu ({f['cost_wall_s']:6.1f} s "
+                  f"wall), second {sec['cost_cpu_s']:7.1f} s cpu (compiler warm-up excluded: "
+                  f"{results[kind]['compiler_warmup_cpu_s']:.1f} s cpu; {time.perf_counter() - t0:.0f} s)", flush=True)
+    ratios: Dict[str, Any] = {}
+    ok = {k for k in args.cost_kinds if "first" in results.get(k, {})}
+    for k in ("regional", "full"):
+        if k in ok and "plain" in ok:
+            ratios[f"{k}_over_plain_compile"] = results[k]["first"]["cost_cpu_s"] / results["plain"]["first"]["cost_cpu_s"]
+    for k in ("regional", "full", "plain"):
+        if k in ok:
+            name_k = "second_over_first_resolution" + ("" if k == "regional" else f"_{k}")
+            ratios[name_k] = results[k]["second"]["cost_cpu_s"] / results[k]["first"]["cost_cpu_s"]
+    results["ratios"] = ratios
+    return results
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -666,6 +839,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(auto: split for tiny models, eager for flux-dev)")
     p.add_argument("--inductor-cache", choices=("fresh", "default"), default="fresh",
                    help="fresh: empty TORCHINDUCTOR_CACHE_DIR (cold compile times, default); default: the user's")
+    p.add_argument("--compile-cost", choices=("on", "off", "only"), default=None,
+                   help="tiny models: measure the plain compile, the cold compile of all variants (regional, full) "
+                        "and a second resolution, each in a fresh subprocess (default on, --quick: off; 'only': "
+                        "nothing else, "
+                        "and --models may also name tiny-flux-deep, Flux-dev's 19 + 38 blocks at width 64)")
+    p.add_argument("--cost-kinds", default="plain,regional,full",
+                   help="compile cost: which compiles to measure, from plain,regional,full (default all three)")
+    p.add_argument("--second-side", type=int, default=12,
+                   help="latent tokens per image side of the second resolution (default 12; the models' own is 8)")
+    p.add_argument("--compiler-warmup", choices=("on", "off"), default="on",
+                   help="compile cost: compile an unrelated tiny graph first in each subprocess, so the compiler's "
+                        "one-time start-up (the same for any model) is not counted (default on; its CPU seconds "
+                        "are reported as compiler_warmup_cpu_s)")
+    p.add_argument("--probe", choices=("plain", "regional", "full"), default=None, help=argparse.SUPPRESS)
     tb.add_run_args(p, DEFAULT_OUT)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: aot_eager, tiny-flux, 2 samples, 8 steps, 1 repeat, eager-fraction ideal "
@@ -676,6 +863,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.samples, args.repeats, args.cost_repeats = min(args.samples, 2), 1, 2
         args.steps = args.steps or 8
         args.ideal = "eager" if args.ideal == "auto" else args.ideal
+    if args.probe is not None:
+        args.models = args.models or "tiny-flux"
+    if args.compile_cost is None:
+        args.compile_cost = "off" if args.quick else "on"
+    args.cost_kinds = [k.strip() for k in args.cost_kinds.split(",") if k.strip()]
+    if not set(args.cost_kinds) <= {"plain", "regional", "full"}:
+        p.error(f"--cost-kinds: choose from plain, regional, full; got {args.cost_kinds}")
     args.backend = args.backend or "inductor"
     args.mode = args.mode or ("reduce-overhead" if args.device == "cuda" and args.backend == "inductor"
                               else "default")
@@ -706,7 +900,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def flow_name(flow: str, backend: str) -> str:
-    """Row name of a --flows entry: 'cached compiled' -> 'cached inductor'."""
+    """Row name of a --flows entry: 'cached compiled' -> 'cached inductor', 'cached compiled full' ->
+    'cached inductor full'."""
     return flow.replace("compiled", backend) if "compiled" in flow else (
         f"user compile {backend}" if flow == "user compile" else flow)
 
@@ -724,6 +919,10 @@ def check_device(args) -> torch.device:
 
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
+    if args.probe is not None:  # one compile-cost measurement, in a subprocess of compile_cost()
+        import json
+        print("PROBE " + json.dumps(probe(args), default=str))
+        return {}
     device = check_device(args)
     tmp = None
     if args.inductor_cache == "fresh":
@@ -737,7 +936,10 @@ def main(argv=None) -> Dict[str, Any]:
     if args.size == "flux-dev":
         names, notes = ["flux-dev"], []
     else:
-        names, notes = tb.models_to_run(args.models, args.quick)
+        if args.compile_cost == "only" and args.models:
+            names, notes = [m.strip() for m in args.models.split(",") if m.strip()], []
+        else:
+            names, notes = tb.models_to_run(args.models, args.quick)
     result: Dict[str, Any] = {"machine": info, "settings": {
         "size": args.size, "device": str(device), "backend": args.backend, "mode": args.mode,
         "samples": args.samples, "steps": args.steps, "repeats": args.repeats, "cost_repeats": args.cost_repeats,
@@ -750,10 +952,26 @@ def main(argv=None) -> Dict[str, Any]:
     md += [f"Not run: {n}" for n in notes] + ([""] if notes else [])
     try:
         for name in names:
-            w = FluxDevWorkload(args.steps, device, blocks=args.blocks) if name == "flux-dev" else TinyWorkload(
-                name, args.samples, args.steps, device)
-            r = run_workload(w, args)
+            if args.compile_cost == "only":
+                print(f"\n## {name}")
+                r = {"workload": name, "model": name, "ratios": {}}
+            else:
+                w = FluxDevWorkload(args.steps, device, blocks=args.blocks) if name == "flux-dev" else TinyWorkload(
+                    name, args.samples, args.steps, device)
+                r = run_workload(w, args)
+                del w
             result["models"][name] = r
+            if args.size == "tiny" and args.compile_cost != "off":
+                print(f"   5. compile cost ({args.backend}; fresh subprocess and inductor cache each; second "
+                      f"resolution: {args.second_side} latent tokens per side)")
+                cost = r["compile_cost"] = compile_cost(name, args)
+                r["ratios"].update(cost["ratios"])
+            ratio_line = ", ".join(f"{k} {v:.3f}" + (f" (goal <= {GOALS[k]})" if k in GOALS else "")
+                                   for k, v in r["ratios"].items() if v is not None)
+            print(f"   ratios: {ratio_line}")
+            if "tables" not in r:  # --compile-cost only
+                md += [f"## {name}", "", f"Compile cost: {r.get('compile_cost')}", "", f"Ratios: {ratio_line}", ""]
+                continue
             t = r["tables"]
             plan_names = ", ".join(c.get("name") or c.get("blocks", "") for c in r["plan"])
             md += [f"## {r['workload']}", "", f"Plan: {plan_names} ({r['variants']} variants); backend "
@@ -766,7 +984,15 @@ def main(argv=None) -> Dict[str, Any]:
                    tb.markdown_table(t["ideal"]["headers"], t["ideal"]["rows"]), ""]
             if r["cuda_graphs"]:
                 md += [f"CUDA graphs: {r['cuda_graphs']}", ""]
-            del w
+            if r.get("compile_cost"):
+                cc = r["compile_cost"]
+                rows_cc = [[k, cc[k]["first"]["cost_cpu_s"], cc[k]["first"]["cost_wall_s"],
+                            cc[k]["second"]["cost_cpu_s"], cc[k]["first"]["steady_call_ms"]]
+                           for k in ("plain", "regional", "full") if "first" in cc.get(k, {})]
+                md += ["Compile cost (fresh subprocess and inductor cache each):", "",
+                       tb.markdown_table(["graphs", "first resolution cpu s", "wall s", "second resolution cpu s",
+                                          "steady call ms"], rows_cc), ""]
+            md += [f"Ratios: {ratio_line}", ""]
     finally:
         if tmp is not None:
             tmp.cleanup()

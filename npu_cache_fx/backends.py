@@ -19,7 +19,7 @@ import torch.fx as fx
 from .config import ConfigError
 
 __all__ = ["BackendUnavailable", "BACKENDS", "block_backend", "check_backend_options", "compile_graph",
-           "ge_ready_blocks", "prepare_for_torchair", "resolve_backend", "TORCHAIR_MODES"]
+           "compile_segment", "ge_ready_blocks", "graph_mode", "GRAPH_MODES", "prepare_for_torchair", "resolve_backend", "TORCHAIR_MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ TORCHAIR_MODES = ("max-autotune", "reduce-overhead", "npugraph_ex")
 Backend = Union[str, Callable[..., Any], None]
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SDPA_IMPLS = ("auto", "npu_fused_infer_attention_score", "matmul", "keep")
+# How optimize(backend=...) compiles the variants: "regional" (each distinct block / glue graph once, shared
+# by the variants: npu_cache_fx.regions) or "full" (one whole graph per variant). See graph_mode().
+GRAPH_MODES = ("regional", "full")
 # backend_options keys each backend reads (every backend reads "static_cache_buffers", see runtime)
 _OPTION_KEYS = {"inductor": ("mode",), "torchair": ("mode", "compiler_config", "sdpa")}
 
@@ -39,7 +42,8 @@ def check_backend_options(backend: "Backend", options: Dict[str, Any]) -> None:
     if not isinstance(options, dict):
         raise ConfigError(f"backend_options must be a dict, got {type(options).__name__}")
     name = backend if isinstance(backend, str) else None
-    known = ("static_cache_buffers",) + _OPTION_KEYS.get(name, ())
+    known = ("static_cache_buffers",) + (("graphs",) if backend not in (None, "eager") else ()) + \
+        _OPTION_KEYS.get(name, ())
     for key in options:
         if key not in known:
             raise ConfigError(f"backend_options[{key!r}] is not read by backend={backend!r}; "
@@ -49,8 +53,29 @@ def check_backend_options(backend: "Backend", options: Dict[str, Any]) -> None:
         modes = INDUCTOR_MODES if name == "inductor" else TORCHAIR_MODES
         if mode not in modes:
             raise ConfigError(f"backend_options['mode']={mode!r} is not a {name} mode; choose one of {list(modes)}")
+    if "graphs" in options and options["graphs"] not in GRAPH_MODES:
+        raise ConfigError(f"backend_options['graphs']={options['graphs']!r}; choose one of {list(GRAPH_MODES)}")
     if "sdpa" in options and options["sdpa"] not in SDPA_IMPLS:
         raise ConfigError(f"backend_options['sdpa']={options['sdpa']!r}; choose one of {list(SDPA_IMPLS)}")
+
+
+def graph_mode(backend: "Backend", options: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """How ``optimize(..., backend=backend)`` compiles its variants: ``"regional"``, ``"full"``, or ``None``
+    (nothing is compiled: ``backend=None`` / ``"eager"``).
+
+    ``backend_options["graphs"]`` decides; by default ``"regional"`` (compile each distinct block graph
+    once, shared by every block of its class and every variant: a fraction of the compile time), except
+    where one whole graph per variant is what the backend is measured with: ``backend="torchair"`` (one GE
+    graph / aclgraph capture per variant) and inductor's CUDA-graph mode ``"reduce-overhead"``.
+    """
+    options = options or {}
+    if backend is None or backend == "eager":
+        return None
+    if "graphs" in options:
+        return options["graphs"]
+    if backend == "torchair" or (backend == "inductor" and options.get("mode") == "reduce-overhead"):
+        return "full"
+    return "regional"
 
 
 class BackendUnavailable(RuntimeError):
@@ -143,6 +168,37 @@ def compile_graph(gm: fx.GraphModule, backend: Backend, options: Optional[Dict[s
         prepare_for_torchair(gm, options)
     mode = (options or {}).get("mode") if backend == "inductor" else None  # e.g. "reduce-overhead": CUDA graphs
     return torch.compile(gm, backend=resolved, fullgraph=True, dynamic=False, mode=mode)
+
+
+def compile_segment(gm: fx.GraphModule, example_inputs, backend: Backend,
+                    options: Optional[Dict[str, Any]] = None) -> Callable:
+    """Compile one segment of a regional variant (:mod:`npu_cache_fx.regions`) for ``example_inputs``.
+
+    The segment is an aten graph that is always called with inputs like ``example_inputs`` (the caller
+    keys segments by their inputs' shapes, strides, dtypes and aliasing), so it is handed to the backend
+    directly, without Dynamo: no guard evaluation per call (~70 us per segment on a CPU, a few percent of
+    a tiny model's step), and nothing to recompile. torchair, which expects to run under Dynamo, gets the
+    segment through ``torch.compile(fullgraph=True, dynamic=False)`` like a whole variant, and so does a
+    segment the backend cannot compile on its own: one with a data-dependent output shape (``nonzero`` in
+    Mochi's blocks) needs the shape environment Dynamo sets up.
+    """
+    resolved = resolve_backend(backend, options)
+    if resolved is None:
+        return gm
+    if backend == "torchair":
+        return compile_graph(gm, backend, options)
+    if backend == "inductor":
+        mode = (options or {}).get("mode")
+        resolved = torch._TorchCompileInductorWrapper(mode, None, False) if mode not in (None, "default") \
+            else torch._dynamo.lookup_backend("inductor")
+    elif isinstance(resolved, str):
+        resolved = torch._dynamo.lookup_backend(resolved)
+    try:
+        return resolved(gm, list(example_inputs))
+    except Exception as err:  # noqa: BLE001 - the Dynamo route below raises what is really wrong
+        log.debug("compiling a segment without Dynamo failed (%s: %s); compiling it with torch.compile",
+                  type(err).__name__, err)
+        return compile_graph(gm, backend, options)
 
 
 def ge_ready_blocks(inner: Callable, options: Optional[Dict[str, Any]] = None) -> Callable:

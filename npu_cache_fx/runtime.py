@@ -27,6 +27,7 @@ import inspect
 import itertools
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -35,7 +36,7 @@ import torch.fx as fx
 from torch._dynamo.eval_frame import skip_code
 from torch.utils import _pytree as pytree
 
-from .backends import Backend, check_backend_options, compile_graph, resolve_backend
+from .backends import Backend, check_backend_options, compile_graph, compile_segment, graph_mode, resolve_backend
 from .capture import Capture, capture, choose_attention, find_block_lists
 from .config import CacheConfig, ConfigError, config_list, save_plan
 from .contexts import CacheContexts
@@ -43,6 +44,7 @@ from .fallback import EagerPath, export_failure
 from .integration import OWN_ATTRIBUTES, pipeline_steps, reported_class, without_root_hook
 from .passes import lower_cache_ops
 from .passes.common import coef_slot, eliminate_dead_code
+from .regions import RegionalProgram, SegmentCache
 from .schedule import Action, Decision, Plan, forecast_coefficients, make_plan
 from .adastep import AdaStepState
 from .targets import Target, bind_target, check_overlaps, resolve_config
@@ -55,6 +57,11 @@ log = logging.getLogger(__name__)
 
 TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 LATENT_NAMES = ("hidden_states", "sample", "latents", "x")
+
+
+SHAPE_CAPTURE = ("per shape: each new input shape is captured and its variants compiled again (regional graphs "
+                 "share only segments whose inputs keep their shapes); a dynamic sequence length (torch.export Dim) "
+                 "is not implemented: the cache targets, their lowering and the slot sizes are static-shape")
 
 
 @dataclass
@@ -78,6 +85,17 @@ class Stats:
     # steps of the latest generation's plan (the configs' steps_count, or the request's: see set_steps)
     plan_steps: int = 0
     capture_seconds: float = 0.0
+    # how optimize(backend=...) compiles: "regional" (each distinct block / glue graph once, shared by the
+    # variants), "full" (one graph per variant) or None (nothing compiled); see backends.graph_mode
+    graph_mode: Optional[str] = None
+    # first call of each compiled variant (compile + one run), all input signatures
+    compile_seconds: float = 0.0
+    graphs_compiled: int = 0  # graphs handed to the backend (regional: distinct segments)
+    graphs_shared: int = 0  # regional: segments a variant found compiled by another block or variant
+    # per input signature (shape label): capture seconds and, per variant, compile seconds and graphs
+    timings: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    # how a new input shape (another resolution) is served, and why
+    shape_capture: str = SHAPE_CAPTURE
     # how the model runs: "export" (captured graphs), "dynamo" (export failed: blocks compiled one by one,
     # cache logic on the host) or "eager" (export failed and nothing is compiled)
     path: str = "export"
@@ -88,10 +106,10 @@ class Stats:
 
     def clear(self) -> None:
         keep = (self.path, self.fallback_reason, self.cache_bytes, self.cache_bytes_by_context,
-                self.cache_bytes_by_config)
+                self.cache_bytes_by_config, self.graph_mode)
         self.__init__()
         (self.path, self.fallback_reason, self.cache_bytes, self.cache_bytes_by_context,
-         self.cache_bytes_by_config) = keep
+         self.cache_bytes_by_config, self.graph_mode) = keep
 
 
 @dataclass
@@ -100,6 +118,11 @@ class _Variant:
     graph: fx.GraphModule
     fn: Callable
     slots: List[Tuple[str, List[int], torch.dtype, torch.device]]
+    timed: bool = True  # its first call (the compile) has been timed; False for a compiled variant not yet run
+
+    @property
+    def label(self) -> str:
+        return "|".join(a.value for a in self.decision)
 
 
 @dataclass
@@ -122,8 +145,10 @@ class _Call:
 class _Entry:
     """One capture (one input signature) and the variants built from it."""
 
-    def __init__(self, cap: Optional[Capture], targets: List[Target], eager: Optional[EagerPath] = None):
+    def __init__(self, cap: Optional[Capture], targets: List[Target], eager: Optional[EagerPath] = None,
+                 label: str = ""):
         self.capture = cap
+        self.label = label  # the input signature in words (stats.timings)
         self.targets = targets
         self.eager = eager  # the eager path when the model could not be captured
         self.out_spec = cap.out_spec if cap is not None else None
@@ -311,6 +336,10 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         self._backend_options = dict(backend_options or {})
         resolve_backend(backend, self._backend_options)  # fail now, not at the first step
         self._static_buffers = static_cache_buffers(backend, self._backend_options)
+        self._graph_mode = graph_mode(backend, self._backend_options)
+        # compiled segments by structural key, shared by every variant and input signature (regional mode)
+        self._segments = SegmentCache(functools.partial(compile_segment, backend=backend,
+                                                        options=self._backend_options))
         self._signature = inspect.signature(model.forward)
         self._timestep_arg = self._find_timestep_arg(timestep_arg)
         self._latent_arg = next((n for n in LATENT_NAMES if n in self._signature.parameters), None)
@@ -331,6 +360,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         self._lock = threading.RLock()  # one call (and so one capture) at a time
         self.stats = Stats()
         self.stats.plan_steps = self.plan.steps_count
+        self.stats.graph_mode = self._graph_mode
         if reported_class(self) is not OptimizedModule:  # diffusers reads the library from the instance's __module__
             self.__dict__["__module__"] = type(model).__module__
         # (context, step, decision taken or "skip") per call; every rank must log the same sequence
@@ -358,7 +388,12 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         if dtypes != self._dtypes:
             self._dtypes = dtypes
             self.invalidate()
-        elif self._contexts:
+            return out
+        for entry in self._entries.values():  # regional programs hold the buffers .to() replaced
+            for variant in entry.variants.values():
+                if isinstance(variant.fn, RegionalProgram):
+                    variant.fn.refresh_constants()
+        if self._contexts:
             devices = _devices(self.model)
             if any(t.device not in devices for ctx in self._contexts.values() for bufs in ctx.buffers.values()
                    for t in bufs.values()):
@@ -372,6 +407,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             self._entries.clear()
             self._captures.clear()
             self._contexts.clear()
+            self._segments.compiled.clear()
             self._eager = None
             self.stats.path, self.stats.fallback_reason = "export", None  # decided again at the next call
             self._watch.refresh()
@@ -528,8 +564,13 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             call = self._prepare(args, kwargs)
             if call.skip:  # AdaStep: no model call at all
                 out = self._finish(call, None)
-            else:
+            elif call.variant.timed:
                 flat_out = call.fn(*call.inputs)
+                out = self._finish(call, flat_out)
+            else:  # the first call of a compiled variant: compiles it
+                start = time.perf_counter()
+                flat_out = call.fn(*call.inputs)
+                self._record_compile(call.entry, call.variant, time.perf_counter() - start)
                 out = self._finish(call, flat_out)
             return hook.post_forward(self.model, out) if hook is not None else out
 
@@ -742,6 +783,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         entry = self._entries.get(key)
         if entry is None:
             cap = self._captures.get(key)
+            fresh = cap is None
             if cap is None and self._eager is None:
                 cap = self._capture(kwargs, key)
             if cap is None:
@@ -750,7 +792,10 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             if cap.in_spec != spec:
                 raise RuntimeError(f"captured input structure {cap.in_spec} differs from the call's {spec}")
             targets = [bind_target(i, c, cap, self.model, leaves) for i, c in enumerate(self.configs)]
-            entry = self._entries[key] = _Entry(cap, targets)
+            label = _shape_label(kwargs)
+            entry = self._entries[key] = _Entry(cap, targets, label=label)
+            timing = self.stats.timings.setdefault(label, {"capture_seconds": 0.0, "variants": {}})
+            timing["capture_seconds"] = cap.seconds if fresh else 0.0  # 0: a capture shared via captures=
             if len(self._entries) > 1:
                 log.info("new input signature for %s: captured again (%d captures)",
                          type(self.model).__name__, len(self._entries))
@@ -822,10 +867,28 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         variant = entry.variants.get(decision)
         if variant is None:
             gm = entry.build(decision)
-            fn = compile_graph(gm, self.backend, self._backend_options)
-            variant = entry.variants[decision] = _Variant(decision, gm, fn, gm.meta["cache_slots"])
+            if self._graph_mode == "regional":
+                fn = RegionalProgram(gm, entry.capture.spans, self._segments)
+            else:
+                fn = compile_graph(gm, self.backend, self._backend_options)
+            variant = entry.variants[decision] = _Variant(decision, gm, fn, gm.meta["cache_slots"],
+                                                          timed=self._graph_mode is None)
             self.stats.variants_built += 1
         return variant
+
+    @torch._dynamo.disable
+    def _record_compile(self, entry: _Entry, variant: _Variant, seconds: float) -> None:
+        """Stats of a compiled variant's first call: seconds (compile + one run) and graphs compiled / shared."""
+        variant.timed = True
+        program = variant.fn if isinstance(variant.fn, RegionalProgram) else None
+        compiled = program.compiled_new if program is not None else 1
+        shared = program.shared if program is not None else 0
+        self.stats.compile_seconds += seconds
+        self.stats.graphs_compiled += compiled
+        self.stats.graphs_shared += shared
+        timing = self.stats.timings.setdefault(entry.label, {"capture_seconds": 0.0, "variants": {}})
+        timing["variants"][variant.label] = {"compile_seconds": seconds, "graphs_compiled": compiled,
+                                             "graphs_shared": shared}
 
     def _safe_decision(self, entry: _Entry, decision: Decision, valid: set) -> Decision:
         """Never read a slot not written in this generation for this input signature."""
@@ -898,6 +961,13 @@ class CaptureCache(dict):
             with torch.no_grad(), without_root_hook(self.model):
                 cap = self[key] = capture(self.model, kwargs, lists)
         return cap
+
+
+def _shape_label(kwargs: Dict[str, Any]) -> str:
+    """An input signature in words: ``"hidden_states=4x64x4,encoder_hidden_states=4x4x64,..."``."""
+    leaves = pytree.tree_flatten_with_path(kwargs)[0]
+    return ",".join(f"{pytree.keystr(path).strip('[]').strip(chr(39))}={'x'.join(map(str, v.shape))}"
+                    for path, v in leaves if isinstance(v, torch.Tensor))
 
 
 def _check_steps(what: str, steps: Any) -> Optional[int]:

@@ -48,18 +48,39 @@ def test_compile_quick(tmp_path):
     assert data["settings"]["backend"] == "aot_eager"
     flows = r["flows"]
     assert set(flows) == {"uncached eager", "uncached aot_eager", "cached eager", "cached aot_eager",
-                          "user compile aot_eager"}
-    # one compiled graph per variant, nothing compiled after warm-up
-    for name in ("cached aot_eager", "user compile aot_eager"):
+                          "cached aot_eager full", "user compile aot_eager"}
+    # full graphs: one compiled graph per variant; regional: fewer graphs than segments; nothing after warm-up
+    for name in ("cached aot_eager", "cached aot_eager full", "user compile aot_eager"):
         per_variant = flows[name]["variants"]
         assert len(per_variant) == r["variants"], per_variant
-        assert all(v["graphs"] == 1 for v in per_variant.values()), per_variant
+        if name != "cached aot_eager":
+            assert all(v["graphs"] == 1 for v in per_variant.values()), per_variant
         assert flows[name]["recompiles"] == 0
         assert _finite_positive(flows[name]["realised_over_ideal"])
+    regional = r["stats"]["cached aot_eager"]
+    assert r["default_graphs"] == regional["graph_mode"] == "regional"
+    assert flows["cached aot_eager"]["graphs"] == regional["graphs_compiled"] and regional["graphs_shared"] > 0
+    assert "compile_cost" not in r and _finite_positive(r["ratios"]["regional_over_full_step"])
+    assert "ratios: regional_over_full_step" in stdout
     assert flows["uncached aot_eager"]["graphs"] >= 1
     assert r["recompile_error"] is None
     assert all(_finite_positive(f["per_step_ms"]) for f in flows.values())
     assert "realised/ideal" in stdout
+
+
+def test_compile_cost_quick(tmp_path):
+    """The compile-cost probes (plain and regional compiles in fresh subprocesses, two resolutions)."""
+    r, stdout, data = _run("compile", tmp_path, "--compile-cost", "only", "--cost-kinds", "plain,regional")
+    cost = r["compile_cost"]
+    for kind in ("plain", "regional"):
+        assert _finite_positive(cost[kind]["first"]["cost_cpu_s"]), cost[kind]
+        assert cost[kind]["second"]["calls_that_compiled"] >= 1
+        assert cost[kind]["first"]["tokens"] == 64 and cost[kind]["second"]["tokens"] == 144
+    stats = cost["regional"]["stats"]
+    assert stats["graph_mode"] == "regional" and len(stats["timings"]) == 2  # one entry per resolution
+    assert set(r["ratios"]) == {"regional_over_plain_compile", "second_over_first_resolution",
+                                "second_over_first_resolution_plain"}
+    assert "ratios: regional_over_plain_compile" in stdout and "compile cost regional" in stdout
 
 
 def test_compile_cuda_fails_clearly_without_gpu(tmp_path):

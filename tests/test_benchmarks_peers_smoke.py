@@ -111,7 +111,7 @@ def test_optional_peers_run_or_skip_cleanly(quick):
 
 
 def test_compile_counting_in_process():
-    """The graph / recompile counter on two rows (uncached: 1 graph; ours: one graph per variant)."""
+    """The graph / recompile counter on two rows (uncached: 1 graph; ours: its regional graphs)."""
     sys.path.insert(0, BENCH)
     try:
         import peers
@@ -128,5 +128,8 @@ def test_compile_counting_in_process():
     m = peers.ours_method(b, "ours", peers.OURS, cfgs, "", "", "")
     ours = peers.count_compiles(b, m)
     n_variants = len(m.build(None).opt.plan.variants())
-    assert ours["compile_error"] is None and ours["graphs"] == n_variants and ours["recompiles"] == 0
+    # regional compilation (the default for a callable backend): each distinct block / glue graph once, shared
+    # by the variants, so more graphs than variants but far fewer than variants x segments
+    assert ours["compile_error"] is None and n_variants <= ours["graphs"] <= 4 * n_variants
+    assert ours["recompiles"] == 0
     torch._dynamo.reset()

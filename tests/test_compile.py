@@ -21,6 +21,7 @@ from counting import MutationBackend, fresh_dynamo  # noqa: E402
 from dit_models import flux_inputs, tiny_flux, tiny_wan, wan_inputs  # noqa: E402
 
 STEPS = 16
+FULL = {"graphs": "full"}  # one graph per variant (the default for callables is regional: test_regions.py)
 
 
 def configs(model_name):
@@ -71,8 +72,8 @@ def eager_reference():
 def test_zero_recompiles_one_graph_per_variant(eager_reference, name, flow):
     model, make_inputs, reference, n_variants = eager_reference[name]
     backend = fresh_dynamo()
-    if flow == "optimize_backend":
-        opt = optimize(model, configs(name), backend=backend)
+    if flow == "optimize_backend":  # full graphs: regional compilation is tested in test_regions.py
+        opt = optimize(model, configs(name), backend=backend, backend_options=FULL)
     else:
         opt = torch.compile(optimize(model, configs(name)), backend=backend)
     buffers_seen = {}
@@ -95,7 +96,8 @@ def test_cache_writes_mutate_static_inputs_only(eager_reference, flow):
     model, make_inputs, _, n_variants = eager_reference["flux"]
     fresh_dynamo()
     backend = MutationBackend()
-    opt = optimize(model, configs("flux"), backend=backend) if flow == "optimize_backend" else torch.compile(
+    opt = optimize(model, configs("flux"), backend=backend, backend_options=FULL) if flow == "optimize_backend" \
+        else torch.compile(
         optimize(model, configs("flux")), backend=backend)
     with torch._dynamo.config.patch(error_on_recompile=True):
         generate(opt, make_inputs)
@@ -118,7 +120,7 @@ def test_static_cache_buffers_option(eager_reference):
         optimize(model, configs("flux"), backend="aot_eager", backend_options={"static_cache_buffers": "yes"})
     fresh_dynamo()
     backend = MutationBackend()
-    opt = optimize(model, configs("flux"), backend=backend, backend_options={"static_cache_buffers": False})
+    opt = optimize(model, configs("flux"), backend=backend, backend_options={"static_cache_buffers": False, **FULL})
     generate(opt, make_inputs)
     assert len(backend.graphs) == n_variants
     assert all(not hasattr(buf, "_dynamo_static_input_type")

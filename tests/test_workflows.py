@@ -445,7 +445,7 @@ def test_set_steps_scales_the_plan_without_recompiling():
         compiled.append(gm)
         return gm.forward
     cfg = CacheConfig(steps_count=10, step_start=2, step_interval=2, block_start=1, block_end=3, blocks="blocks")
-    opt = optimize(ToyDiT(single=4), cfg, backend=counting)
+    opt = optimize(ToyDiT(single=4), cfg, backend=counting, backend_options={"graphs": "full"})
     for steps in (10, 20, 7, 10):
         opt.set_steps(steps)
         ref = ByHand(ToyDiT(single=4), [c.scaled(steps) for c in opt.configs], "hidden_first")
@@ -463,7 +463,7 @@ def test_set_steps_scales_the_plan_without_recompiling():
     (lambda m: optimize(m, []), r"cache_config is empty"),
     (lambda m: optimize(m, None), r"optimize\(\): the plan is None"),
     (lambda m: optimize(m, FLUX_CFGS, backend="inductor", backend_options={"modee": "max-autotune"}),
-     r"backend_options\['modee'\].*valid keys: \['static_cache_buffers', 'mode'\]"),
+     r"backend_options\['modee'\].*valid keys: \['static_cache_buffers', 'graphs', 'mode'\]"),
     (lambda m: optimize(m, FLUX_CFGS, backend="inductor", backend_options={"mode": "fast"}),
      r"backend_options\['mode'\]='fast'.*'reduce-overhead'"),
     (lambda m: optimize(m, FLUX_CFGS, backend="aot_eager", backend_options={"mode": "reduce-overhead"}),

@@ -1,0 +1,294 @@
+"""Regional compilation of variant graphs: compile each distinct block graph once, share it across variants.
+
+A lowered variant (:meth:`npu_cache_fx.runtime._Entry.build`) is one flat aten graph. Compiled whole,
+every variant pays for compiling every block it keeps, although the blocks a variant keeps are the same
+computation in all of them. :func:`partition` cuts a variant at block boundaries (the capture's block
+spans) into *segments*: one per block that is still in the graph, and *glue* between them (embeddings,
+the cache ops a rewrite inserted, the output head). Each segment becomes a small GraphModule whose
+parameters are inputs (lifted ``get_attr``), with canonical node names, so blocks of one class are the
+same graph; :func:`structural_key` hashes the graph code with its inputs' shapes and dtypes.
+
+:class:`RegionalProgram` runs a variant as its segments in order. A :class:`SegmentCache` (one per
+optimized module, shared by its variants and input shapes) compiles each distinct key once with the
+variant's backend (``torch.compile(..., fullgraph=True)``, static shapes) and hands the same compiled
+callable to every block and variant with that key, called with each block's own parameters: the
+double-stream block of a Flux model is compiled once, not once per block per variant.
+
+What makes graph mode work is kept: the plan stays on the host (one program per variant, no step value
+in any graph), cache buffers are graph inputs updated in place (static addresses), no recompiles (each
+compiled segment sees one input signature; the counting backend in the tests checks it).
+
+Cache-op nodes a rewrite inserts inside a block's node span (an attention cache's ``copy_``, the
+delta of a block range's stream that leaves before the block ends) are moved after the block when no
+node of the block needs them, or belong to the block when one does (a forecast read feeding the block),
+so a block is one segment.
+
+Example::
+
+    >>> program = RegionalProgram(variant_gm, capture.spans, SegmentCache(compile_fn))  # doctest: +SKIP
+    >>> flat_out = program(*leaves, *cache_buffers)                                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+
+__all__ = ["RegionalProgram", "Segment", "SegmentCache", "partition", "structural_key"]
+
+GLUE = ("glue",)
+
+
+@dataclass
+class Segment:
+    """One block (``label`` = (list fqn, index)) or a run of glue (``label`` = ``("glue",)``)."""
+
+    label: Tuple
+    gm: fx.GraphModule
+    inputs: List[int]  # environment slots read, in placeholder order
+    outputs: List[int]  # environment slots written, in output order
+    key: str = ""
+    fn: Optional[Callable] = None
+
+
+def _labels(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Dict[fx.Node, Tuple]:
+    owner = {name: (fqn, i) for fqn, per in spans.items() for i, names in enumerate(per) for name in names}
+    labels: Dict[fx.Node, Tuple] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and node.args[0] in labels:
+            labels[node] = labels[node.args[0]]  # a multi-output node and its items stay together
+        else:
+            labels[node] = owner.get(node.name, GLUE)
+    return labels
+
+
+def _order(gm: fx.GraphModule, labels: Dict[fx.Node, Tuple]) -> List[fx.Node]:
+    """The call_function nodes in an order where each block's nodes are contiguous.
+
+    Glue inside a block's run is moved after the block unless a later node of the block needs it or
+    mutates a tensor in place (then it joins the block, where it was). Falls back to graph order if
+    that would break a dependency."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    last: Dict[Tuple, int] = {}
+    inside: Dict[fx.Node, Tuple] = {}  # glue node -> the block whose run it interrupts
+    current: Optional[Tuple] = None
+    for k, n in enumerate(nodes):
+        if labels[n] != GLUE:
+            last[labels[n]] = k
+    for k, n in enumerate(nodes):
+        if labels[n] != GLUE:
+            current = labels[n]
+        elif current is not None and last[current] > k:
+            inside[n] = current
+    # the last in-place op of each block: glue before it is not moved past it (it might read what it mutates)
+    last_mutation: Dict[Tuple, int] = {}
+    for k, n in enumerate(nodes):
+        schema = getattr(n.target, "_schema", None)
+        if labels[n] != GLUE and schema is not None and schema.is_mutable:
+            last_mutation[labels[n]] = k
+    for k in range(len(nodes) - 1, -1, -1):  # users first: a chain of glue feeding the block joins it whole
+        n = nodes[k]
+        block = inside.get(n)
+        if block is not None and (any(labels.get(u) == block for u in n.users)
+                                  or last_mutation.get(block, -1) > k):
+            labels[n] = block
+    out: List[fx.Node] = []
+    deferred: Dict[Tuple, List[fx.Node]] = {}
+    for k, n in enumerate(nodes):
+        lab = labels[n]
+        if lab == GLUE and n in inside:
+            deferred.setdefault(inside[n], []).append(n)  # emitted right after the block
+            continue
+        out.append(n)
+        if lab != GLUE and last[lab] == k:
+            out.extend(deferred.pop(lab, []))
+    for rest in deferred.values():
+        out.extend(rest)
+    seen = set()
+    for n in out:
+        if any(a.op == "call_function" and a not in seen for a in n.all_input_nodes):
+            return nodes
+        seen.add(n)
+    return out
+
+
+def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[List[Segment], List[Any], List[Any], int]:
+    """Cut ``gm`` into segments. Returns ``(segments, constants, outputs, n_inputs)``:
+
+    the environment is ``[*placeholder values, *constants, *segment outputs]``; ``constants`` are the
+    ``get_attr`` targets (the model's parameters and buffers);
+    ``outputs`` is, per graph output, an environment slot (int) or ``("const", value)``.
+    """
+    labels = _labels(gm, spans)
+    order = _order(gm, labels)
+    slot: Dict[fx.Node, int] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for n in placeholders:
+        slot[n] = len(slot)
+    constants: List[str] = []
+    submodules: Dict[fx.Node, torch.nn.Module] = {}  # get_attr of a module (export's autocast / grad-mode HOPs)
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            obj: Any = gm
+            for part in n.target.split("."):
+                obj = getattr(obj, part)
+            if isinstance(obj, torch.nn.Module):
+                submodules[n] = obj
+                continue
+            slot[n] = len(placeholders) + len(constants)
+            constants.append(n.target)
+    runs: List[Tuple[Tuple, List[fx.Node]]] = []
+    for n in order:
+        if not runs or runs[-1][0] != labels[n]:
+            runs.append((labels[n], []))
+        runs[-1][1].append(n)
+    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    # which nodes are read after each run (by later runs or the output)
+    run_of = {n: r for r, (_, members) in enumerate(runs) for n in members}
+    segments: List[Segment] = []
+    next_slot = len(placeholders) + len(constants)
+    for r, (label, members) in enumerate(runs):
+        member_set = set(members)
+        graph = fx.Graph()
+        root = torch.nn.Module()
+        env: Dict[fx.Node, fx.Node] = {}
+        inputs: List[int] = []
+
+        def arg(a: fx.Node) -> fx.Node:
+            if a in env:
+                return env[a]
+            if a in submodules:  # a module stays an attribute of the segment (part of its structural key)
+                name = f"sub{sum(1 for _ in root.children())}"
+                root.add_module(name, submodules[a])
+                env[a] = graph.get_attr(name)
+                return env[a]
+            ph = graph.placeholder(f"i{len(inputs)}")
+            inputs.append(slot[a])
+            env[a] = ph
+            return ph
+
+        for k, n in enumerate(members):
+            args = fx.map_arg(n.args, lambda a: env[a] if a in member_set else arg(a))
+            kwargs = fx.map_arg(n.kwargs, lambda a: env[a] if a in member_set else arg(a))
+            env[n] = graph.create_node("call_function", n.target, args, kwargs, name=f"n{k}")
+        live = [n for n in members if any(u is output_node or (u in run_of and run_of[u] != r) for u in n.users)]
+        graph.output(tuple(env[n] for n in live))
+        outputs = []
+        for n in live:
+            slot[n] = next_slot
+            outputs.append(next_slot)
+            next_slot += 1
+        seg_gm = fx.GraphModule(root, graph, class_name="Segment")
+        segments.append(Segment(label, seg_gm, inputs, outputs))
+    (flat,) = output_node.args
+    outs = [slot[a] if isinstance(a, fx.Node) else ("const", a) for a in flat]
+    return segments, constants, outs, len(placeholders)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"T{tuple(value.shape)}{tuple(value.stride())}{value.dtype}{value.device}{value.requires_grad}"
+    return f"V{type(value).__name__}:{value!r}"
+
+
+def structural_key(segment: Segment, example: Sequence[Any]) -> str:
+    """Hash of a segment's graph code (canonical names, parameters as inputs), its inputs' metadata (shape,
+    stride, dtype, device, requires_grad, which inputs are the same tensor) and the grad mode: everything a
+    compiled segment is specialised on."""
+    h = hashlib.sha256(segment.gm.code.encode())
+    for name, sub in segment.gm.named_children():  # export's HOP bodies (autocast regions)
+        h.update(f"{name}:{getattr(sub, 'code', repr(sub))}".encode())
+        if not isinstance(sub, fx.GraphModule) or any(True for _ in sub.parameters()) or any(
+                True for _ in sub.buffers()):
+            h.update(f"id{id(sub)}".encode())  # weights inside: never shared with another module's
+    first: Dict[int, int] = {}
+    for k, value in enumerate(example):
+        h.update(_describe(value).encode())
+        if isinstance(value, torch.Tensor):
+            h.update(f"@{first.setdefault(id(value), k)}".encode())
+    h.update(f"grad={torch.is_grad_enabled()}".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class SegmentCache:
+    """Compiled segments by structural key, shared by every variant (and input shape) of one module."""
+
+    compile_fn: Callable[[fx.GraphModule, List[Any]], Callable]  # (segment graph, example inputs)
+    compiled: Dict[str, Callable] = field(default_factory=dict)
+    hits: int = 0
+
+    def get(self, segment: Segment, example: Sequence[Any]) -> Tuple[Callable, bool]:
+        """The compiled callable for ``segment`` and whether it was new."""
+        key = segment.key = structural_key(segment, example)
+        fn = self.compiled.get(key)
+        if fn is not None:
+            self.hits += 1
+            return fn, False
+        fn = self.compiled[key] = self.compile_fn(segment.gm, list(example))
+        return fn, True
+
+
+class RegionalProgram:
+    """A variant run as its segments, each a compiled callable shared with every equal segment.
+
+    Segments are bound to compiled callables on the first call (their structural key includes the
+    inputs' shapes), so the first call compiles what no earlier variant compiled.
+    """
+
+    def __init__(self, gm: fx.GraphModule, spans: Dict[str, List[List[str]]], cache: SegmentCache):
+        self.gm = gm
+        self.segments, self.constants, self.outputs, self.n_inputs = partition(gm, spans)
+        self.template: List[Any] = [None] * (self.n_inputs + len(self.constants) + sum(
+            len(s.outputs) for s in self.segments))
+        self.refresh_constants()
+        self.cache = cache
+        self.bound = False
+        self.compiled_new = 0  # segments this program compiled (first to need them)
+        self.shared = 0  # segments it found compiled already
+        self.first_call_seconds: Optional[float] = None
+
+    def refresh_constants(self) -> None:
+        """Read the parameters and buffers again (``.to()`` replaces buffers)."""
+        for k, target in enumerate(self.constants):
+            obj: Any = self.gm
+            for part in target.split("."):
+                obj = getattr(obj, part)
+            self.template[self.n_inputs + k] = obj
+
+    @property
+    def blocks(self) -> int:
+        return sum(1 for s in self.segments if s.label != GLUE)
+
+    def _bind(self, env: List[Any]) -> None:
+        for seg in self.segments:
+            example = [env[i] for i in seg.inputs]
+            seg.fn, new = self.cache.get(seg, example)
+            self.compiled_new += new
+            self.shared += not new
+            outs = seg.fn(*example)
+            for j, v in zip(seg.outputs, outs):
+                env[j] = v
+        self.bound = True
+
+    def __call__(self, *args):
+        env = list(self.template)
+        env[:self.n_inputs] = args
+        if not self.bound:
+            start = time.perf_counter()
+            self._bind(env)
+            self.first_call_seconds = time.perf_counter() - start
+        else:
+            for seg in self.segments:
+                outs = seg.fn(*[env[i] for i in seg.inputs])
+                for j, v in zip(seg.outputs, outs):
+                    env[j] = v
+        return tuple(env[o] if isinstance(o, int) else o[1] for o in self.outputs)

@@ -1,0 +1,159 @@
+"""Regional compilation (npu_cache_fx.regions, issue #19): variants share the compiled code of their blocks.
+
+Quick tier: the partition itself (every node in one segment, blocks of one class one structural key, the
+program equal to the variant graph). Slow tier: a counting backend over two generations with two cache
+contexts (2 x 50 steps): the same outputs as the full-graph variants, each distinct segment compiled exactly once, no
+recompiles and no graph breaks, and the stats per variant and per shape.
+"""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+pytest.importorskip("diffusers")
+
+from npu_cache_fx import CacheConfig, optimize  # noqa: E402
+from npu_cache_fx.backends import graph_mode  # noqa: E402
+from npu_cache_fx.config import ConfigError  # noqa: E402
+from npu_cache_fx.regions import GLUE, RegionalProgram, SegmentCache, partition  # noqa: E402
+from npu_cache_fx.schedule import Action  # noqa: E402
+from counting import fresh_dynamo  # noqa: E402
+from dit_models import flux_inputs, tiny_flux, tiny_wan, wan_inputs  # noqa: E402
+
+STEPS = 50  # two generations of 50 steps in two contexts: 0 recompiles (issue #19)
+FLUX_CFGS = [CacheConfig(steps_count=STEPS, step_start=3, step_interval=3, blocks="transformer_blocks"),
+             CacheConfig(steps_count=STEPS, step_start=4, step_interval=2, step_end=10,
+                         blocks="single_transformer_blocks", block_start=1, forecast="linear")]
+WAN_CFGS = [CacheConfig(method="attention_cache", steps_count=STEPS, step_start=2, step_interval=3)]
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return tiny_flux(layers=2, single=4)
+
+
+def _variants(opt, make_inputs):
+    kwargs = make_inputs(0.5)
+    return {d: opt.build_variant(d, **kwargs) for d in opt.plan.variants()}, kwargs
+
+
+def test_partition_groups_blocks_and_keeps_the_graph(flux):
+    """Every call_function node in exactly one segment; blocks of one class share a key; glue a rewrite
+    inserts inside a block's span leaves the block whole; the program returns the variant's outputs."""
+    opt = optimize(flux, FLUX_CFGS)
+    variants, kwargs = _variants(opt, flux_inputs)
+    cap = next(iter(opt._entries.values())).capture
+    leaves = [v for v in kwargs.values()]
+    compiled = []
+    cache = SegmentCache(lambda gm, example: compiled.append(gm) or gm)
+    for decision, gm in variants.items():
+        segments, constants, outputs, n_inputs = partition(gm, cap.spans)
+        n_nodes = sum(1 for n in gm.graph.nodes if n.op == "call_function")
+        assert sum(sum(1 for n in s.gm.graph.nodes if n.op == "call_function") for s in segments) == n_nodes
+        labels = [s.label for s in segments if s.label != GLUE]
+        assert len(labels) == len(set(labels)), f"a block split in two segments: {labels}"
+        assert not any(n.op == "get_attr" for s in segments for n in s.gm.graph.nodes)  # weights are inputs
+        program = RegionalProgram(gm, cap.spans, cache)
+        bufs = [torch.randn(shape, dtype=dtype) for _, shape, dtype, _ in gm.meta["cache_slots"]]
+        with torch.no_grad():
+            want = gm(*leaves, *[b.clone() for b in bufs])
+            got = program(*leaves, *[b.clone() for b in bufs])
+        for a, b in zip(got, want):
+            if isinstance(b, torch.Tensor):
+                assert torch.equal(a, b)
+    # the compute variant: both double blocks one key, the middle single blocks one key
+    compute = next(p for d, p in variants.items() if all(a is Action.COMPUTE for a in d))
+    program = RegionalProgram(compute, cap.spans, SegmentCache(lambda gm, example: gm))
+    with torch.no_grad():
+        program(*leaves)
+    keys = {s.label: s.key for s in program.segments}
+    assert keys[("transformer_blocks", 0)] == keys[("transformer_blocks", 1)]
+    assert keys[("single_transformer_blocks", 1)] == keys[("single_transformer_blocks", 2)]
+    assert len(compiled) < sum(len(partition(gm, cap.spans)[0]) for gm in variants.values())
+
+
+def test_graph_mode_option():
+    assert graph_mode(None) is None and graph_mode("eager") is None
+    assert graph_mode("inductor") == "regional" and graph_mode("aot_eager") == "regional"
+    assert graph_mode("inductor", {"mode": "reduce-overhead"}) == "full"
+    assert graph_mode("torchair") == "full"
+    assert graph_mode("inductor", {"graphs": "full"}) == "full"
+    assert graph_mode(lambda gm, ex: gm) == "regional"
+    model = tiny_wan(layers=1)
+    with pytest.raises(ConfigError, match=r"backend_options\['graphs'\]='whole'.*\['regional', 'full'\]"):
+        optimize(model, WAN_CFGS, backend="aot_eager", backend_options={"graphs": "whole"})
+    with pytest.raises(ConfigError, match=r"backend_options\['graphs'\] is not read by backend=None"):
+        optimize(model, WAN_CFGS, backend_options={"graphs": "regional"})
+
+
+def _generate(opt, make_inputs, steps=STEPS):
+    outs = []
+    with torch.no_grad():
+        for gen in range(2):
+            for s in range(steps):
+                t = 1.0 - s / steps
+                with opt.cache_context("cond"):
+                    out = opt(**make_inputs(t, seed=s))[0]
+                with opt.cache_context("uncond"):
+                    opt(**make_inputs(t, seed=100 + s))
+                outs.append(out)
+    return outs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_regional_variants_share_compiled_blocks(flux, name):
+    """optimize(backend=B): each distinct segment compiled once for all variants and blocks, the outputs of
+    the full-graph variants, no recompile over two generations in two contexts, stats per variant."""
+    model, make_inputs, cfgs = (flux, flux_inputs, FLUX_CFGS) if name == "flux" else (
+        tiny_wan(layers=3), wan_inputs, WAN_CFGS)
+    full_backend = fresh_dynamo()
+    full = optimize(model, cfgs, backend=full_backend, backend_options={"graphs": "full"})
+    want = _generate(full, make_inputs)
+    n_variants = len(full.plan.variants())
+    assert len(full_backend.graphs) == n_variants and full.stats.graph_mode == "full"
+
+    backend = fresh_dynamo()
+    opt = optimize(model, cfgs, backend=backend)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = _generate(opt, make_inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not counters["graph_break"]
+    programs = [v.fn for e in opt._entries.values() for v in e.variants.values()]
+    assert len(programs) == n_variants and all(isinstance(p, RegionalProgram) for p in programs)
+    keys = {s.key for p in programs for s in p.segments}
+    assert len(backend.graphs) == len(keys)  # one compile per distinct segment, none after the first call
+    assert len(keys) < sum(len(p.segments) for p in programs)  # shared by blocks and variants
+    compute = max(programs, key=lambda p: p.blocks)
+    per_list = {}
+    for s in compute.segments:
+        if s.label != GLUE:
+            per_list.setdefault(s.label[0], set()).add(s.key)
+    for fqn, ks in per_list.items():  # first / middle / last block of a list at most
+        assert len(ks) <= 3, (fqn, len(ks))
+    stats = opt.stats
+    assert stats.graph_mode == "regional" and stats.graphs_compiled == len(keys)
+    assert stats.graphs_shared == sum(len(p.segments) for p in programs) - len(keys)
+    (timing,) = stats.timings.values()
+    assert timing["capture_seconds"] > 0 and len(timing["variants"]) == n_variants
+    assert all(v["compile_seconds"] > 0 for v in timing["variants"].values())
+    assert stats.compile_seconds == pytest.approx(sum(v["compile_seconds"] for v in timing["variants"].values()))
+    # a new input shape: captured and compiled again, reported under its own label
+    with torch.no_grad():
+        opt(**make_inputs(0.5, batch=2))
+    assert len(stats.timings) == 2
+
+
+@pytest.mark.slow
+def test_regional_inductor_matches_full_graph(flux):
+    """The real backend: regional inductor equals the full-graph inductor variants numerically."""
+    cfgs = FLUX_CFGS[:1]
+    full = optimize(flux, cfgs, backend="inductor", backend_options={"graphs": "full"})
+    regional = optimize(flux, cfgs, backend="inductor")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        a, b = _generate(full, flux_inputs, steps=STEPS), _generate(regional, flux_inputs, steps=STEPS)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    assert regional.stats.graphs_compiled < 3 * regional.stats.graphs_shared + 3
