@@ -25,7 +25,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 WORKERS="${PYTEST_WORKERS:-2}"
 XDIST=()
 if [ "$WORKERS" != "0" ]; then
-  XDIST=(-n "$WORKERS" --dist loadgroup)
+  XDIST=(-n "$WORKERS")  # expensive fixtures shared by the workers: tests/conftest.py once_per_run
 fi
 set +e
 python -m pytest -q "${XDIST[@]}" "$@"

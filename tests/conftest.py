@@ -1,5 +1,8 @@
+import contextlib
 import os
 import sys
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -8,6 +11,22 @@ import torch
 # under xdist a worker interleaves modules, which tears module-scoped fixtures down and builds them again.
 torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+@contextlib.contextmanager
+def once_per_run(tmp_path_factory, name: str) -> Iterator[tuple]:
+    """``(folder, done)`` for work every xdist worker needs but one should do: the folder is shared by the
+    workers of this run and the block runs under a file lock, so the first worker builds it (``done`` is
+    False) and the others find it built (``done`` True). The worker that builds it must create
+    ``folder / "done"`` last. (xdist_group cannot pin a module to one worker: under pytest 9 xdist's
+    group suffix on the node id has no effect.)"""
+    from filelock import FileLock
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = Path(root) / name
+    with FileLock(str(folder) + ".lock"):
+        folder.mkdir(exist_ok=True)
+        yield folder, (folder / "done").exists()
 
 
 @pytest.fixture(autouse=True)

@@ -16,8 +16,8 @@ import sys
 
 import pytest
 
-# slow; one xdist worker runs the whole module, so its module fixture (a 30 s subprocess) runs once
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("peers_smoke")]
+# slow; its session fixture (a 30 s subprocess) runs once per test run, shared by the xdist workers
+pytestmark = pytest.mark.slow
 
 pytest.importorskip("diffusers")
 pytest.importorskip("matplotlib")
@@ -48,13 +48,19 @@ DIFFUSERS_FAMILIES = _diffusers_families()
 
 @pytest.fixture(scope="session")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("peers") / "peers.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.join("benchmarks", "peers.py"), "--quick", "--no-compile-count",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
-    return json.loads(out.read_text()), out, proc.stdout
+    from conftest import once_per_run
+    with once_per_run(tmp_path_factory, "peers_quick") as (folder, done):
+        out = folder / "peers.json"
+        if not done:
+            env = dict(os.environ, OMP_NUM_THREADS="1",
+                       PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+            proc = subprocess.run([sys.executable, os.path.join("benchmarks", "peers.py"), "--quick",
+                                   "--no-compile-count", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                                  text=True, timeout=240)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+            (folder / "stdout.txt").write_text(proc.stdout)
+            (folder / "done").touch()
+    return json.loads(out.read_text()), out, (folder / "stdout.txt").read_text()
 
 
 def test_outputs_and_settings(quick):
