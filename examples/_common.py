@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 
@@ -24,13 +24,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # tiny models and pipelines, built offline
 
-from npu_cache_fx import CacheConfig, disable_cache, enable_cache, optimize  # noqa: E402
+from npu_cache_fx import disable_cache, enable_cache, optimize  # noqa: E402
+from npu_cache_fx.pipeline_cli import default_device  # noqa: E402
 from npu_cache_fx.recipes import RECIPES, Recipe  # noqa: E402,F401  (RECIPES: for the examples)
 from npu_cache_fx.runtime import OptimizedModule  # noqa: E402
-
-
-def configs(recipe: Recipe, transformer: torch.nn.Module, verbose: bool = True) -> List[CacheConfig]:
-    return recipe.configs(transformer, verbose=verbose)
 
 
 def parse_args(recipe: Recipe, doc: str) -> argparse.Namespace:
@@ -50,14 +47,6 @@ def parse_args(recipe: Recipe, doc: str) -> argparse.Namespace:
     if args.device is None:
         args.device = default_device()
     return args
-
-
-def default_device() -> str:
-    try:
-        import torch_npu  # noqa: F401
-        return "npu"
-    except Exception:
-        return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def backend_arg(name: str):
@@ -89,7 +78,7 @@ def run_tiny_pipeline(recipe: Recipe, pipe, call: Dict[str, Any], backend) -> No
     """Tiny pipeline: uncached vs ``enable_cache(pipe, recipe plan)``."""
     print(f"{recipe.family} (tiny random pipeline, {recipe.steps} steps) -- recipe: {recipe.source}")
     run = lambda: _images(pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=recipe.steps, **call))  # noqa: E731
-    enable_cache(pipe, configs(recipe, pipe.transformer), backend=backend)
+    enable_cache(pipe, recipe.configs(pipe.transformer, verbose=True), backend=backend)
     opt = pipe.transformer
     timed(run)                     # warm-up: capture and build every variant
     out, cached_s = timed(run)
@@ -104,7 +93,7 @@ def run_tiny_loop(recipe: Recipe, model_name: str, backend) -> None:
     m = MODELS[model_name]
     model = m.build()
     print(f"{recipe.family} (tiny random {m.cls}, Euler loop over {recipe.steps} steps) -- recipe: {recipe.source}")
-    opt = optimize(model, configs(recipe, model), backend=backend)
+    opt = optimize(model, recipe.configs(model, verbose=True), backend=backend)
     base = m.inputs(1.0, seed=0)
     t_scale = float(base["timestep"].reshape(-1)[0])  # 1 or 1000, as the model expects
 
@@ -134,7 +123,7 @@ def run_real(recipe: Recipe, pipeline_cls, args, call: Dict[str, Any], save: Cal
     dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
     pipe = pipeline_cls.from_pretrained(args.model_id, torch_dtype=dtype).to(args.device)
     print(f"{recipe.family}: {args.model_id} on {args.device} -- recipe: {recipe.source}")
-    enable_cache(pipe, configs(recipe, pipe.transformer), backend=backend_arg(args.backend))
+    enable_cache(pipe, recipe.configs(pipe.transformer, verbose=True), backend=backend_arg(args.backend))
     print(pipe.transformer.plan)
     kw = dict(recipe.call, **call, num_inference_steps=recipe.steps)
     out, seconds = timed(lambda: pipe(generator=torch.Generator("cpu").manual_seed(0), **kw))

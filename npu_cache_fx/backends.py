@@ -19,7 +19,8 @@ import torch.fx as fx
 from .config import ConfigError
 
 __all__ = ["BackendUnavailable", "BACKENDS", "block_backend", "check_backend_options", "compile_graph",
-           "compile_segment", "ge_ready_blocks", "graph_mode", "GRAPH_MODES", "prepare_for_torchair", "resolve_backend", "TORCHAIR_MODES"]
+           "compile_segment", "ge_ready_blocks", "graph_mode", "GRAPH_MODES", "prepare_for_torchair",
+           "resolve_backend", "TORCHAIR_MODES"]
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ from .config import CacheConfig, ConfigError, config_list, load_plan
 from .recipes import default_plan
 from .runtime import OptimizedModule, optimize
 
-__all__ = ["DENOISERS", "default_plan", "denoisers", "disable_cache", "enable_cache", "summary"]
+__all__ = ["DENOISERS", "default_plan", "denoisers", "disable_cache", "enable_cache", "optimized_denoisers",
+           "summary"]
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,22 @@ def enable_cache(pipe: Any, plan: Union[None, str, os.PathLike, CacheConfig, Seq
 
     A denoiser already optimized is optimized again from its original module with the new plan.
     """
+    for name, module in optimized_denoisers(pipe, plan, backend=backend, backend_options=backend_options).items():
+        setattr(pipe, name, module)
+        log.info("enable_cache: %s.%s optimized (%s)", type(pipe).__name__, name, [c.label for c in module.configs])
+    return pipe
+
+
+def optimized_denoisers(pipe: Any, plan: Union[None, str, os.PathLike, CacheConfig, Sequence[CacheConfig]] = None,
+                        *, backend: Backend = None,
+                        backend_options: Optional[Dict[str, Any]] = None) -> Dict[str, OptimizedModule]:
+    """Each DiT denoiser of ``pipe`` (its original module, if already optimized) optimized with ``plan``,
+    by attribute name; ``pipe`` itself is left as it is (:func:`enable_cache` installs them)."""
+    out = {}
     for name, module in denoisers(pipe).items():
         original = module.model if isinstance(module, OptimizedModule) else module
-        setattr(pipe, name, optimize(original, _plan_for(plan, original), backend=backend,
-                                     backend_options=backend_options))
-        log.info("enable_cache: %s.%s optimized (%s)", type(pipe).__name__, name,
-                 [c.label for c in getattr(pipe, name).configs])
-    return pipe
+        out[name] = optimize(original, _plan_for(plan, original), backend=backend, backend_options=backend_options)
+    return out
 
 
 def disable_cache(pipe: Any) -> Any:

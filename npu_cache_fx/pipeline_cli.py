@@ -29,14 +29,14 @@ import torch
 
 from . import metrics
 from .config import ConfigError, configs_to_json, load_plan
-from .pipeline import disable_cache, enable_cache, summary
 from .pipeline import denoisers as pipeline_denoisers
+from .pipeline import optimized_denoisers, summary
 from .recipes import default_plan
 from .runtime import OptimizedModule
 from .bench import machine_info, measure_interleaved, verdict
 from .timestep import fewer_steps_for
 
-__all__ = ["CLIError", "PipelineRunner", "load_pipeline", "read_prompts", "run_bench", "run_generate",
+__all__ = ["CLIError", "PipelineRunner", "default_device", "load_pipeline", "read_prompts", "run_bench", "run_generate",
            "run_search"]
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,8 @@ def read_prompts(path: Optional[str], option: str = "--prompts") -> List[str]:
     return prompts
 
 
-def _device(name: str) -> str:
+def default_device(name: str = "auto") -> str:
+    """``name``, or for ``"auto"``: ``"npu"`` when torch_npu imports, else ``"cuda"`` when available, else ``"cpu"``."""
     if name != "auto":
         return name
     try:
@@ -107,7 +108,7 @@ def load_pipeline(path: Optional[str], dtype: str = "auto", device: str = "auto"
     if local and not os.path.isfile(os.path.join(os.path.expanduser(path), "model_index.json")):
         raise CLIError(f"--pipeline {path}: the folder has no model_index.json; pass the folder "
                        "pipe.save_pretrained wrote (not a single model's folder)")
-    device = _device(device)
+    device = default_device(device)
     if device == "npu":
         import torch_npu  # noqa: F401
     torch_dtype = DTYPES[dtype] if dtype != "auto" else (torch.float32 if device == "cpu" else torch.bfloat16)
@@ -196,10 +197,7 @@ class PipelineRunner:
     def cached(self, plan, backend=None, backend_options=None) -> Dict[str, OptimizedModule]:
         """The pipeline's denoisers optimized with ``plan`` (the pipeline itself is left as loaded)."""
         with self.using(self.plain):
-            enable_cache(self.pipe, plan, backend=backend, backend_options=backend_options)
-            modules = {name: getattr(self.pipe, name) for name in self.plain}
-            disable_cache(self.pipe)
-        return modules
+            return optimized_denoisers(self.pipe, plan, backend=backend, backend_options=backend_options)
 
 
 def _plan_arg(plan: Optional[str], pipe: Any, steps: Optional[int]) -> Tuple[list, int, str]:
@@ -259,17 +257,14 @@ def run_search(args) -> int:
     runner.progress = False  # the search shows its own progress
     name = next(iter(runner.plain))
 
-    def run_fn(transformer):  # one generation: every prompt x seed in one batch
-        return runner.run({name: transformer}, output_type="latent", batched=True)
-
-    def run_fn_steps(transformer, n):
+    def run_fn(transformer, n=None):  # one generation: every prompt x seed in one batch (n: other step count)
         return runner.run({name: transformer}, steps=n, output_type="latent", batched=True)
 
     print(f"search: {len(prompts)} prompt(s) x {len(runner.seeds)} seed(s), {steps} steps, target "
           f"x{args.target:g}, {type(runner.plain[name]).__name__}")
     result = search(runner.plain[name], run_fn, method=args.method, target_speedup=args.target,
                     max_cache_bytes=args.max_cache_bytes, steps_count=steps, strategy=args.strategy,
-                    progress=True, run_fn_steps=run_fn_steps if args.method == "auto" else None)
+                    progress=True, run_fn_steps=run_fn if args.method == "auto" else None)
     paths = result.write(args.out)
     print(result.summary())
     for kind, path in paths.items():

@@ -564,13 +564,12 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             call = self._prepare(args, kwargs)
             if call.skip:  # AdaStep: no model call at all
                 out = self._finish(call, None)
-            elif call.variant.timed:
+            else:
+                first = not call.variant.timed  # the first call of a compiled variant compiles it
+                start = time.perf_counter() if first else 0.0
                 flat_out = call.fn(*call.inputs)
-                out = self._finish(call, flat_out)
-            else:  # the first call of a compiled variant: compiles it
-                start = time.perf_counter()
-                flat_out = call.fn(*call.inputs)
-                self._record_compile(call.entry, call.variant, time.perf_counter() - start)
+                if first:
+                    self._record_compile(call.entry, call.variant, time.perf_counter() - start)
                 out = self._finish(call, flat_out)
             return hook.post_forward(self.model, out) if hook is not None else out
 
@@ -794,8 +793,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             targets = [bind_target(i, c, cap, self.model, leaves) for i, c in enumerate(self.configs)]
             label = _shape_label(kwargs)
             entry = self._entries[key] = _Entry(cap, targets, label=label)
-            timing = self.stats.timings.setdefault(label, {"capture_seconds": 0.0, "variants": {}})
-            timing["capture_seconds"] = cap.seconds if fresh else 0.0  # 0: a capture shared via captures=
+            self._timing(label)["capture_seconds"] = cap.seconds if fresh else 0.0  # 0: shared via captures=
             if len(self._entries) > 1:
                 log.info("new input signature for %s: captured again (%d captures)",
                          type(self.model).__name__, len(self._entries))
@@ -886,9 +884,12 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         self.stats.compile_seconds += seconds
         self.stats.graphs_compiled += compiled
         self.stats.graphs_shared += shared
-        timing = self.stats.timings.setdefault(entry.label, {"capture_seconds": 0.0, "variants": {}})
-        timing["variants"][variant.label] = {"compile_seconds": seconds, "graphs_compiled": compiled,
-                                             "graphs_shared": shared}
+        self._timing(entry.label)["variants"][variant.label] = {"compile_seconds": seconds,
+                                                               "graphs_compiled": compiled, "graphs_shared": shared}
+
+    def _timing(self, label: str) -> Dict[str, Any]:
+        """``stats.timings`` of one input signature."""
+        return self.stats.timings.setdefault(label, {"capture_seconds": 0.0, "variants": {}})
 
     def _safe_decision(self, entry: _Entry, decision: Decision, valid: set) -> Decision:
         """Never read a slot not written in this generation for this input signature."""

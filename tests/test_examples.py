@@ -50,8 +50,7 @@ def test_recipe_fits_the_tiny_model(family):
     from coverage_models import MODELS
     recipe = importlib.import_module(family).RECIPE
     model = MODELS[FAMILIES[family]].build()
-    import _common
-    cfgs = _common.configs(recipe, model, verbose=False)
+    cfgs = recipe.configs(model)
     opt = optimize(model, cfgs)  # validates block lists and ranges; captures nothing yet
     assert opt.plan.steps_count == recipe.steps and opt.plan.reuse_steps()
     for r, cfg in zip(recipe.ranges, opt.configs):
