@@ -245,24 +245,20 @@ def run_search(args) -> int:
         runner = _runner(args, prompts)
     except CLIError as exc:
         return _fail(exc)
-    if len(runner.plain) > 1:
-        return _fail(CLIError(
-            f"--pipeline {args.pipeline}: it has two denoisers ({', '.join(runner.plain)}: Wan 2.2's experts, "
-            "each running part of the steps) and the search tunes one denoiser over whole generations; "
-            "search the one-expert pipeline, or pass a plan to generate/bench (enable_cache gives each expert "
-            "the plan's steps it runs)"))
     from .search import search
     steps = args.steps or 28
     runner.steps = steps
     runner.progress = False  # the search shows its own progress
-    name = next(iter(runner.plain))
+    several = len(runner.plain) > 1  # Wan 2.2's experts: one plan over the steps each runs
 
-    def run_fn(transformer, n=None):  # one generation: every prompt x seed in one batch (n: other step count)
-        return runner.run({name: transformer}, steps=n, output_type="latent", batched=True)
+    def run_fn(denoisers, n=None):  # one generation: every prompt x seed in one batch (n: other step count)
+        modules = denoisers if several else {next(iter(runner.plain)): denoisers}
+        return runner.run(modules, steps=n, output_type="latent", batched=True)
 
     print(f"search: {len(prompts)} prompt(s) x {len(runner.seeds)} seed(s), {steps} steps, target "
-          f"x{args.target:g}, {type(runner.plain[name]).__name__}")
-    result = search(runner.plain[name], run_fn, method=args.method, target_speedup=args.target,
+          f"x{args.target:g}, " + " + ".join(f"{n} ({type(m).__name__})" for n, m in runner.plain.items()))
+    model = dict(runner.plain) if several else next(iter(runner.plain.values()))
+    result = search(model, run_fn, method=args.method, target_speedup=args.target,
                     max_cache_bytes=args.max_cache_bytes, steps_count=steps, strategy=args.strategy,
                     progress=True, run_fn_steps=run_fn if args.method == "auto" else None)
     paths = result.write(args.out)

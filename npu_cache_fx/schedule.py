@@ -21,7 +21,7 @@ from typing import List, Sequence, Tuple
 
 from .config import CacheConfig, ConfigError
 
-__all__ = ["Action", "Plan", "config_actions", "forecast_coefficients", "make_plan"]
+__all__ = ["Action", "Plan", "config_actions", "forecast_coefficients", "make_plan", "segment_actions"]
 
 
 class Action(enum.Enum):
@@ -81,6 +81,32 @@ def config_actions(cfg: CacheConfig) -> List[Action]:
             else:
                 needed.add(last_write)
     return [Action.COMPUTE if a is Action.WRITE and s not in needed else a for s, a in enumerate(actions)]
+
+
+def segment_actions(actions: Sequence[Action], starts: Sequence[int] = ()) -> List[Action]:
+    """The actions a generation split among several denoisers runs: ``starts`` are the steps at which
+    another denoiser takes over (Wan 2.2's low-noise expert at its boundary step).
+
+    Each denoiser keeps its own cache, so a READ whose latest WRITE was made before the start of its
+    segment computes instead -- what the runtime does for a read of a slot not written in this
+    generation. WRITEs stay as planned (a write read only across a boundary is made and not used).
+
+        >>> R, W, C = Action.READ, Action.WRITE, Action.COMPUTE
+        >>> [a.value[0] for a in segment_actions([C, W, R, R, W, R], starts=(3,))]
+        ['c', 'w', 'r', 'c', 'w', 'r']
+    """
+    out = list(actions)
+    bounds = sorted(s for s in starts if s > 0)
+    last_write = None
+    for s, a in enumerate(out):
+        while bounds and s >= bounds[0]:
+            bounds.pop(0)
+            last_write = None
+        if a is Action.WRITE:
+            last_write = s
+        elif a is Action.READ and last_write is None:
+            out[s] = Action.COMPUTE
+    return out
 
 
 def forecast_coefficients(t: float, nodes: Sequence[float], order: int) -> List[float]:

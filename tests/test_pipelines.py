@@ -10,7 +10,6 @@ Every cached run equals the same pipeline whose transformer applies
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -310,6 +309,70 @@ def test_wan22_experts_each_follow_their_part_of_the_plan(switch):
     with torch.no_grad():
         again = two(generator=torch.Generator().manual_seed(0), **WAN_KW).frames
     assert torch.equal(again, got) and steps(low)[-(STEPS - switch):] == steps(low)[:STEPS - switch]
+
+
+def test_search_over_wan22_experts_predicts_and_runs_what_enable_cache_runs():
+    """One search over both Wan 2.2 experts: the session records the generation across the switch, finds
+    where ``transformer_2`` takes over, and predicts each plan with the runtime's rule there (the joining
+    expert has no cache: a read before its own first write computes). Its predicted reuse steps are the
+    ones the two experts really read on, its runs equal ``enable_cache`` on the pipeline, and a read the
+    switch turns into a compute adds nothing to the proxy. It used to be refused (one denoiser only)."""
+    from npu_cache_fx import disable_cache, enable_cache
+    from npu_cache_fx.schedule import Action
+    from npu_cache_fx.search import SearchSession, search
+    from npu_cache_fx.search.engine import score_plan
+    pipe = wan_pipeline(boundary_ratio=0.75)  # transformer: steps 0-2 (t >= 750), transformer_2: steps 3-5
+    experts = {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
+    kw = dict(WAN_KW, output_type="latent")
+
+    def run_fn(denoisers):
+        saved = pipe.transformer, pipe.transformer_2
+        pipe.transformer, pipe.transformer_2 = denoisers["transformer"], denoisers["transformer_2"]
+        try:
+            return pipe(generator=torch.Generator().manual_seed(0), **kw).frames
+        finally:
+            pipe.transformer, pipe.transformer_2 = saved
+
+    session = SearchSession(experts, run_fn, progress=False).prepare()
+    assert session.segments == (3,) and session.steps_count == STEPS
+    assert {c["denoiser"] for c in session.recorder.calls[:6]} == {"transformer"}
+    blocks = dict(steps_count=STEPS, block_start=0, block_end=4)
+    plans = {  # plan: the steps that reuse (W R W R W R: the read at 3 has no write of transformer_2's)
+        (0, 2, "none"): [1, 5], (0, 3, "none"): [1, 2, 4, 5], (1, 2, "linear"): [2, 4]}
+    for (start, interval, forecast), reuse in plans.items():
+        plan = [CacheConfig(step_start=start, step_interval=interval, forecast=forecast, **blocks)]
+        opts = session.optimized(plan)
+        with torch.no_grad():
+            got = run_fn(opts)
+        read = sorted({s for m in opts.values() for c, s, d in m.trace if c == "cond" and Action.READ in d})
+        assert read == reuse == score_plan(session, plan)["reuse_steps"], (start, interval)
+        enable_cache(pipe, plan)
+        try:
+            with torch.no_grad():
+                assert torch.equal(pipe(generator=torch.Generator().manual_seed(0), **kw).frames, got)
+        finally:
+            disable_cache(pipe)
+    same_reads = [CacheConfig(step_start=0, step_interval=1, step_end=5, refresh_steps=(0, 2, 3, 4), **blocks)]
+    every_2nd = [CacheConfig(step_start=0, step_interval=2, **blocks)]
+    assert score_plan(session, every_2nd)["proxy"] == pytest.approx(score_plan(session, same_reads)["proxy"])
+    result = search(experts, run_fn, target_speedup=1.3, session=session, progress=False)
+    assert result.best is not None and result.notes["denoisers"]["segments"] == [3]
+    assert result.best.notes["stats"]["captures"] == 0
+
+
+def test_search_refuses_experts_of_two_architectures():
+    from npu_cache_fx.search import SearchSession
+    from tiny_pipelines import wan_transformer
+    pipe = wan_pipeline(boundary_ratio=0.75)
+    pipe.transformer_2 = wan_transformer(layers=2, seed=1)
+
+    def run_fn(denoisers):
+        pipe.transformer, pipe.transformer_2 = denoisers["transformer"], denoisers["transformer_2"]
+        return pipe(generator=torch.Generator().manual_seed(0), **dict(WAN_KW, output_type="latent")).frames
+
+    experts = {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
+    with pytest.raises(ValueError, match="'transformer' and 'transformer_2' capture different graphs"):
+        SearchSession(experts, run_fn, progress=False).prepare()
 
 
 # ----------------------------------------------------------------------------- one line on a pipeline

@@ -137,3 +137,15 @@ def test_scaled_configs_table():
     refresh = dit(steps_count=10, blocks_count=8, step_start=1, refresh_steps=(1, 4, 8)).scaled(20)
     assert refresh.refresh_steps == (2, 8, 16) and refresh.step_start == 2 and refresh.step_end == 19
     assert dit(steps_count=10, step_start=12).scaled(20).bypass
+
+
+def test_segment_actions_follow_a_denoiser_that_joins_without_a_cache():
+    """Wan 2.2's second expert takes over at step 3 with no cache of its own: its reads before its first
+    write compute; the write before the switch stays (the runtime makes it, and nothing reads it)."""
+    from npu_cache_fx.schedule import segment_actions
+    acts = config_actions(dit(steps_count=8, step_start=0, step_interval=3))  # W R R W R R W R
+    assert acts == [W, R, R, W, R, R, W, R]
+    assert segment_actions(acts, (3,)) == acts  # the switch falls on a write
+    assert segment_actions(acts, (2,)) == [W, R, C, W, R, R, W, R]
+    assert segment_actions(acts, (1, 5)) == [W, C, C, W, R, C, W, R]
+    assert segment_actions(acts, ()) == acts and segment_actions(acts, (0,)) == acts

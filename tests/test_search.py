@@ -342,6 +342,14 @@ def test_cost_model_follows_the_real_variant_graphs():
     assert math.isclose(t_read - extra, sum(cm.node_cost.get(n, 0.0) for n in real), rel_tol=1e-9)
 
 
+def test_refresh_history_starts_over_where_another_denoiser_takes_over():
+    from npu_cache_fx.search.proxy import refresh_history
+    writes = np.array([[s in (0, 2, 4) for s in range(6)]])
+    assert refresh_history(writes, 2)[0].tolist() == [[-1, -1], [0, -1], [0, -1], [2, 0], [2, 0], [4, 2]]
+    assert refresh_history(writes, 2, (3,))[0].tolist() == [[-1, -1], [0, -1], [0, -1], [-1, -1], [-1, -1],
+                                                             [4, -1]]
+
+
 # ----------------------------------------------------------------------------- forecast order as a search dimension
 def test_forecast_proxy_on_exact_polynomial_residuals():
     """Residuals exactly linear in t: linear (and taylor2) extrapolation has ~0 proxy error, plain reuse does

@@ -33,7 +33,7 @@ from ..capture import AttentionSite, Capture, Region, attention_sites, block_reg
 from ..config import CacheConfig
 from ..passes.common import is_impure
 from ..profile import node_costs, synchronize
-from ..schedule import Action, Decision, make_plan
+from ..schedule import Action, Decision, make_plan, segment_actions
 from ..targets import Removal, Target, bind_target, nbytes, resolve_config
 from .space import DIT, BlockSeq
 
@@ -144,6 +144,7 @@ class CostModel:
     # decision when :meth:`verify` finds the liveness analysis and the runtime's DCE disagree.
     variant_nodes: Optional[Callable[[Sequence[CacheConfig], Decision], FrozenSet[str]]] = None
     exact: bool = False
+    segments: Tuple[int, ...] = ()  # steps at which another denoiser takes over (schedule.segment_actions)
     verification: List[Dict[str, Any]] = field(default_factory=list)
     _regions: Dict[Tuple, Region] = field(default_factory=dict, repr=False)
     _sites: Dict[Tuple, List[AttentionSite]] = field(default_factory=dict, repr=False)
@@ -276,12 +277,14 @@ class CostModel:
     def predict(self, configs: Sequence[CacheConfig]) -> Dict[str, Any]:
         """Predicted seconds per generation and speedup of a plan (decisions from make_plan)."""
         resolved = self.resolve(configs)
-        plan = make_plan(resolved)
-        per_step = [self.decision_time(resolved, d) for d in plan.decisions]
+        decisions = make_plan(resolved).decisions
+        if self.segments:
+            decisions = list(zip(*(segment_actions(col, self.segments) for col in zip(*decisions))))
+        per_step = [self.decision_time(resolved, d) for d in decisions]
         per_context = self.calls / max(self.steps, 1)
         seconds = per_context * sum(per_step) + self.calls * self.t_outside
         return {"seconds": seconds, "predicted_speedup": self.plain_seconds() / seconds, "step_seconds": per_step,
-                "reuse_steps": plan.reuse_steps()}
+                "reuse_steps": [s for s, d in enumerate(decisions) if Action.READ in d]}
 
     def summary(self) -> Dict[str, Any]:
         blocks = {}

@@ -37,7 +37,7 @@ import torch
 from ..config import CacheConfig, config_list
 from ..metrics import mse as mse_fn
 from ..metrics import psnr as psnr_fn
-from ..schedule import Action, config_actions
+from ..schedule import Action, config_actions, segment_actions
 from . import mindie as mi
 from .refine import actions_to_reads, hill_climb, reads_to_schedule
 from .screen import ScreenTable, pick_diverse, screen
@@ -128,7 +128,7 @@ def proxy_of(session: SearchSession, cand: Candidate) -> float:
     px, n = session.proxy, session.steps_count
     total = 0.0
     for p in cand.parts:
-        acts = schedule_actions(p.method, p.schedule, n)
+        acts = schedule_actions(p.method, p.schedule, n, session.segments)
         if p.forecast != "none":
             reads = np.array([[a is Action.READ for a in acts]])
             writes = np.array([[a is Action.WRITE for a in acts]])
@@ -214,7 +214,8 @@ def search_ours(session: SearchSession, method: str, target: float, *, max_cache
     counts0 = session.counts()
     session.prepare()
     n = session.steps_count
-    refine = refine and method in (DIT, "auto")
+    # refinement moves READ steps at equal cost; across a denoiser switch a read may cost a compute
+    refine = refine and method in (DIT, "auto") and not session.segments
     refine_runs = min(refine_runs, max(max_full_runs - 2, 0)) if refine else 0
     k_periodic = max(max_full_runs, 1)
     notes: Dict[str, Any] = {"steps_count": n, "blocks": session.seq.describe(), "B": session.seq.total}
@@ -662,6 +663,8 @@ def _common_notes(session: SearchSession, result: SearchResult) -> None:
     result.notes.setdefault("prepare_seconds", session.prepare_seconds)
     result.notes.setdefault("reference_check_mse", session.reference_check_mse)
     result.notes.setdefault("clock", session.clock_name)
+    if session.segments:
+        result.notes["denoisers"] = {"names": list(session.denoisers), "segments": list(session.segments)}
     result.notes["plain_seconds"] = list(session.plain_seconds)
     result.notes["plain_wall_seconds"] = list(session.plain_wall)
     cands = [c for c in result.candidates if c.evaluated]
@@ -787,7 +790,7 @@ def score_plan(session: SearchSession, configs, *, measure: bool = False, repeat
         if c.bypass:
             continue
         a, b = seq.index(c.blocks, c.block_start), seq.index(c.blocks, c.block_end - 1) + 1
-        acts = config_actions(c)
+        acts = segment_actions(config_actions(c), session.segments)
         if c.forecast != "none":
             reads = np.array([[x is Action.READ for x in acts]])
             writes = np.array([[x is Action.WRITE for x in acts]])
@@ -802,7 +805,7 @@ def score_plan(session: SearchSession, configs, *, measure: bool = False, repeat
         with torch.no_grad():
             result = as_tensor(session.run_fn(opt))
         out["mse"], out["psnr"] = mse_fn(result, session.reference), psnr_fn(result, session.reference)
-        times = time_calls({"uncached": lambda: session.run_fn(session.model), "plan": lambda: session.run_fn(opt)},
+        times = time_calls({"uncached": lambda: session.run_fn(session.given), "plan": lambda: session.run_fn(opt)},
                            repeats=repeats, warmup=0, clock=session.clock)
         out["timed_speedup"] = times["uncached"] / max(times["plan"], 1e-12)
     return out
@@ -821,9 +824,12 @@ def search(model, run_fn: Callable[[Any], Any], method: str = "dit_block_cache",
     """Search a cache plan for ``model`` that reaches ``target_speedup`` with the least error.
 
     Args:
-        model: the DiT (e.g. ``pipe.transformer``); never modified.
+        model: the DiT (e.g. ``pipe.transformer``); never modified. Denoisers that split the steps of
+            a generation (Wan 2.2: ``{"transformer": pipe.transformer, "transformer_2":
+            pipe.transformer_2}``) are searched together for one plan (see :class:`SearchSession`).
         run_fn: ``run_fn(transformer) -> output``: one full, deterministic generation (same seed
-            every call) with the given transformer (the plain model or an optimized one).
+            every call) with the given transformer (the plain model or an optimized one); a dict of
+            them, by name, when ``model`` is a dict.
         method: ``"dit_block_cache"``, ``"attention_cache"`` or ``"auto"`` (both, and DiT plans
             completed by an attention cache on the other blocks).
         target_speedup: wanted speedup of the whole generation over the uncached model.
@@ -857,7 +863,7 @@ def search(model, run_fn: Callable[[Any], Any], method: str = "dit_block_cache",
     if session is None:
         session = SearchSession(model, run_fn, steps_count=steps_count, blocks=blocks, attention=attention,
                                 progress=progress, clock=clock, backend=backend, backend_options=backend_options)
-    elif session.model is not model:
+    elif session.given is not model:
         raise ValueError("session= belongs to another model")
     else:
         _check_session_arguments(session, run_fn=run_fn, steps_count=steps_count, blocks=blocks, clock=clock,

@@ -58,17 +58,20 @@ __all__ = ["FORECAST_ORDERS", "Proxy", "StreamPair", "forecast_errors", "forecas
 FORECAST_ORDERS = FORECASTS  # forecast -> values kept per slot: one meaning, config's
 
 
-def refresh_history(writes: np.ndarray, depth: int = 3) -> np.ndarray:
+def refresh_history(writes: np.ndarray, depth: int = 3, segments: Sequence[int] = ()) -> np.ndarray:
     """``H[m, s, k]``: the k-th latest WRITE step strictly before ``s`` (newest first), -1 if none.
 
     ``writes``: (M, N) bool WRITE masks (after :func:`config_actions`'s pruning: exactly the
-    refreshes the runtime records in its forecast history).
+    refreshes the runtime records in its forecast history). ``segments``: steps at which another
+    denoiser takes over; its history starts empty there.
     """
     writes = np.atleast_2d(np.asarray(writes, dtype=bool))
     m, n = writes.shape
     out = np.full((m, n, depth), -1, dtype=np.int64)
     h = np.full((m, depth), -1, dtype=np.int64)
     for s in range(n):
+        if s in segments:
+            h[:] = -1
         out[:, s, :] = h
         w = writes[:, s]
         if w.any():
@@ -155,8 +158,10 @@ class Proxy:
     """Error proxy of DiT and attention caches on the recorded trajectory (see module doc)."""
 
     def __init__(self, rec: Recorder, cm: CostModel, *, context: Optional[str] = None, lateness: float = 0.0,
-                 encoder_weight: float = 0.0, attention: Optional[str] = None, warmup: float = 0.2):
+                 encoder_weight: float = 0.0, attention: Optional[str] = None, warmup: float = 0.2,
+                 segments: Sequence[int] = ()):
         self.rec = rec
+        self.segments = tuple(segments)  # steps at which another denoiser (with a cache of its own) takes over
         self.cm = cm
         self.seq = cm.seq
         self.context = context or rec.contexts()[0]
@@ -297,7 +302,7 @@ class Proxy:
         """
         order = FORECAST_ORDERS[forecast]
         reads = np.atleast_2d(np.asarray(reads, dtype=bool))
-        hist = refresh_history(writes, max(order, 1))
+        hist = refresh_history(writes, max(order, 1), self.segments)
         if order == 1 or self.timesteps is None:
             matrix = self.dit_matrix(a, b) if method == "dit_block_cache" else self.attention_matrix(a, b)
             return self.score_many(matrix, reads, hist[..., 0])

@@ -127,7 +127,8 @@ def markdown(results, title: str = "Cache-plan search") -> str:
         lines += [f"## {r.strategy} / {r.method} / x{r.target_speedup:g}", ""]
         if r.best is not None:
             lines += ["Plan:", "", "```json", json.dumps(config_to_json(r.best.configs()), indent=1), "```", ""]
-        for key in ("unreachable", "refine", "proxy_fit", "interval", "L_min", "L_min_raw", "stage1_top3_starts"):
+        for key in ("denoisers", "unreachable", "refine", "proxy_fit", "interval", "L_min", "L_min_raw",
+                    "stage1_top3_starts"):
             if key in r.notes:
                 lines.append(f"* {key}: `{json.dumps(_clean(r.notes[key]))}`")
         lines += ["", candidate_table([c for c in r.candidates if c.evaluated]), ""]

@@ -95,8 +95,8 @@ class ScreenTable:
         return np.array(front, dtype=int)
 
 
-def _schedule_arrays(method: str, schedules: Sequence[Schedule], steps: int):
-    uniq = dedupe_schedules(method, schedules, steps)
+def _schedule_arrays(method: str, schedules: Sequence[Schedule], steps: int, segments: Sequence[int] = ()):
+    uniq = dedupe_schedules(method, schedules, steps, segments)
     acts = list(uniq)
     scheds = list(uniq.values())
     reads = np.array([[a is Action.READ for a in act] for act in acts], dtype=bool).reshape(len(acts), steps)
@@ -123,7 +123,7 @@ def screen(session, method: str, *, schedules: Optional[Sequence[Schedule]] = No
     cm, px, seq, n = session.cost, session.proxy, session.seq, session.steps_count
     if schedules is None:
         schedules = (dit_schedules if method == DIT else attention_schedules)(n, intervals=intervals)
-    acts, scheds, reads, writes, refs = _schedule_arrays(method, schedules, n)
+    acts, scheds, reads, writes, refs = _schedule_arrays(method, schedules, n, session.segments)
     fcs = tuple(px.forecasts() if forecasts is None else [f for f in forecasts if f in px.forecasts()]) or ("none",)
     if fcs[0] != "none":
         fcs = ("none",) + tuple(f for f in fcs if f != "none")

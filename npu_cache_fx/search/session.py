@@ -7,6 +7,14 @@ evaluates candidate plans: each one is ``optimize(model, configs,
 captures=session.captures)`` -- the capture is never redone
 (``stats.captures == 0`` is checked for every candidate).
 
+Several denoisers that split each generation's steps (Wan 2.2's two experts: ``transformer`` for the
+high-noise steps, ``transformer_2`` after its boundary) are searched together: pass
+``{"transformer": t1, "transformer_2": t2}`` as the model and a ``run_fn`` that takes such a dict. They
+must capture the same graph (one architecture); the recording follows the pipeline's calls, the steps
+at which another denoiser takes over become ``segments`` (each denoiser keeps its own cache, so a read
+with no write of its own in its segment computes: :func:`~npu_cache_fx.schedule.segment_actions`), and
+one plan comes back for the whole generation -- what ``enable_cache`` gives each expert.
+
 Counts kept, so strategies compare honestly: ``full_runs`` (candidate
 generations run to measure quality -- what MindIE's search spends),
 ``timing_runs`` (repeats run only to time finalists, uncached included) and
@@ -15,10 +23,11 @@ generations run to measure quality -- what MindIE's search spends),
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -84,12 +93,22 @@ class SearchSession:
     with wall time otherwise (accelerators, several threads). Wall times are kept too.
     """
 
-    def __init__(self, model: torch.nn.Module, run_fn: Callable[[Any], Any], *, steps_count: Optional[int] = None,
+    def __init__(self, model: Any, run_fn: Callable[[Any], Any], *, steps_count: Optional[int] = None,
                  blocks: Optional[Sequence[str]] = None, attention: Optional[str] = None, backend=None,
                  backend_options: Optional[Dict[str, Any]] = None, sketch_elements: int = 16384,
                  profile_repeats: int = 3, timing_repeats: int = 8, progress: bool = True, lateness: float = 0.0,
                  encoder_weight: float = 0.0, clock: str = "auto"):
-        self.model = model
+        if isinstance(model, Mapping):
+            if not model or not all(isinstance(m, torch.nn.Module) for m in model.values()):
+                raise TypeError("SearchSession(model=...): a module, or a dict of denoiser name -> module "
+                                f"(several denoisers splitting the steps), got {model!r}")
+            self.denoisers: Dict[str, torch.nn.Module] = dict(model)
+        else:
+            self.denoisers = {"model": model}
+        self.given = model  # what run_fn gets for the uncached generation
+        self.model = next(iter(self.denoisers.values()))  # the denoiser whose capture the cost model uses
+        self._captures = {name: CaptureCache(m) for name, m in self.denoisers.items()}
+        self.segments: Tuple[int, ...] = ()  # steps at which another denoiser takes over
         self.run_fn = run_fn
         self.steps_count = steps_count
         self.blocks = blocks
@@ -102,11 +121,11 @@ class SearchSession:
         self.progress = progress
         self.lateness = lateness
         self.encoder_weight = encoder_weight
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self.clock_kind = clock
         self.clock = make_clock(clock, device)
         self.clock_name = "cpu" if self.clock is time.process_time else "wall"
-        self.captures = CaptureCache(model)
+        self.captures = self._captures[next(iter(self.denoisers))]
         self.full_runs = 0
         self.timing_runs = 0
         self.reference_runs = 0
@@ -139,34 +158,48 @@ class SearchSession:
         if self.cost is not None:
             return self
         t0 = time.perf_counter()
-        out, _, _ = self._timed(lambda: self.run_fn(self.model))  # warm-up + reference output
+        out, _, _ = self._timed(lambda: self.run_fn(self.given))  # warm-up + reference output
         self.reference = as_tensor(out).detach().clone()
         self.reference_runs += 1
 
         holder: Dict[str, Any] = {}
 
-        def watch(cap: Capture) -> List[str]:
-            seq = block_sequence(self.model, cap, self.blocks)
-            holder["seq"] = seq
-            holder["cm"] = CostModel(cap, self.model, seq, {}, 0.0, 0.0, 0.0, 0, 0)
-            return watch_nodes(holder["cm"], seq, self.attention)
+        def watch(name: str, cap: Capture) -> List[str]:
+            if "cap" not in holder:  # the first denoiser called defines the graph every plan is built from
+                seq = block_sequence(self.denoisers[name], cap, self.blocks)
+                holder.update(cap=cap, name=name, seq=seq,
+                              cm=CostModel(cap, self.denoisers[name], seq, {}, 0.0, 0.0, 0.0, 0, 0))
+                holder["nodes"] = watch_nodes(holder["cm"], seq, self.attention)
+            elif cap.gm.code != holder["cap"].gm.code:
+                raise ValueError(f"SearchSession: denoisers {holder['name']!r} and {name!r} capture different "
+                                 "graphs; one plan over both needs one architecture (search each on its own)")
+            return holder["nodes"]
 
-        rec = Recorder(self.model, self.captures, watch, Sketch(self.sketch_elements), clock=self.clock)
+        recs: Dict[str, Recorder] = {}
+        for name, m in self.denoisers.items():
+            recs[name] = Recorder(m, self._captures[name], functools.partial(watch, name),
+                                  Sketch(self.sketch_elements), clock=self.clock, name=name,
+                                  shared=next(iter(recs.values()), None))
         with torch.no_grad():
             start = self.clock()
-            rec_out = as_tensor(self.run_fn(rec))
+            rec_out = as_tensor(self.run_fn(recs if isinstance(self.given, Mapping) else recs["model"]))
             total = self.clock() - start
         self.reference_runs += 1
-        self.recorder = rec
-        if rec.capture is None:
+        if "cap" not in holder:
             raise RuntimeError("run_fn never called the transformer it was given")
+        main = holder["name"]
+        rec = self.recorder = recs[main]
+        rec.seconds_inside = sum(r.seconds_inside for r in recs.values())
+        self.model, self.captures = self.denoisers[main], self._captures[main]
         self.reference_check_mse = mse_fn(rec_out, self.reference)
         ref_power = max(float(self.reference.double().pow(2).mean()), 1e-12)
         if self.reference_check_mse > 1e-6 * ref_power:
             log.warning("the captured graph's output differs from the eager model's (mse %.3g); is run_fn "
                         "deterministic (same seed every call)?", self.reference_check_mse)
         contexts = rec.contexts()
-        steps = sum(1 for c in rec.calls if c["primary"] and c["context"] == contexts[0])
+        first = [c for c in rec.calls if c["primary"] and c["context"] == contexts[0]]
+        steps = len(first)
+        self.segments = tuple(i for i in range(1, steps) if first[i]["denoiser"] != first[i - 1]["denoiser"])
         if self.steps_count is None:
             self.steps_count = steps
         elif self.steps_count != steps:
@@ -184,15 +217,16 @@ class SearchSession:
                                       clock=self.clock)
         self.cost._regions.update(holder["cm"]._regions)
         self.cost._sites.update(holder["cm"]._sites)
+        self.cost.segments = self.segments
         self._verify_cost_model(kwargs)
-        _, secs, wall = self._timed(lambda: self.run_fn(self.model))  # a warm uncached generation, timed
+        _, secs, wall = self._timed(lambda: self.run_fn(self.given))  # a warm uncached generation, timed
         self.plain_seconds.append(secs)
         self.plain_wall.append(wall)
         self.reference_runs += 1
         # Predictions stay in the units of the interleaved micro-benchmark (t_eager vs t_graph measured
         # side by side); the generation measured here is kept for the report.
         self.proxy = Proxy(rec, self.cost, lateness=self.lateness, attention=self.attention,
-                           encoder_weight=self.encoder_weight)
+                           encoder_weight=self.encoder_weight, segments=self.segments)
         self.prepare_seconds = time.perf_counter() - t0
         return self
 
@@ -204,7 +238,8 @@ class SearchSession:
         def variant_nodes(configs, decision):
             key = (tuple(configs), tuple(decision))
             if key not in variants:
-                graph = self.optimized(configs).build_variant(tuple(decision), **kwargs)
+                graph = self._modules_of(self.optimized(configs))[self._main].build_variant(tuple(decision),
+                                                                                            **kwargs)
                 variants[key] = frozenset(n.name for n in graph.graph.nodes)
             return variants[key]
 
@@ -237,16 +272,28 @@ class SearchSession:
         return statistics.median(self.plain_seconds)
 
     # ------------------------------------------------------------------ evaluation
+    @property
+    def _main(self) -> str:
+        return next(name for name, m in self.denoisers.items() if m is self.model)
+
     def optimized(self, configs):
-        return optimize(self.model, list(configs), captures=self.captures, backend=self.backend,
-                        backend_options=self.backend_options)
+        """``configs`` applied to the denoiser(s), with the session's captures: what ``run_fn`` takes (a
+        module, or a dict of them when the session was given several denoisers)."""
+        opts = {name: optimize(m, list(configs), captures=self._captures[name], backend=self.backend,
+                               backend_options=self.backend_options) for name, m in self.denoisers.items()}
+        return opts if isinstance(self.given, Mapping) else opts["model"]
+
+    @staticmethod
+    def _modules_of(opt) -> Dict[str, Any]:
+        return dict(opt) if isinstance(opt, Mapping) else {"model": opt}
 
     def _prebuild(self, opt) -> None:
         """Build (and compile) every variant of the plan before the timed run."""
         kwargs = self._kwargs_of(self.recorder.capture, self.recorder.inputs[0])
         try:
-            for decision in opt.plan.variants():
-                opt.build_variant(decision, **kwargs)
+            for module in self._modules_of(opt).values():
+                for decision in module.plan.variants():
+                    module.build_variant(decision, **kwargs)
         except Exception as err:  # the timed run will build what is missing
             log.debug("could not pre-build variants: %s", err)
 
@@ -273,8 +320,10 @@ class SearchSession:
         self._prebuild(opt)
         out, secs, wall = self._timed(lambda: self.run_fn(opt))
         self.full_runs += 1
-        if opt.stats.captures != 0:
-            raise AssertionError(f"candidate {cand.label} recaptured the model ({opt.stats.captures} captures); "
+        stats = [m.stats for m in self._modules_of(opt).values()]
+        captures = sum(st.captures for st in stats)
+        if captures != 0:
+            raise AssertionError(f"candidate {cand.label} recaptured the model ({captures} captures); "
                                  "the search must reuse the shared capture")
         out = as_tensor(out)
         cand.mse = mse_fn(out, self.reference)
@@ -282,9 +331,9 @@ class SearchSession:
         cand.seconds = secs
         cand.measured_speedup = self.plain_median / max(secs, 1e-12)
         cand.notes["wall_seconds"] = wall
-        cand.notes["stats"] = {"steps_reused": opt.stats.steps_reused, "blocks_skipped": opt.stats.blocks_skipped,
-                               "attention_calls_skipped": opt.stats.attention_calls_skipped,
-                               "cache_bytes": opt.stats.cache_bytes, "captures": opt.stats.captures}
+        cand.notes["stats"] = {k: sum(getattr(st, k) for st in stats) for k in
+                               ("steps_reused", "blocks_skipped", "attention_calls_skipped", "cache_bytes",
+                                "captures")}
         self._evaluated[key] = cand
         if keep_module:
             self._modules[key] = opt
@@ -297,7 +346,7 @@ class SearchSession:
         if done is not None:
             return done
         self._run_fn_steps = run_fn_steps  # time() runs the baseline again, interleaved
-        out, secs, wall = self._timed(lambda: run_fn_steps(self.model, cand.sampler_steps))
+        out, secs, wall = self._timed(lambda: run_fn_steps(self.given, cand.sampler_steps))
         self.full_runs += 1
         out = as_tensor(out)
         cand.mse = mse_fn(out, self.reference)
@@ -315,10 +364,10 @@ class SearchSession:
         speedups go to ``notes["timed_wall_speedup"]``. Returns the medians.
         """
         self.prepare()
-        runners: Dict[str, Callable[[], Any]] = {"plain": lambda: self.run_fn(self.model)}
+        runners: Dict[str, Callable[[], Any]] = {"plain": lambda: self.run_fn(self.given)}
         for i, c in enumerate(cands):
             if c.sampler_steps is not None:  # the fewer-steps baseline: the plain model, fewer steps
-                runners[str(i)] = (lambda k=c.sampler_steps: self._run_fn_steps(self.model, k))
+                runners[str(i)] = (lambda k=c.sampler_steps: self._run_fn_steps(self.given, k))
                 continue
             opt = self._modules.get(c.key)
             if opt is None:

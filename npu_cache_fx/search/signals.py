@@ -80,11 +80,17 @@ class Recorder(CacheContexts, torch.nn.Module):
     ``context``, ``step``, ``seconds``), ``values[name]`` (calls x k),
     ``numel[name]``, ``inputs`` (flat inputs of every call, when
     ``keep_inputs``), ``outputs`` (sketched first output per call).
+
+    Several denoisers that split a generation's steps (Wan 2.2's experts) each get a recorder named
+    after them, all but the first with ``shared=`` the first: they append to one call log in call order
+    and count steps per context together, so ``step`` is the generation's step and each call says which
+    ``denoiser`` ran it.
     """
 
     def __init__(self, model: torch.nn.Module, captures: CaptureCache,
                  watch: Callable[[Capture], Sequence[str]], sketch: Optional[Sketch] = None,
-                 keep_inputs: bool = True, clock: Callable[[], float] = time.perf_counter):
+                 keep_inputs: bool = True, clock: Callable[[], float] = time.perf_counter,
+                 name: str = "model", shared: Optional["Recorder"] = None):
         torch.nn.Module.__init__(self)
         self._clock = clock
         self.model = model
@@ -94,14 +100,15 @@ class Recorder(CacheContexts, torch.nn.Module):
         self.sketch = sketch or Sketch()
         self.keep_inputs = keep_inputs
         self._signature = inspect.signature(model.forward)
-        self.calls: List[Dict[str, Any]] = []
-        self.rows: List[Dict[str, torch.Tensor]] = []
-        self.numel: Dict[str, int] = {}
-        self.inputs: List[List[Any]] = []
-        self.outputs: List[torch.Tensor] = []
+        self.name = name
+        self.calls: List[Dict[str, Any]] = [] if shared is None else shared.calls
+        self.rows: List[Dict[str, torch.Tensor]] = [] if shared is None else shared.rows
+        self.numel: Dict[str, int] = {} if shared is None else shared.numel
+        self.inputs: List[List[Any]] = [] if shared is None else shared.inputs
+        self.outputs: List[torch.Tensor] = [] if shared is None else shared.outputs
         self.capture: Optional[Capture] = None
         self.key: Any = None
-        self._steps: Dict[str, int] = {}
+        self._steps: Dict[str, int] = {} if shared is None else shared._steps
         self.seconds_inside = 0.0
 
     def __getattr__(self, name: str) -> Any:
@@ -138,7 +145,7 @@ class Recorder(CacheContexts, torch.nn.Module):
                 self.inputs.append([x.detach().clone() if isinstance(x, torch.Tensor) else x for x in leaves])
             first = next((x for x in flat_out if isinstance(x, torch.Tensor)), None)
             self.outputs.append(self.sketch(first) if first is not None else torch.zeros(0))
-        self.calls.append({"context": self._active, "step": step, "primary": key == self.key,
+        self.calls.append({"context": self._active, "step": step, "primary": key == self.key, "denoiser": self.name,
                            "timestep": timestep_value(kwargs), "seconds": self._clock() - t0})
         self.seconds_inside += self._clock() - t0
         return pytree.tree_unflatten(list(flat_out), cap.out_spec)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from ..config import CacheConfig
-from ..schedule import Action, config_actions
+from ..schedule import Action, config_actions, segment_actions
 
 __all__ = ["BlockSeq", "Part", "Candidate", "Schedule", "dit_schedules", "attention_schedules", "ranges",
            "schedule_actions", "reference_steps"]
@@ -243,9 +243,10 @@ def _probe_config(method: str, sched: Schedule, steps: int) -> CacheConfig:
                        **sched.fields()).resolved()
 
 
-def schedule_actions(method: str, sched: Schedule, steps: int) -> List[Action]:
-    """The schedule's per-step actions, from :func:`npu_cache_fx.schedule.config_actions`."""
-    return config_actions(_probe_config(method, sched, steps))
+def schedule_actions(method: str, sched: Schedule, steps: int, segments: Sequence[int] = ()) -> List[Action]:
+    """The schedule's per-step actions, from :func:`npu_cache_fx.schedule.config_actions`; ``segments``:
+    the steps at which another denoiser takes over (:func:`npu_cache_fx.schedule.segment_actions`)."""
+    return segment_actions(config_actions(_probe_config(method, sched, steps)), segments)
 
 
 def reference_steps(actions: Sequence[Action]) -> List[Optional[int]]:
@@ -258,11 +259,12 @@ def reference_steps(actions: Sequence[Action]) -> List[Optional[int]]:
     return out
 
 
-def dedupe_schedules(method: str, schedules: Iterable[Schedule], steps: int) -> Dict[Tuple[Action, ...], Schedule]:
+def dedupe_schedules(method: str, schedules: Iterable[Schedule], steps: int,
+                     segments: Sequence[int] = ()) -> Dict[Tuple[Action, ...], Schedule]:
     """Distinct action sequences (many ``(start, interval, end)`` give the same plan); first schedule wins."""
     out: Dict[Tuple[Action, ...], Schedule] = {}
     for sched in schedules:
-        acts = tuple(schedule_actions(method, sched, steps))
+        acts = tuple(schedule_actions(method, sched, steps, segments))
         if Action.READ in acts and acts not in out:
             out[acts] = sched
     return out
