@@ -10,7 +10,6 @@ Every cached run equals the same pipeline whose transformer applies
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
