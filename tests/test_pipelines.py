@@ -10,6 +10,8 @@ Every cached run equals the same pipeline whose transformer applies
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -354,6 +356,13 @@ def test_search_over_wan22_experts_predicts_and_runs_what_enable_cache_runs():
     same_reads = [CacheConfig(step_start=0, step_interval=1, step_end=5, refresh_steps=(0, 2, 3, 4), **blocks)]
     every_2nd = [CacheConfig(step_start=0, step_interval=2, **blocks)]
     assert score_plan(session, every_2nd)["proxy"] == pytest.approx(score_plan(session, same_reads)["proxy"])
+    # a forecast no read can use (each expert's reads see one refresh of its own) is not run again
+    from npu_cache_fx.search.engine import effective_forecast
+    from npu_cache_fx.search.space import DIT, Part, Schedule
+    part = Part(DIT, 0, 4, Schedule(step_start=0, step_interval=2, step_end=5), forecast="taylor2")
+    assert effective_forecast(session, part).forecast == "none"  # the read at 5 has step 4's refresh only
+    one_denoiser = types.SimpleNamespace(steps_count=STEPS, segments=())
+    assert effective_forecast(one_denoiser, part) == part  # there it has 4, 2 and 0
     result = search(experts, run_fn, target_speedup=1.3, session=session, progress=False)
     assert result.best is not None and result.notes["denoisers"]["segments"] == [3]
     assert result.best.notes["stats"]["captures"] == 0

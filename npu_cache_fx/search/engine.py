@@ -25,6 +25,7 @@ winner timed the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -34,11 +35,12 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..config import CacheConfig, config_list
+from ..config import FORECASTS, CacheConfig, config_list
 from ..metrics import mse as mse_fn
 from ..metrics import psnr as psnr_fn
 from ..schedule import Action, config_actions, segment_actions
 from . import mindie as mi
+from .proxy import refresh_history
 from .refine import actions_to_reads, hill_climb, reads_to_schedule
 from .screen import ScreenTable, pick_diverse, screen
 from .costs import time_calls
@@ -410,7 +412,6 @@ def _simple_plans(session: SearchSession, tables: List[ScreenTable], target: flo
     """Per table and forecast order, the all-blocks periodic plan starting at step >= 1 with the best proxy
     *for that order* among those predicted to reach ``target``: the hand-written plans (all blocks, start 1, interval 3, linear)
     that beat proxy-chosen ones on trained models, and the forecast the proxy would not have chosen."""
-    import dataclasses
     out: List[Candidate] = []
     B = session.seq.total
     for t in tables:
@@ -426,7 +427,7 @@ def _simple_plans(session: SearchSession, tables: List[ScreenTable], target: flo
         pbf = t.proxy_by_forecast if t.proxy_by_forecast is not None and len(t.proxy_by_forecast) else t.proxy[None]
         for k, f in enumerate(t.forecasts[:len(pbf)]):
             j = int(idx[np.lexsort((-t.speedup[idx], pbf[k, idx]))[0]])
-            part = dataclasses.replace(t.part(j), forecast=f)
+            part = effective_forecast(session, dataclasses.replace(t.part(j), forecast=f))
             c = Candidate((part,), session.steps_count, session.seq, source="simple")
             c.proxy = float(pbf[k, j])
             _exact(session, c)
@@ -435,23 +436,43 @@ def _simple_plans(session: SearchSession, tables: List[ScreenTable], target: flo
     return _unique(out)
 
 
+def effective_forecast(session: SearchSession, part: Part) -> Part:
+    """``part`` with the lowest forecast order that runs the same plan.
+
+    A read extrapolates through at most as many refreshes as its history holds (a denoiser that takes
+    over starts with none), so an order above what any read can use changes nothing but the memory:
+    running it in full would measure the plain plan again.
+    """
+    order = FORECASTS[part.forecast]
+    if order == 1:
+        return part
+    acts = schedule_actions(part.method, part.schedule, session.steps_count, session.segments)
+    reads = np.array([a is Action.READ for a in acts])
+    writes = np.array([[a is Action.WRITE for a in acts]])
+    held = (refresh_history(writes, order, session.segments)[0] >= 0).sum(1)
+    usable = max(int(held[reads].max()) if reads.any() else 1, 1)
+    if usable >= order:
+        return part
+    return dataclasses.replace(part, forecast=next(f for f, k in FORECASTS.items() if k == usable))
+
+
 def _forecast_siblings(session: SearchSession, cand: Candidate, target: float,
                        max_cache_bytes: Optional[int]) -> List[Candidate]:
     """``cand`` with each other forecast order (same range and schedule: same speed, more memory)."""
-    import dataclasses
     if len(cand.parts) != 1 or cand.extra or cand.sampler_steps is not None:
         return []
     out = []
+    own = effective_forecast(session, cand.parts[0])
     for f in session.proxy.forecasts():
-        if f == cand.parts[0].forecast:
+        part = effective_forecast(session, dataclasses.replace(cand.parts[0], forecast=f))
+        if part == own:
             continue
-        c = Candidate((dataclasses.replace(cand.parts[0], forecast=f),), cand.steps_count, cand.seq,
-                      source="forecast")
+        c = Candidate((part,), cand.steps_count, cand.seq, source="forecast")
         _exact(session, c)
         if c.predicted_speedup >= min(target, cand.predicted_speedup) * 0.999 and (
                 max_cache_bytes is None or c.cache_bytes <= max_cache_bytes):
             out.append(c)
-    return sorted(out, key=lambda c: c.proxy)
+    return sorted(_unique(out), key=lambda c: c.proxy)
 
 
 REFINE_MIN_GAIN = 0.5  # a refined plan is run only if its proxy is below this x the periodic plan's ...
