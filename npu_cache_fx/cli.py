@@ -20,6 +20,8 @@ from typing import List, Optional
 
 __all__ = ["add_pipeline_args", "build_parser", "main"]
 
+SHIPPED = "tiny-flux | tiny-wan | tiny-flux-deep"  # npu_cache_fx.models.list_models(), without importing torch
+
 
 def add_pipeline_args(parser: argparse.ArgumentParser, prompts: bool = True) -> None:
     """The options every ``--pipeline`` command shares (see :mod:`npu_cache_fx.pipeline_cli`)."""
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="generate digits uncached and cached; report speedup, PSNR, fidelity")
-    demo.add_argument("--model", default="tiny-flux", help="shipped model (tiny-flux | tiny-wan)")
+    demo.add_argument("--model", default="tiny-flux", help=f"shipped model ({SHIPPED})")
     demo.add_argument("--out", default="demo_out", help="output folder (grid.png, report.md, demo.json)")
     demo.add_argument("--samples", type=int, default=20, help="samples per run (digits 0-9 repeated)")
     demo.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
@@ -58,13 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", default="eager", help="eager | aot_eager | inductor | torchair")
 
     search = sub.add_parser("search", help="search a cache plan on the captured graph")
-    search.add_argument("--model", default=None, help="shipped model (tiny-flux | tiny-wan; default tiny-flux)")
+    search.add_argument("--model", default=None, help=f"shipped model ({SHIPPED}; default tiny-flux)")
     add_pipeline_args(search)
     search.add_argument("--method", default="dit_block_cache",
                         choices=["dit_block_cache", "attention_cache", "auto"])
     search.add_argument("--target", type=float, default=2.0, help="target speedup")
     search.add_argument("--strategy", default="ours", choices=["ours", "mindie"])
     search.add_argument("--max-cache-bytes", type=int, default=None, help="cache memory budget per context")
+    search.add_argument("--max-full-runs", type=int, default=8,
+                        help="full generations ours may spend on candidate plans (default 8)")
+    search.add_argument("--repeats", type=int, default=3,
+                        help="interleaved timing rounds of the finalists against the uncached model (default 3)")
     search.add_argument("--samples", type=int, default=10, help="samples per generation (--model)")
     search.add_argument("--steps", type=int, default=None,
                         help="sampling steps (default: the model's; 28 with --pipeline)")
@@ -79,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", default="generate_out", help="output folder (PNGs, generate.json)")
 
     bench = sub.add_parser("bench", help="measure a plan against the uncached model and fewer steps")
-    bench.add_argument("--model", default=None, help="shipped model (tiny-flux | tiny-wan; default tiny-flux)")
+    bench.add_argument("--model", default=None, help=f"shipped model ({SHIPPED}; default tiny-flux)")
     add_pipeline_args(bench)
     bench.add_argument("--config", "--plan", dest="config", default=None,
                        help="JSON file with a CacheConfig or a list, or a search.json (its best plan)")

@@ -260,7 +260,8 @@ def run_search(args) -> int:
     model = dict(runner.plain) if several else next(iter(runner.plain.values()))
     result = search(model, run_fn, method=args.method, target_speedup=args.target,
                     max_cache_bytes=args.max_cache_bytes, steps_count=steps, strategy=args.strategy,
-                    progress=True, run_fn_steps=run_fn if args.method == "auto" else None)
+                    max_full_runs=args.max_full_runs, repeats=args.repeats, progress=True,
+                    run_fn_steps=run_fn if args.method == "auto" else None)
     paths = result.write(args.out)
     print(result.summary())
     for kind, path in paths.items():

@@ -19,6 +19,14 @@ def test_help(cmd, capsys):
     assert "usage: npu-cache-fx" in capsys.readouterr().out
 
 
+def test_help_lists_the_shipped_models(capsys):
+    from npu_cache_fx import cli, models
+    assert cli.SHIPPED.split(" | ") == models.list_models()
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "tiny-flux-deep" in capsys.readouterr().out
+
+
 def test_console_script_installed():
     out = subprocess.run([sys.executable, "-m", "npu_cache_fx.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "demo" in out.stdout and "search" in out.stdout

@@ -117,11 +117,13 @@ def test_generate_and_bench_cli(saved, name, tmp_path):
 def test_search_cli_on_the_users_prompts(saved, name, tmp_path):
     root, paths = saved
     rc = main(["--threads", "1", "search", "--pipeline", str(paths[name]), "--prompts", str(root / "prompts.txt"),
-               "--steps", str(STEPS), "--target", "1.3", *_call_args(name), "--out", str(tmp_path)])
+               "--steps", str(STEPS), "--target", "1.3", "--max-full-runs", "3", "--repeats", "2", *_call_args(name),
+               "--out", str(tmp_path)])
     report = json.loads((tmp_path / "search.json").read_text())
     assert rc == (0 if report["best"] else 1)
     assert (tmp_path / "search.md").exists() and (tmp_path / "pareto.png").exists()
     assert report["best"] is not None and report["best"]["config"][0]["steps_count"] == STEPS
+    assert 1 <= report["full_runs"] <= 3
     if name == "wan22":  # one plan over both experts; transformer_2 takes over at step 3
         assert report["notes"]["denoisers"] == {"names": ["transformer", "transformer_2"], "segments": [3]}
     # the plan it wrote drives generate

@@ -298,7 +298,7 @@ def test_cli_search_writes_report(tmp_path):
     from npu_cache_fx.cli import main
     out = tmp_path / "s"
     rc = main(["search", "--model", "tiny-flux", "--method", "dit_block_cache", "--target", "1.5",
-               "--samples", "2", "--steps", "8", "--out", str(out)])
+               "--samples", "2", "--steps", "8", "--max-full-runs", "3", "--repeats", "2", "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "search.json").read_text())
     for key in ("best", "candidates", "full_runs", "seconds"):
@@ -307,7 +307,9 @@ def test_cli_search_writes_report(tmp_path):
         assert key in data["best"], key
     cfgs = config_from_json(data["best"]["config"])
     assert cfgs and all(isinstance(c, CacheConfig) and c.steps_count == 8 for c in cfgs)
-    assert 1 <= data["full_runs"] <= 8  # max_full_runs' default
+    assert 1 <= data["full_runs"] <= 3  # --max-full-runs
+    best = next(c for c in data["candidates"] if c["label"] == data["best"]["label"])
+    assert len(best["timed_seconds"]) == 2  # --repeats
     assert (out / "search.md").read_text().startswith("# ")
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert any(c["source"] == "screen" and c["mse"] is not None for c in data["candidates"])
@@ -480,6 +482,9 @@ def test_search_refuses_arguments_its_session_would_ignore():
             search(model, run_fn, session=session, progress=False, **kw)
     with pytest.raises(ValueError, match="run_fn=.* differs"):
         search(model, lambda tr: tr, session=session, progress=False)
+    for kw in (dict(max_full_runs=0), dict(repeats=0), dict(max_full_runs=2.5)):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be an int >= 1"):
+            search(model, run_fn, session=session, progress=False, **kw)
 
 
 def test_score_plan_scores_a_hand_written_plan_like_the_search(toy_session):

@@ -34,7 +34,7 @@ def run_search(args) -> int:
     transformer, run_fn, steps = model_run_fn(args.model, args.samples, args.steps)
     result = search(transformer, run_fn, method=args.method, target_speedup=args.target,
                     max_cache_bytes=args.max_cache_bytes, steps_count=steps, strategy=args.strategy,
-                    progress=True)
+                    max_full_runs=args.max_full_runs, repeats=args.repeats, progress=True)
     paths = result.write(args.out)
     print(result.summary())
     for kind, path in paths.items():

@@ -881,6 +881,9 @@ def search(model, run_fn: Callable[[Any], Any], method: str = "dit_block_cache",
         raise ValueError(f"strategy must be 'ours' or 'mindie', got {strategy!r}")
     if not target_speedup > 1.0:
         raise ValueError(f"target_speedup must be > 1, got {target_speedup!r}")
+    for name, value in (("max_full_runs", max_full_runs), ("repeats", repeats)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if session is None:
         session = SearchSession(model, run_fn, steps_count=steps_count, blocks=blocks, attention=attention,
                                 progress=progress, clock=clock, backend=backend, backend_options=backend_options)
