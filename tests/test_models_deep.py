@@ -37,6 +37,7 @@ def test_flux_dev_topology(deep):
     assert sum(cfg.axes_dims_rope) == cfg.attention_head_dim  # rotary layout like Flux-dev (16+56+56 = 128)
     assert cfg.guidance_embeds is False and cfg.in_channels == 12
     assert not tr.training and deep.name == "tiny-flux-deep" and deep.default_steps == 28
+    assert deep.default_shift == 3.16 == models.DEFAULT_SHIFT["tiny-flux-deep"]  # samples like Flux-dev
     assert all(p.dtype == torch.float32 for p in tr.parameters())
     assert 4_000_000 <= deep.num_parameters() <= 8_000_000
 
@@ -69,14 +70,14 @@ def test_card_figures(deep):
 
 
 def test_sample_shape_and_determinism(deep):
-    a = deep.sample([0, 77, 255], steps=2, seed=7)
+    a = deep.sample([0, 77, 127], steps=2, seed=7)
     assert a.shape == (3, 3, 16, 16) and a.min() >= -1 and a.max() <= 1
-    assert torch.equal(a, deep.sample([0, 77, 255], steps=2, seed=7))
-    assert not torch.equal(a, deep.sample([0, 77, 255], steps=2, seed=8))
+    assert torch.equal(a, deep.sample([0, 77, 127], steps=2, seed=7))
+    assert not torch.equal(a, deep.sample([0, 77, 127], steps=2, seed=8))
 
 
 def test_inputs_and_cfg(deep):
-    kw = deep.inputs(torch.tensor([3, 200]))
+    kw = deep.inputs(torch.tensor([3, 100]))
     assert kw["hidden_states"].shape == (2, 64, 12) and kw["encoder_hidden_states"].shape == (2, 4, 64)
     assert kw["pooled_projections"].shape == (2, 64) and kw["txt_ids"].shape == (4, 3)
     # the empty caption is a real label (CFG's unconditional branch), distinct from every caption
@@ -96,15 +97,16 @@ def test_pack_roundtrip(deep):
 def test_labels_roundtrip():
     labels = torch.arange(scenes.NUM_LABELS)
     attrs = scenes.decode(labels)
-    assert attrs.shape == (256, 4) and torch.equal(scenes.encode(*attrs.unbind(1)), labels)
+    assert attrs.shape == (128, 4) and torch.equal(scenes.encode(*attrs.unbind(1)), labels)
     for i, size in enumerate(scenes.ATTRIBUTE_SIZES):
         assert set(attrs[:, i].tolist()) == set(range(size))
     with pytest.raises(ValueError):
-        scenes.decode(torch.tensor([256]))
+        scenes.decode(torch.tensor([128]))
     ev = models.eval_labels(16, "tiny-flux-deep")
     assert len(set(ev.tolist())) == 16 and torch.equal(ev, scenes.eval_labels(16))
     assert models.eval_labels(12).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]  # digit models unchanged
-    assert scenes.caption(0) == "solid red square, top-left"
+    assert scenes.caption(0) == "red square, top-left, light grain"
+    assert scenes.caption(scenes.NUM_LABELS - 1) == "yellow cross, bottom-right, heavy grain"
 
 
 def test_scenes_deterministic_and_checker_reads_them():
@@ -113,19 +115,30 @@ def test_scenes_deterministic_and_checker_reads_them():
     assert a.shape == (64, 3, 16, 16) and a.min() >= -1 and a.max() <= 1
     assert torch.equal(a, scenes.scenes_for(labels, seed=3))
     assert scenes.attribute_agreement(a, labels)["all"] >= 0.95
-    # wrong captions are rejected: shift every texture by one
+    # wrong captions are rejected: shift every shape by one, flip every grain
     attrs = scenes.decode(labels)
-    attrs[:, 3] = (attrs[:, 3] + 1) % 4
-    assert scenes.attribute_agreement(a, scenes.encode(*attrs.unbind(1)))["texture"] < 0.1
+    attrs[:, 0] = (attrs[:, 0] + 1) % 4
+    attrs[:, 3] = 1 - attrs[:, 3]
+    wrong = scenes.attribute_agreement(a, scenes.encode(*attrs.unbind(1)))
+    assert wrong["shape"] < 0.1 and wrong["grain"] < 0.1
 
 
-def test_checker_penalises_blur():
-    """A texture averaged away (what a coarse sampler does) must not pass as the captioned texture."""
+def test_checker_reads_averaged_grain_as_light():
+    """Heavy grain shrunk towards its local mean (what a coarse sampler's last large step returns) reads as
+    light grain, so the grain attribute is the one that too few steps get wrong."""
     attrs = scenes.decode(scenes.eval_labels(256))
-    textured = attrs[attrs[:, 3] != 0]
-    labels = scenes.encode(*textured.unbind(1))
-    x = scenes.scenes_for(labels, seed=1)
-    # a 4-px box blur cancels the period-4 bands inside the object, as averaging over their phase would
-    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 2, 1, 2), mode="replicate"), 4, stride=1)
-    assert scenes.attribute_agreement(blurred, labels)["texture"] < 0.5
-    assert scenes.attribute_agreement(x, labels)["texture"] >= 0.95
+    heavy = attrs[attrs[:, 3] == 1]
+    labels = scenes.encode(*heavy.unbind(1))
+    x = scenes.scenes_for(labels, seed=2)
+    smooth = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    assert scenes.attribute_agreement(x, labels)["grain"] >= 0.95
+    assert scenes.attribute_agreement(smooth + 0.3 * (x - smooth), labels)["grain"] < 0.5
+
+
+def test_default_shift_of_older_weights():
+    """A json without ``default_shift`` (weights from before it existed) keeps linear flow times."""
+    meta = models.tiny.default_meta("tiny-flux-deep")
+    assert meta["default_shift"] == models.DEFAULT_SHIFT["tiny-flux-deep"] == 3.16
+    del meta["default_shift"]
+    assert models.build("tiny-flux-deep", meta=meta).default_shift == 1.0
+    assert models.build("tiny-flux").default_shift == 1.0

@@ -14,6 +14,7 @@ See :mod:`npu_cache_fx.models.tiny` for details (architectures, timestep convent
 from . import scenes
 from .data import NULL_CLASS, NUM_CLASSES, NUM_FRAMES, load_digits_16
 from .tiny import (
+    DEFAULT_SHIFT,
     DEFAULT_STEPS,
     MODEL_NAMES,
     WEIGHTS_DIR,
@@ -34,5 +35,5 @@ from .tiny import (
 __all__ = [
     "load", "list_models", "eval_labels", "build", "save", "flow_timesteps", "TinyModel", "TinyFlux", "TinyWan",
     "TinyFluxDeep", "AttributeConditioner", "scenes", "ClassConditioner", "MODEL_NAMES", "DEFAULT_STEPS",
-    "WEIGHTS_DIR", "NULL_CLASS", "NUM_CLASSES", "NUM_FRAMES", "load_digits_16",
+    "DEFAULT_SHIFT", "WEIGHTS_DIR", "NULL_CLASS", "NUM_CLASSES", "NUM_FRAMES", "load_digits_16",
 ]

@@ -23,13 +23,16 @@ Three models are shipped with the package (``npu_cache_fx/models/weights/``):
     ``diffusers.FluxTransformer2DModel`` with Flux-dev's topology: 19 dual-stream + 38 single-stream
     blocks, the same block classes and rotary layout (``axes_dims_rope`` (8, 12, 12) = head dim 32),
     narrowed to inner dim 64 (2 heads x 32), ~5.2M params.  Generates 16x16 RGB procedural scenes
-    (:mod:`.scenes`: shape, colour, quadrant and texture of one object, plus caption-independent detail)
-    so that, unlike the digit models, the number of sampling steps visibly matters.  Packed like
+    (:mod:`.scenes`: shape, colour and quadrant of one object and the strength of the film grain over the
+    scene, whose per-pixel signs only the low-noise end of the trajectory resolves) so that, unlike the
+    digit models, the number of sampling steps matters.
+    Its default schedule is time-shifted like Flux-dev's (``default_shift`` 3.16, :data:`DEFAULT_SHIFT`).  Packed like
     tiny-flux (2x2 patches -> 64 tokens of 12 channels).  The caption (four attributes, encoded as one
-    label 0..255, 256 = empty) goes through :class:`AttributeConditioner`: one token per attribute.
+    label 0..127, 128 = empty) goes through :class:`AttributeConditioner`: one token per attribute.
 
 All three were trained with rectified flow: ``x_t = (1 - t) x0 + t * noise``, target velocity
-``noise - x0``; sampling integrates ``dx/dt = v`` with Euler from t = 1 to t = 0.
+``noise - x0``; sampling integrates ``dx/dt = v`` with Euler from t = 1 to t = 0 (linear flow times for the
+digit models, time-shifted with shift 3.16 for tiny-flux-deep).
 
 Timestep conventions (checked against diffusers 0.42 source):
 * Flux: ``timestep`` in [0, 1]; ``FluxTransformer2DModel.forward`` multiplies it by 1000 itself.
@@ -111,6 +114,10 @@ FLUX_DEEP_CONDITIONER_CONFIG: dict[str, Any] = dict(kind="attributes", sizes=lis
 
 MODEL_NAMES = ("tiny-flux", "tiny-wan", "tiny-flux-deep")
 DEFAULT_STEPS = {"tiny-flux": 28, "tiny-wan": 20, "tiny-flux-deep": 28}
+# Time shift of the default sampling schedule (``flow_timesteps(steps, shift)``).  tiny-flux-deep samples
+# like Flux-dev, whose dynamic shift at 1024x1024 is exp(1.15) ~ 3.16: more of the steps at high noise,
+# so a coarse schedule takes large steps through the low-noise end where fine detail is resolved.
+DEFAULT_SHIFT = {"tiny-flux": 1.0, "tiny-wan": 1.0, "tiny-flux-deep": 3.16}
 
 
 class ClassConditioner(nn.Module):
@@ -213,6 +220,8 @@ class TinyModel:
     transformer : nn.Module    the plain diffusers model, in eval mode
     conditioner : ClassConditioner (AttributeConditioner for tiny-flux-deep)
     default_steps : int        28 for tiny-flux and tiny-flux-deep, 20 for tiny-wan
+    default_shift : float      time shift of the default schedule: 1.0 (linear) for the digit models, 3.16 for
+                               tiny-flux-deep (Flux-dev-like); ``meta["default_shift"]`` (1.0 when absent)
     meta : dict                the shipped json (configs + training record)
     """
 
@@ -220,12 +229,13 @@ class TinyModel:
     null_label: int = NULL_CLASS  # the empty prompt (CFG's unconditional branch, label dropout)
 
     def __init__(self, name: str, transformer: nn.Module, conditioner: ClassConditioner,
-                 meta: dict | None = None, default_steps: int | None = None):
+                 meta: dict | None = None, default_steps: int | None = None, default_shift: float | None = None):
         self.name = name
         self.transformer = transformer.eval()
         self.conditioner = conditioner.eval()
         self.meta = dict(meta or {})
         self.default_steps = int(default_steps or DEFAULT_STEPS.get(name, 28))
+        self.default_shift = float(default_shift if default_shift is not None else DEFAULT_SHIFT.get(name, 1.0))
 
     # --- properties -------------------------------------------------------------------------------
     @property
@@ -308,13 +318,13 @@ class TinyModel:
     def sample(self, labels: torch.Tensor | Sequence[int], *, steps: int | None = None, seed: int = 0,
                cfg_scale: float | None = None, transformer: Callable | None = None,
                timesteps: Sequence[float] | torch.Tensor | None = None, return_latents: bool = False,
-               shift: float = 1.0, noise: torch.Tensor | None = None,
+               shift: float | None = None, noise: torch.Tensor | None = None,
                callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Euler flow-matching sampler (t: 1 -> 0).
 
         Parameters
         ----------
-        labels : class ids (B,), 0..9 (10 = unconditional); scene captions 0..255 (256) for tiny-flux-deep.
+        labels : class ids (B,), 0..9 (10 = unconditional); scene captions 0..127 (128) for tiny-flux-deep.
         steps : number of denoising steps (``default_steps`` if None).  Ignored when ``timesteps`` is given.
         seed : seed of the starting noise (CPU generator; same noise on every device/dtype).
         cfg_scale : None -> ONE transformer call per step.  A float -> classifier-free guidance as TWO
@@ -325,7 +335,8 @@ class TinyModel:
             called with diffusers keyword arguments and ``return_dict=False``.
         timesteps : explicit decreasing flow times in (0, 1] (one per step); the final target is 0.
         return_latents : return the final latents in the transformer layout instead of images.
-        shift : optional SD3-style time shift of the linear schedule (1.0 = plain linear, the default).
+        shift : SD3-style time shift of the linear schedule (1.0 = plain linear); ``default_shift`` if None
+            (1.0 for the digit models, 3.16 for tiny-flux-deep).
         noise : explicit starting noise (transformer layout), overrides ``seed``.
         callback : ``callback(step_index, t, latents)`` after each step.
 
@@ -335,7 +346,8 @@ class TinyModel:
         labels = self._labels(labels)
         b = labels.shape[0]
         if timesteps is None:
-            ts = flow_timesteps(self.default_steps if steps is None else int(steps), shift=shift)
+            ts = flow_timesteps(self.default_steps if steps is None else int(steps),
+                                shift=self.default_shift if shift is None else float(shift))
         else:
             ts = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1)
             if ts.numel() < 1 or not bool((ts[1:] < ts[:-1]).all()) or float(ts[0]) > 1.0 or float(ts[-1]) <= 0:
@@ -373,8 +385,8 @@ class TinyModel:
                       p_uncond: float = 0.1, t_dist: str = "logit-normal") -> torch.Tensor:
         """Rectified-flow loss on a batch of images (output layout). Gradients flow into both modules.
 
-        ``t_dist``: ``"logit-normal"`` (mean 0, std 1, as in SD3; the default) or ``"uniform"`` (more weight
-        on the low-noise end, where fine detail is resolved).
+        ``t_dist``: ``"logit-normal"`` (mean 0, std 1, as in SD3) or ``"uniform"`` (more weight on the
+        low-noise end, where fine detail is resolved).
         """
         b = x0.shape[0]
         x0 = self.to_latents(x0)
@@ -425,7 +437,8 @@ class TinyModel:
 
     def __repr__(self) -> str:
         return (f"TinyModel(name={self.name!r}, transformer={type(self.transformer).__name__}, "
-                f"params={self.num_parameters():,}, default_steps={self.default_steps})")
+                f"params={self.num_parameters():,}, default_steps={self.default_steps}"
+                + (f", default_shift={self.default_shift:g})" if self.default_shift != 1.0 else ")"))
 
 
 class TinyFlux(TinyModel):
@@ -479,7 +492,7 @@ class TinyFlux(TinyModel):
 class TinyFluxDeep(TinyFlux):
     """tiny-flux-deep: Flux-dev's 19 + 38 block topology on 16x16 RGB scenes (see :mod:`.scenes`).
 
-    Labels are scene captions 0..255 (:func:`.scenes.encode`), 256 = empty caption.  ``sample`` returns
+    Labels are scene captions 0..127 (:func:`.scenes.encode`), 128 = empty caption.  ``sample`` returns
     (B, 3, 16, 16) in [-1, 1]; :meth:`agreement` scores samples against their captions.
     """
 
@@ -543,7 +556,8 @@ def default_meta(name: str) -> dict:
     if name == "tiny-flux-deep":
         return {"name": name, "class": "FluxTransformer2DModel",
                 "transformer_config": dict(FLUX_DEEP_TRANSFORMER_CONFIG),
-                "conditioner_config": dict(FLUX_DEEP_CONDITIONER_CONFIG), "default_steps": DEFAULT_STEPS[name]}
+                "conditioner_config": dict(FLUX_DEEP_CONDITIONER_CONFIG), "default_steps": DEFAULT_STEPS[name],
+                "default_shift": DEFAULT_SHIFT[name]}
     if name == "tiny-flux":
         return {"name": name, "class": "FluxTransformer2DModel", "transformer_config": dict(FLUX_TRANSFORMER_CONFIG),
                 "conditioner_config": dict(FLUX_CONDITIONER_CONFIG), "default_steps": DEFAULT_STEPS[name]}
@@ -601,7 +615,9 @@ def build(name: str, meta: dict | None = None, seed: int | None = None, init: st
     else:
         conditioner = ClassConditioner(**ccfg)
     model_cls = {"tiny-flux": TinyFlux, "tiny-wan": TinyWan, "tiny-flux-deep": TinyFluxDeep}[name]
-    return model_cls(name, transformer, conditioner, meta=meta, default_steps=meta.get("default_steps"))
+    # a json without "default_shift" (weights trained before it existed) was measured with linear flow times
+    return model_cls(name, transformer, conditioner, meta=meta, default_steps=meta.get("default_steps"),
+                     default_shift=meta.get("default_shift", 1.0))
 
 
 def weights_paths(name: str, directory: str | Path | None = None) -> tuple[Path, Path]:
@@ -661,7 +677,7 @@ def eval_labels(n: int = 10, model: str | TinyModel | None = None) -> torch.Tens
     """Fixed evaluation batch of length ``n``: ``0, 1, ..., 9, 0, 1, ...`` for the digit models.
 
     For ``model="tiny-flux-deep"`` (name or loaded model) the captions of :func:`.scenes.eval_labels`
-    (a stride through all 256 scene captions), since digit labels would only name 10 of them.
+    (a stride through all 128 scene captions), since digit labels would only name 10 of them.
     """
     name = model.name if isinstance(model, TinyModel) else model
     if name == "tiny-flux-deep":
