@@ -39,6 +39,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+from .shapes import fake_inputs
 
 __all__ = ["RegionalProgram", "Segment", "SegmentCache", "partition", "structural_key"]
 
@@ -55,6 +58,8 @@ class Segment:
     outputs: List[int]  # environment slots written, in output order
     key: str = ""
     fn: Optional[Callable] = None
+    # per input, its fake value in the variant graph (symbolic sizes of a dynamic capture); None: a parameter
+    vals: List[Any] = field(default_factory=list)
 
 
 def _labels(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Dict[fx.Node, Tuple]:
@@ -161,6 +166,7 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
         root = torch.nn.Module()
         env: Dict[fx.Node, fx.Node] = {}
         inputs: List[int] = []
+        vals: List[Any] = []
 
         def arg(a: fx.Node) -> fx.Node:
             if a in env:
@@ -172,6 +178,7 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
                 return env[a]
             ph = graph.placeholder(f"i{len(inputs)}")
             inputs.append(slot[a])
+            vals.append(None if a.op == "get_attr" else a.meta.get("val"))
             env[a] = ph
             return ph
 
@@ -187,7 +194,7 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
             outputs.append(next_slot)
             next_slot += 1
         seg_gm = fx.GraphModule(root, graph, class_name="Segment")
-        segments.append(Segment(label, seg_gm, inputs, outputs))
+        segments.append(Segment(label, seg_gm, inputs, outputs, vals=vals))
     (flat,) = output_node.args
     outs = [slot[a] if isinstance(a, fx.Node) else ("const", a) for a in flat]
     return segments, constants, outs, len(placeholders)
@@ -197,6 +204,12 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"T{tuple(value.shape)}{tuple(value.stride())}{value.dtype}{value.device}{value.requires_grad}"
     return f"V{type(value).__name__}:{value!r}"
+
+
+def symbolic_example(segment: Segment, env: Sequence[Any]) -> List[Any]:
+    """The inputs a dynamic capture's segment is compiled for (:func:`npu_cache_fx.shapes.fake_inputs`): the
+    symbolic values of the variant graph, a ``sym_size`` value a SymInt input, parameters of static shape."""
+    return fake_inputs(segment.vals, [env[i] for i in segment.inputs])
 
 
 def structural_key(segment: Segment, example: Sequence[Any]) -> str:
@@ -214,6 +227,8 @@ def structural_key(segment: Segment, example: Sequence[Any]) -> str:
         h.update(_describe(value).encode())
         if isinstance(value, torch.Tensor):
             h.update(f"@{first.setdefault(id(value), k)}".encode())
+        if isinstance(value, FakeTensor):  # symbols are named per capture: its shape environment is part of the key
+            h.update(f"env{id(value.fake_mode)}".encode())
     h.update(f"grad={torch.is_grad_enabled()}".encode())
     return h.hexdigest()[:16]
 
@@ -227,13 +242,15 @@ class SegmentCache:
     hits: int = 0
 
     def get(self, segment: Segment, example: Sequence[Any]) -> Tuple[Callable, bool]:
-        """The compiled callable for ``segment`` and whether it was new."""
+        """The compiled callable for ``segment`` and whether it was new (``example``: real inputs, or the
+        fake inputs with symbolic sizes of a dynamic capture's segment)."""
         key = segment.key = structural_key(segment, example)
         fn = self.compiled.get(key)
         if fn is not None:
             self.hits += 1
             return fn, False
-        fn = self.compiled[key] = self.compile_fn(segment.gm, list(example))
+        symbolic = any(isinstance(v, (FakeTensor, torch.SymInt)) for v in example)
+        fn = self.compiled[key] = self.compile_fn(segment.gm, list(example), **({"symbolic": True} if symbolic else {}))
         return fn, True
 
 
@@ -244,8 +261,11 @@ class RegionalProgram:
     inputs' shapes), so the first call compiles what no earlier variant compiled.
     """
 
-    def __init__(self, gm: fx.GraphModule, spans: Dict[str, List[List[str]]], cache: SegmentCache):
+    def __init__(self, gm: fx.GraphModule, spans: Dict[str, List[List[str]]], cache: SegmentCache,
+                 symbolic: bool = False):
         self.gm = gm
+        # a dynamic capture's variant: segments compiled for its symbolic sizes (keyed by them), run at any size
+        self.symbolic = symbolic
         self.segments, self.constants, self.outputs, self.n_inputs = partition(gm, spans)
         self.template: List[Any] = [None] * (self.n_inputs + len(self.constants) + sum(
             len(s.outputs) for s in self.segments))
@@ -271,7 +291,7 @@ class RegionalProgram:
     def _bind(self, env: List[Any]) -> None:
         for seg in self.segments:
             example = [env[i] for i in seg.inputs]
-            seg.fn, new = self.cache.get(seg, example)
+            seg.fn, new = self.cache.get(seg, symbolic_example(seg, env) if self.symbolic else example)
             self.compiled_new += new
             self.shared += not new
             outs = seg.fn(*example)
