@@ -6,7 +6,9 @@ counter of the active cache context (resetting on a new generation), (3)
 looks up the step's decision in the static :class:`~npu_cache_fx.schedule.Plan`,
 and (4) runs the graph variant for that decision, passing the context's cache
 buffers. Captures are lazy and keyed by the inputs' structure, shapes, dtypes,
-devices and non-tensor values; a new key recaptures and gets its own buffers.
+devices and non-tensor values; a new key gets its own buffers and is captured
+again, unless a dynamic capture (``backend_options["shapes"]``, the default:
+:mod:`npu_cache_fx.shapes`) serves its sizes with the variants compiled already.
 
 Example::
 
@@ -863,8 +865,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         log.warning("%s: a guard added while compiling the dynamic capture excludes the input sizes %s; they are "
                     "captured again with static sizes", type(self.model).__name__, self._labels.get(key))
         self._entries.pop(key, None)
-        self._captures.pop(key, None)
-        self._captures.bindings.pop(key, None)
+        self._captures.forget(key)
         self._static_keys.add(key)
         for ctx in self._contexts.values():
             ctx.buffers.pop(key, None)
@@ -874,8 +875,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
     def _recapture_static(self, kwargs: Dict[str, Any], key: Any, reason: str) -> Capture:
         log.warning("%s: %s; this input shape is captured with static sizes", type(self.model).__name__, reason)
         self._static_keys.add(key)
-        self._captures.pop(key, None)
-        self._captures.bindings.pop(key, None)
+        self._captures.forget(key)
         cap = self._capture(kwargs, key, dynamic=False)
         if cap is None:
             raise RuntimeError(f"{type(self.model).__name__}: the static capture failed after the dynamic one")
@@ -1042,16 +1042,27 @@ class CaptureCache(dict):
         self.model = model
         self.dynamic: Dict[Any, List[Capture]] = {}  # rank-level signature -> dynamic captures
         self.bindings: Dict[Any, Dict[Any, int]] = {}  # signature served by a dynamic capture -> its symbols' sizes
+        self.static: Dict[Any, Capture] = {}  # static captures of signatures a dynamic capture serves too
 
     def clear(self) -> None:
         super().clear()
         self.dynamic.clear()
         self.bindings.clear()
+        self.static.clear()
+
+    def forget(self, key: Any) -> None:
+        """Stop serving ``key`` by a dynamic capture (its sizes no longer bind it)."""
+        if key in self.bindings:
+            self.bindings.pop(key)
+            self.pop(key, None)
 
     def find(self, key: Any, leaves: Sequence[Any], spec: Any, dynamic: bool = False) -> Optional[Capture]:
-        """The capture serving signature ``key``: its own, or (``dynamic``) a dynamic capture its sizes bind."""
+        """The capture serving signature ``key``: its own, or (``dynamic``) a dynamic capture its sizes bind.
+        Without ``dynamic`` only a static capture is returned."""
         cap = self.get(key)
-        if cap is not None or not dynamic:
+        if not dynamic:
+            return self.static.get(key) if cap is not None and cap.meta.get("dynamic") is not None else cap
+        if cap is not None:
             return cap
         for cand in self.dynamic.get(_rank_key(leaves, spec), ()):
             bindings = bind(cand.meta["dynamic"], leaves)
@@ -1098,7 +1109,10 @@ class CaptureCache(dict):
                 cap = capture(self.model, kwargs, lists)
             if why is not None:
                 cap.meta["shape_capture"] = why
-        self[key] = cap
+        if not dynamic and self.get(key) is not None:  # a dynamic capture serves this signature for others
+            self.static[key] = cap
+        else:
+            self[key] = cap
         return cap
 
 
@@ -1142,7 +1156,11 @@ def optimize(model: torch.nn.Module, cache_config: Union[CacheConfig, Sequence[C
             any ``torch.compile`` backend callable. Each variant is compiled once.
         backend_options: e.g. ``{"mode": "reduce-overhead"}`` or
             ``{"compiler_config": torchair.CompilerConfig()}`` for torchair;
-            ``"static_cache_buffers"``: see :func:`static_cache_buffers`.
+            ``"static_cache_buffers"``: see :func:`static_cache_buffers`;
+            ``"graphs"``: ``"regional"`` | ``"full"`` (:func:`~npu_cache_fx.backends.graph_mode`);
+            ``"shapes"``: ``"dynamic"`` (one capture and one compile for every input size the model allows;
+            the default except for graph replay) | ``"static"`` (each shape captured and compiled again), see
+            :func:`~npu_cache_fx.backends.shape_mode` and ``stats.shape_capture``.
         timestep_arg: forward parameter whose value rising starts a new generation
             (``"auto"``: ``timestep``/``timesteps``/``t``; ``None`` disables). Detecting it
             reads one scalar of the timestep per call: on an accelerator that is a
