@@ -199,12 +199,20 @@ def capture(model: torch.nn.Module, kwargs: Mapping[str, Any], block_lists: Sequ
     if dynamic:
         from .shapes import dynamic_shapes_spec
         extra["dynamic_shapes"] = dynamic_shapes_spec(kwargs)
+    # Dim.AUTO on a size-1 dimension (a batch of 1) is specialised with a warning per input: expected here
+    quiet = logging.getLogger("torch._export.non_strict_utils")
+    level = quiet.level
+    if dynamic:
+        quiet.setLevel(logging.ERROR)
     try:
-        ep = torch.export.export(model, (), kwargs, strict=False, preserve_module_call_signature=block_fqns,
-                                 **extra)
-    except Exception as err:  # preserving signatures is only for naming; retry plain
-        log.debug("export with preserved block signatures failed (%s); retrying without", err)
-        ep = torch.export.export(model, (), kwargs, strict=False, **extra)
+        try:
+            ep = torch.export.export(model, (), kwargs, strict=False, preserve_module_call_signature=block_fqns,
+                                     **extra)
+        except Exception as err:  # preserving signatures is only for naming; retry plain
+            log.debug("export with preserved block signatures failed (%s); retrying without", err)
+            ep = torch.export.export(model, (), kwargs, strict=False, **extra)
+    finally:
+        quiet.setLevel(level)
     root = ep.module()
     info = root.graph._codegen.pytree_info
     gm = _flat_graph_module(root)

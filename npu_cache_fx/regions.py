@@ -81,7 +81,7 @@ def _order(gm: fx.GraphModule, labels: Dict[fx.Node, Tuple]) -> List[fx.Node]:
     Glue inside a block's run is moved after the block unless a later node of the block needs it or
     mutates a tensor in place (then it joins the block, where it was). Falls back to graph order if
     that would break a dependency."""
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n in labels]
     last: Dict[Tuple, int] = {}
     inside: Dict[fx.Node, Tuple] = {}  # glue node -> the block whose run it interrupts
     current: Optional[Tuple] = None
@@ -119,10 +119,20 @@ def _order(gm: fx.GraphModule, labels: Dict[fx.Node, Tuple]) -> List[fx.Node]:
         out.extend(rest)
     seen = set()
     for n in out:
-        if any(a.op == "call_function" and a not in seen for a in n.all_input_nodes):
+        if any(a.op == "call_function" and a in labels and a not in seen for a in n.all_input_nodes):
             return nodes
         seen.add(n)
     return out
+
+
+def _size_arithmetic(node: fx.Node) -> bool:
+    """Python arithmetic on sizes (a dynamic capture's ``sym_size`` sums, products...): recomputed in each
+    segment that needs it rather than handed over as an output, so blocks of one class stay one graph (Flux's
+    first double block computes ``text + image`` tokens that the next blocks read)."""
+    val = node.meta.get("val")
+    return (node.op == "call_function" and node.target is not operator.getitem
+            and getattr(node.target, "__module__", None) in ("_operator", "operator")
+            and isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool))
 
 
 def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[List[Segment], List[Any], List[Any], int]:
@@ -133,6 +143,9 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
     ``outputs`` is, per graph output, an environment slot (int) or ``("const", value)``.
     """
     labels = _labels(gm, spans)
+    free = {n for n in labels if _size_arithmetic(n)}
+    for n in free:  # recomputed by every segment that reads it (see _size_arithmetic)
+        del labels[n]
     order = _order(gm, labels)
     slot: Dict[fx.Node, int] = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -158,6 +171,14 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     # which nodes are read after each run (by later runs or the output)
     run_of = {n: r for r, (_, members) in enumerate(runs) for n in members}
+
+    def readers(node: fx.Node, memo: Dict[fx.Node, set] = {}) -> set:  # noqa: B006 - per call of partition
+        """The runs that recompute a free node (they read its inputs)."""
+        if node not in memo:
+            memo[node] = set()
+            for u in node.users:
+                memo[node] |= readers(u) if u in free else ({run_of[u]} if u in run_of else {-1})
+        return memo[node]
     segments: List[Segment] = []
     next_slot = len(placeholders) + len(constants)
     for r, (label, members) in enumerate(runs):
@@ -170,6 +191,12 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
 
         def arg(a: fx.Node) -> fx.Node:
             if a in env:
+                return env[a]
+            if a in free:
+                args = fx.map_arg(a.args, arg)
+                kwargs = fx.map_arg(a.kwargs, arg)
+                env[a] = graph.create_node("call_function", a.target, args, kwargs,
+                                           name=f"s{sum(1 for x in env if x in free)}")
                 return env[a]
             if a in submodules:  # a module stays an attribute of the segment (part of its structural key)
                 name = f"sub{sum(1 for _ in root.children())}"
@@ -186,7 +213,8 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
             args = fx.map_arg(n.args, lambda a: env[a] if a in member_set else arg(a))
             kwargs = fx.map_arg(n.kwargs, lambda a: env[a] if a in member_set else arg(a))
             env[n] = graph.create_node("call_function", n.target, args, kwargs, name=f"n{k}")
-        live = [n for n in members if any(u is output_node or (u in run_of and run_of[u] != r) for u in n.users)]
+        live = [n for n in members if any(u is output_node or (u in run_of and run_of[u] != r)
+                                          or (u in free and readers(u) - {r}) for u in n.users)]
         graph.output(tuple(env[n] for n in live))
         outputs = []
         for n in live:
