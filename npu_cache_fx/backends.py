@@ -19,7 +19,8 @@ import torch.fx as fx
 from .config import ConfigError
 
 __all__ = ["BackendUnavailable", "BACKENDS", "block_backend", "check_backend_options", "compile_graph",
-           "compile_segment", "ge_ready_blocks", "graph_mode", "GRAPH_MODES", "LazyCompile", "prepare_for_torchair",
+           "compile_segment", "ge_ready_blocks", "graph_mode", "GRAPH_MODES", "LazyCompile", "PerShape",
+           "prepare_for_torchair",
            "resolve_backend", "shape_mode", "SHAPE_MODES", "TORCHAIR_MODES"]
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,26 @@ class LazyCompile:
         if self.fn is None:
             self.fn = self.compile_fn(args)
         return self.fn(*args)
+
+
+class PerShape:
+    """A graph compiled for static shapes once per input layout (shapes, strides, size values): what a dynamic
+    capture's graph falls back to when the backend cannot compile it for symbolic sizes. ``compiles`` counts
+    the compiles (the runtime adds them to ``stats.graphs_compiled``)."""
+
+    def __init__(self, gm: fx.GraphModule, compile_fn: Callable[[fx.GraphModule, list], Callable]):
+        self.gm = gm
+        self.compile_fn = compile_fn
+        self.fns: Dict[Any, Callable] = {}
+        self.compiles = 0
+
+    def __call__(self, *args):
+        key = tuple((tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a for a in args)
+        fn = self.fns.get(key)
+        if fn is None:
+            fn = self.fns[key] = self.compile_fn(self.gm, list(args))
+            self.compiles += 1
+        return fn(*args)
 
 
 class BackendUnavailable(RuntimeError):
@@ -241,8 +262,9 @@ def compile_segment(gm: fx.GraphModule, example_inputs, backend: Backend,
 
     ``symbolic``: ``example_inputs`` are the fake values of a dynamic capture (symbolic sizes, SymInt inputs;
     :mod:`npu_cache_fx.shapes`): the backend compiles one graph for every size, in the capture's shape
-    environment (its guards are checked when a call binds the capture). If that fails, ``torch.compile(...,
-    dynamic=True)`` compiles it (Dynamo's guards, which recompile for a size they exclude).
+    environment (its guards are checked when a call binds the capture). If that fails (inductor cannot compile
+    a graph whose input sizes use a symbol only in a sum, e.g. Flux's rotary table of ``text + image`` rows),
+    a :class:`PerShape` compiles it for static shapes per input layout.
     """
     resolved = resolve_backend(backend, options)
     if resolved is None:
@@ -262,12 +284,12 @@ def compile_segment(gm: fx.GraphModule, example_inputs, backend: Backend,
     try:
         return resolved(gm, list(example_inputs))
     except Exception as err:  # noqa: BLE001 - the Dynamo route below raises what is really wrong
+        if symbolic:  # e.g. inductor needs every symbol of an input size as a size or input of its own
+            log.info("compiling a graph for symbolic sizes failed (%s: %s); it is compiled per input shape",
+                     type(err).__name__, str(err).splitlines()[0][:200])
+            return PerShape(gm, lambda g, example: compile_segment(g, example, backend, options))
         log.debug("compiling a segment without Dynamo failed (%s: %s); compiling it with torch.compile",
                   type(err).__name__, err)
-        if symbolic:
-            mode = (options or {}).get("mode") if backend == "inductor" else None
-            return torch.compile(gm, backend=resolve_backend(backend, options), fullgraph=True, dynamic=True,
-                                 mode=mode)
         return compile_graph(gm, backend, options)
 
 

@@ -135,6 +135,43 @@ def _size_arithmetic(node: fx.Node) -> bool:
             and isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool))
 
 
+def _symbol(size: Any) -> Any:
+    return size.node.expr if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol else None
+
+
+def _input_symbols(gm: fx.GraphModule) -> Dict[Any, fx.Node]:
+    """A dynamic capture's input symbols, each with a graph input that has it as a size."""
+    out: Dict[Any, fx.Node] = {}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor):
+            for size in val.shape:
+                sym = _symbol(size)
+                if sym is not None:
+                    out.setdefault(sym, node)
+    return out
+
+
+def _unbound_symbols(vals: Sequence[Any], by_symbol: Dict[Any, fx.Node]) -> List[Any]:
+    """Symbols in the sizes of a segment's inputs that no input provides as a size of its own (inductor binds
+    a symbol from an input's size or a SymInt input: ``s1 + s2`` rows alone do not give ``s1``, ``s2``). The
+    graph input that has each one becomes an input of the segment too."""
+    if not by_symbol:
+        return []
+    used, bound = set(), set()
+    for val in vals:
+        if isinstance(val, torch.Tensor):
+            for size in list(val.shape) + list(val.stride()):
+                if isinstance(size, torch.SymInt):
+                    used |= size.node.expr.free_symbols
+            bound |= {sym for sym in map(_symbol, val.shape) if sym is not None}
+        elif isinstance(val, torch.SymInt):
+            used |= val.node.expr.free_symbols
+            if _symbol(val) is not None:
+                bound.add(_symbol(val))
+    return sorted((s for s in used - bound if s in by_symbol), key=str)
+
+
 def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[List[Segment], List[Any], List[Any], int]:
     """Cut ``gm`` into segments. Returns ``(segments, constants, outputs, n_inputs)``:
 
@@ -143,6 +180,7 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
     ``outputs`` is, per graph output, an environment slot (int) or ``("const", value)``.
     """
     labels = _labels(gm, spans)
+    by_symbol = _input_symbols(gm)
     free = {n for n in labels if _size_arithmetic(n)}
     for n in free:  # recomputed by every segment that reads it (see _size_arithmetic)
         del labels[n]
@@ -213,6 +251,8 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
             args = fx.map_arg(n.args, lambda a: env[a] if a in member_set else arg(a))
             kwargs = fx.map_arg(n.kwargs, lambda a: env[a] if a in member_set else arg(a))
             env[n] = graph.create_node("call_function", n.target, args, kwargs, name=f"n{k}")
+        for sym in _unbound_symbols(vals, by_symbol):  # a dynamic capture: sizes the segment cannot derive
+            arg(by_symbol[sym])
         live = [n for n in members if any(u is output_node or (u in run_of and run_of[u] != r)
                                           or (u in free and readers(u) - {r}) for u in n.users)]
         graph.output(tuple(env[n] for n in live))

@@ -38,8 +38,8 @@ import torch.fx as fx
 from torch._dynamo.eval_frame import skip_code
 from torch.utils import _pytree as pytree
 
-from .backends import (Backend, check_backend_options, compile_graph, compile_segment, graph_mode, resolve_backend,
-                       shape_mode)
+from .backends import (Backend, PerShape, check_backend_options, compile_graph, compile_segment, graph_mode,
+                       resolve_backend, shape_mode)
 from .capture import Capture, capture, choose_attention, find_block_lists
 from .config import CacheConfig, ConfigError, config_list, save_plan
 from .contexts import CacheContexts
@@ -595,9 +595,11 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                 timed = call.variant.timed
                 first = timed is not None and call.key not in timed
                 start = time.perf_counter() if first else 0.0
+                per_shape = self._per_shape_compiles(call.variant) if first else 0
                 flat_out = call.fn(*call.inputs)
                 if first:
-                    self._record_compile(call.key, call.variant, time.perf_counter() - start)
+                    self._record_compile(call.key, call.variant, time.perf_counter() - start,
+                                         self._per_shape_compiles(call.variant) - per_shape)
                 out = self._finish(call, flat_out)
             return hook.post_forward(self.model, out) if hook is not None else out
 
@@ -962,9 +964,16 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         return variant
 
     @torch._dynamo.disable
-    def _record_compile(self, key: Any, variant: _Variant, seconds: float) -> None:
+    def _per_shape_compiles(self, variant: _Variant) -> int:
+        """Compiles so far of the per-shape fallbacks (backends.PerShape) this variant runs."""
+        fn = variant.fn
+        fns = [s.fn for s in fn.segments] if isinstance(fn, RegionalProgram) else [getattr(fn, "fn", fn)]
+        return sum(f.compiles for f in fns if isinstance(f, PerShape))
+
+    def _record_compile(self, key: Any, variant: _Variant, seconds: float, per_shape: int = 0) -> None:
         """Stats of a compiled variant's first call for an input signature: seconds (compile + one run) and
-        graphs compiled / shared (a dynamic capture's variant compiles at its first signature only)."""
+        graphs compiled / shared (a dynamic capture's variant compiles at its first signature only, but for
+        graphs compiled per shape: ``per_shape``, the compiles of its PerShape fallbacks in this call)."""
         program = variant.fn if isinstance(variant.fn, RegionalProgram) else None
         if program is not None:
             compiled, shared = program.compiled_new, program.shared
@@ -973,6 +982,8 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             compiled, shared = compiled - done[0], shared - done[1]
         else:
             compiled, shared = (0, 0) if variant.timed else (1, 0)
+        if variant.timed:  # a later signature: the per-shape compiles are the graphs it compiled
+            compiled = per_shape
         variant.timed.add(key)
         self.stats.compile_seconds += seconds
         self.stats.graphs_compiled += compiled
