@@ -105,8 +105,9 @@ def shape_mode(backend: "Backend", options: Optional[Dict[str, Any]] = None) -> 
     capture is static; ``stats.shape_capture`` says which happened and why. ``"static"``: each shape is
     captured and compiled again. ``backend_options["shapes"]`` decides; by default ``"dynamic"``, except for
     graph replay (``backend="torchair"``, inductor ``mode="reduce-overhead"``): one recorded graph per shape.
-    Measured with inductor on CPU (README, Benchmarks): symbolic graphs take ~1.8x as long to compile and run
-    5-9 % slower per step than static ones; ``"static"`` is faster for a single resolution.
+    Measured with inductor on CPU (README, Benchmarks): symbolic graphs take 1.1-1.35x as long to compile, and
+    per step match static ones on tiny-flux and run 8 % slower on tiny-wan; ``"static"`` can be faster for a
+    single resolution.
     """
     options = options or {}
     if "shapes" in options:
