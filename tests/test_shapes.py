@@ -210,3 +210,30 @@ def test_dynamic_inductor_two_resolutions(flux):
         if size != FLUX_SIZES[0]:
             assert dyn.stats.graphs_compiled == compiled
     assert dyn.stats.captures == 1 and static.stats.captures == 2
+
+
+def test_backend_that_refuses_symbolic_sizes_compiles_per_shape(flux):
+    """A backend that cannot compile a graph for symbolic sizes gets it per input shape (backends.PerShape): the
+    capture is still reused, the second resolution compiles again and stats.graphs_compiled counts it."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    compiled = []
+
+    def static_only(gm, example_inputs):
+        if any(isinstance(x, (FakeTensor, torch.SymInt)) for x in example_inputs):
+            raise NotImplementedError("static shapes only")
+        compiled.append(gm)
+        return gm
+
+    cfgs = FLUX_CFGS[:1]
+    opt = optimize(flux, cfgs, backend=static_only, backend_options={"graphs": "full"})
+    static = optimize(flux, cfgs, backend_options={"shapes": "static"})
+    counts = []
+    for size in FLUX_SIZES:
+        got = _generate(opt, _make("flux", size), steps=8, generations=1)
+        want = _generate(static, _make("flux", size), steps=8, generations=1)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        counts.append(len(compiled))
+    n_variants = len(opt._entries[next(iter(opt._entries))].variants)
+    assert counts == [n_variants, 2 * n_variants]  # every variant compiled again at the second shape
+    assert opt.stats.captures == 1 and opt.stats.graphs_compiled == 2 * n_variants
