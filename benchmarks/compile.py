@@ -16,6 +16,9 @@ Five flows per model, with a ~2x plan (tiny models: ``npu_cache_fx.bench.shipped
   block / glue graph compiled once and shared by the variants; full graphs for CUDA graphs);
 * ``cached <backend> full``: the same with ``backend_options={"graphs": "full"}`` (one whole graph per
   variant, what ``cached <backend>`` was before regional compilation);
+* ``cached <backend> static``: ``cached <backend>`` with ``backend_options={"shapes": "static"}`` (graphs
+  compiled for the captured sizes only, what ``cached <backend>`` was before dynamic shapes; its step time is
+  the reference of the dynamic graphs' ``dynamic_over_static_step``);
 * ``user compile <backend>``: ``torch.compile(optimize(model, plan), backend=B)``.
 
 ``B`` is a counting backend wrapping the real one (``--backend``; with ``--mode`` other
@@ -48,10 +51,12 @@ Measured:
 5. compile cost (``--compile-cost``, on by default): each measurement in a fresh subprocess with its own
    empty inductor cache and ``compile_threads=1`` (so the C++ compiler's CPU time is counted as the
    process's children): the plain model's compile (``torch.compile(model)``, first call), the cold compile
-   of all variants, regional and full, and the cost of a second resolution (the model called with other
-   image / video sizes after a generation at the first). Cost = CPU seconds (self + children) of the calls
-   that captured or compiled, less a steady call each; wall seconds alongside. Ratios: regional / plain
-   (goal <= 0.5), second / first resolution (goal <= 0.1), regional / full step time (goal <= 1.03).
+   of all variants, regional and full (dynamic shapes, the default) and regional with static shapes
+   (``static``), and the cost of a second resolution (the model called with other image / video sizes
+   after two generations at the first). Cost = CPU seconds (self + children) of the calls that captured or
+   compiled, less a steady call each; wall seconds alongside. Ratios: regional / plain (goal <= 0.5),
+   second / first resolution (goal <= 0.1; ``_static``: the per-shape path), regional / full step time and
+   dynamic / static step time (goal <= 1.03 each, from the interleaved steady state of 3.).
 
 ``--inductor-cache fresh`` (default) points ``TORCHINDUCTOR_CACHE_DIR`` at an empty
 temporary folder, so compile times are cold (graphs identical to an earlier one in the
@@ -93,8 +98,10 @@ FLUX_DEV_STEPS = 28
 
 FLUX_DEV_BLOCKS = (19, 38)
 FLOWS = ("uncached eager", "uncached compiled", "cached eager", "cached compiled", "cached compiled full",
-         "user compile")
-GOALS = {"regional_over_plain_compile": 0.5, "second_over_first_resolution": 0.1, "regional_over_full_step": 1.03}
+         "cached compiled static", "user compile")
+GOALS = {"regional_over_plain_compile": 0.5, "second_over_first_resolution": 0.1, "regional_over_full_step": 1.03,
+         "dynamic_over_static_step": 1.03}
+COST_KINDS = ("plain", "regional", "full", "static")
 
 
 def mindie_flux_plan(steps: int = FLUX_DEV_STEPS, blocks: Tuple[int, int] = FLUX_DEV_BLOCKS) -> List[CacheConfig]:
@@ -472,7 +479,8 @@ def run_workload(w: Workload, args) -> Dict[str, Any]:
     captures = CaptureCache(w.transformer)
     sync = w.device.type != "cpu"
     backends = {f"uncached {b}": CountingBackend(b, mode), f"cached {b}": CountingBackend(b, mode),
-                f"cached {b} full": CountingBackend(b, mode), f"user compile {b}": CountingBackend(b, mode)}
+                f"cached {b} full": CountingBackend(b, mode), f"cached {b} static": CountingBackend(b, mode),
+                f"user compile {b}": CountingBackend(b, mode)}
     opt_eager = optimize(w.transformer, w.plan, captures=captures)
     # the counting backend is a callable: say which graphs a user of backend=b, mode gets by default
     default_graphs = graph_mode(b, {"mode": mode} if b == "inductor" else {})
@@ -480,6 +488,9 @@ def run_workload(w: Workload, args) -> Dict[str, Any]:
                         backend_options={"graphs": default_graphs})
     opt_full = optimize(w.transformer, w.plan, backend=backends[f"cached {b} full"], captures=captures,
                         backend_options={"graphs": "full"})
+    # the same graphs as cached {b}, compiled for the captured sizes only (shapes='static')
+    opt_static = optimize(w.transformer, w.plan, backend=backends[f"cached {b} static"], captures=captures,
+                          backend_options={"graphs": default_graphs, "shapes": "static"})
     opt_user = optimize(w.transformer, w.plan, captures=captures)
     user = torch.compile(opt_user, backend=backends[f"user compile {b}"])
     plan = opt_eager.plan
@@ -493,6 +504,7 @@ def run_workload(w: Workload, args) -> Dict[str, Any]:
         "cached eager": Recorder(opt_eager, w.steps, plan, **kw),
         f"cached {b}": Recorder(opt_comp, w.steps, plan, backends[f"cached {b}"], **kw),
         f"cached {b} full": Recorder(opt_full, w.steps, plan, backends[f"cached {b} full"], **kw),
+        f"cached {b} static": Recorder(opt_static, w.steps, plan, backends[f"cached {b} static"], **kw),
         f"user compile {b}": Recorder(user, w.steps, plan, backends[f"user compile {b}"], **kw),
     }
     chosen = {flow_name(f, b) for f in args.flows}
@@ -651,8 +663,16 @@ def run_workload(w: Workload, args) -> Dict[str, Any]:
         print(f"   step time, cached {b} ({default_graphs} graphs) / cached {b} full: {step_ratio:.3f} "
               f"(medians {rows[f'cached {b}']['per_step_ms']:.3f} / {rows[f'cached {b} full']['per_step_ms']:.3f} "
               f"ms per step; goal <= {GOALS['regional_over_full_step']})")
+    dyn_ratio = None
+    if f"cached {b}" in rows and f"cached {b} static" in rows and opt_comp.stats.shape_capture.startswith("dynamic"):
+        dyn_ratio = rows[f"cached {b}"]["per_step_ms"] / rows[f"cached {b} static"]["per_step_ms"]
+        print(f"   step time, cached {b} (dynamic shapes) / cached {b} static: {dyn_ratio:.3f} (medians "
+              f"{rows[f'cached {b}']['per_step_ms']:.3f} / {rows[f'cached {b} static']['per_step_ms']:.3f} ms per "
+              f"step; goal <= {GOALS['dynamic_over_static_step']})")
+    print(f"   shape capture: {opt_comp.stats.shape_capture}")
     return {"workload": w.describe(), "model": w.name, "steps": w.steps, "backend": b, "mode": mode,
-            "ratios": {"regional_over_full_step": step_ratio},
+            "ratios": {"regional_over_full_step": step_ratio, "dynamic_over_static_step": dyn_ratio},
+            "shape_capture": opt_comp.stats.shape_capture,
             "plan": [c.to_dict() for c in w.plan], "plan_table": str(plan), "variants": len(plan.variants()),
             "flows": rows, "graph_breaks": graph_breaks, "recompile_error": recompile_error,
             "cuda_graphs": {"captures_warmup": cg_warm[0], "captures_timed": cg_timed[0],
@@ -719,9 +739,10 @@ def probe(args) -> Dict[str, Any]:
     if kind == "plain":
         fn = torch.compile(w.transformer, backend=args.backend, **({"mode": args.mode} if mode_opts else {}))
         opt = None
-    else:
-        fn = opt = optimize(w.transformer, w.plan, backend=args.backend,
-                            backend_options={**mode_opts, "graphs": kind})
+    else:  # "static": regional graphs, compiled per shape (shapes='static')
+        options = {**mode_opts, "graphs": "regional", "shapes": "static"} if kind == "static" else \
+            {**mode_opts, "graphs": kind}
+        fn = opt = optimize(w.transformer, w.plan, backend=args.backend, backend_options=options)
     out: Dict[str, Any] = {"kind": kind, "compiler_warmup_cpu_s": 0.0}
     if args.compiler_warmup == "on":  # one-time compiler start-up (imports, toolchain checks), paid by any first
         # compile in a process whatever the model: excluded from both sides by compiling an unrelated graph first
@@ -767,7 +788,7 @@ def probe(args) -> Dict[str, Any]:
     if opt is not None:
         out["stats"] = {k: v for k, v in tb.stats_dict(opt).items()
                         if k in ("captures", "capture_seconds", "compile_seconds", "graphs_compiled",
-                                 "graphs_shared", "graph_mode", "timings", "dynamic_capture")}
+                                 "graphs_shared", "graph_mode", "timings", "shape_capture", "shapes_reused")}
     return out
 
 
@@ -802,7 +823,7 @@ def compile_cost(name: str, args) -> Dict[str, Any]:
     for k in ("regional", "full"):
         if k in ok and "plain" in ok:
             ratios[f"{k}_over_plain_compile"] = results[k]["first"]["cost_cpu_s"] / results["plain"]["first"]["cost_cpu_s"]
-    for k in ("regional", "full", "plain"):
+    for k in ("regional", "full", "plain", "static"):
         if k in ok:
             name_k = "second_over_first_resolution" + ("" if k == "regional" else f"_{k}")
             ratios[name_k] = results[k]["second"]["cost_cpu_s"] / results[k]["first"]["cost_cpu_s"]
@@ -844,15 +865,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and a second resolution, each in a fresh subprocess (default on, --quick: off; 'only': "
                         "nothing else, "
                         "and --models may also name tiny-flux-deep, Flux-dev's 19 + 38 blocks at width 64)")
-    p.add_argument("--cost-kinds", default="plain,regional,full",
-                   help="compile cost: which compiles to measure, from plain,regional,full (default all three)")
+    p.add_argument("--cost-kinds", default=",".join(COST_KINDS),
+                   help="compile cost: which compiles to measure, from plain, regional, full (dynamic shapes, the "
+                        "default) and static (regional, shapes='static'); default all four")
     p.add_argument("--second-side", type=int, default=12,
                    help="latent tokens per image side of the second resolution (default 12; the models' own is 8)")
     p.add_argument("--compiler-warmup", choices=("on", "off"), default="on",
                    help="compile cost: compile an unrelated tiny graph first in each subprocess, so the compiler's "
                         "one-time start-up (the same for any model) is not counted (default on; its CPU seconds "
                         "are reported as compiler_warmup_cpu_s)")
-    p.add_argument("--probe", choices=("plain", "regional", "full"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--probe", choices=COST_KINDS, default=None, help=argparse.SUPPRESS)
     tb.add_run_args(p, DEFAULT_OUT)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: aot_eager, tiny-flux, 2 samples, 8 steps, 1 repeat, eager-fraction ideal "
@@ -868,8 +890,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.compile_cost is None:
         args.compile_cost = "off" if args.quick else "on"
     args.cost_kinds = [k.strip() for k in args.cost_kinds.split(",") if k.strip()]
-    if not set(args.cost_kinds) <= {"plain", "regional", "full"}:
-        p.error(f"--cost-kinds: choose from plain, regional, full; got {args.cost_kinds}")
+    if not set(args.cost_kinds) <= set(COST_KINDS):
+        p.error(f"--cost-kinds: choose from {', '.join(COST_KINDS)}; got {args.cost_kinds}")
     args.backend = args.backend or "inductor"
     args.mode = args.mode or ("reduce-overhead" if args.device == "cuda" and args.backend == "inductor"
                               else "default")
@@ -988,7 +1010,7 @@ def main(argv=None) -> Dict[str, Any]:
                 cc = r["compile_cost"]
                 rows_cc = [[k, cc[k]["first"]["cost_cpu_s"], cc[k]["first"]["cost_wall_s"],
                             cc[k]["second"]["cost_cpu_s"], cc[k]["first"]["steady_call_ms"]]
-                           for k in ("plain", "regional", "full") if "first" in cc.get(k, {})]
+                           for k in COST_KINDS if "first" in cc.get(k, {})]
                 md += ["Compile cost (fresh subprocess and inductor cache each):", "",
                        tb.markdown_table(["graphs", "first resolution cpu s", "wall s", "second resolution cpu s",
                                           "steady call ms"], rows_cc), ""]

@@ -11,7 +11,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -19,8 +19,9 @@ import torch.fx as fx
 from .config import ConfigError
 
 __all__ = ["BackendUnavailable", "BACKENDS", "block_backend", "check_backend_options", "compile_graph",
-           "compile_segment", "ge_ready_blocks", "graph_mode", "GRAPH_MODES", "prepare_for_torchair",
-           "resolve_backend", "TORCHAIR_MODES"]
+           "compile_segment", "ge_ready_blocks", "graph_mode", "GRAPH_MODES", "LazyCompile", "PerShape",
+           "prepare_for_torchair",
+           "resolve_backend", "shape_mode", "SHAPE_MODES", "TORCHAIR_MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,9 @@ SDPA_IMPLS = ("auto", "npu_fused_infer_attention_score", "matmul", "keep")
 # How optimize(backend=...) compiles the variants: "regional" (each distinct block / glue graph once, shared
 # by the variants: npu_cache_fx.regions) or "full" (one whole graph per variant). See graph_mode().
 GRAPH_MODES = ("regional", "full")
+# How a new input shape is served: "dynamic" (one capture with symbolic sizes, graphs compiled for all sizes) or
+# "static" (each shape captured and compiled again). See shape_mode().
+SHAPE_MODES = ("dynamic", "static")
 # backend_options keys each backend reads (every backend reads "static_cache_buffers", see runtime)
 _OPTION_KEYS = {"inductor": ("mode",), "torchair": ("mode", "compiler_config", "sdpa")}
 
@@ -43,7 +47,7 @@ def check_backend_options(backend: "Backend", options: Dict[str, Any]) -> None:
     if not isinstance(options, dict):
         raise ConfigError(f"backend_options must be a dict, got {type(options).__name__}")
     name = backend if isinstance(backend, str) else None
-    known = ("static_cache_buffers",) + (("graphs",) if backend not in (None, "eager") else ()) + \
+    known = ("static_cache_buffers", "shapes") + (("graphs",) if backend not in (None, "eager") else ()) + \
         _OPTION_KEYS.get(name, ())
     for key in options:
         if key not in known:
@@ -56,6 +60,12 @@ def check_backend_options(backend: "Backend", options: Dict[str, Any]) -> None:
             raise ConfigError(f"backend_options['mode']={mode!r} is not a {name} mode; choose one of {list(modes)}")
     if "graphs" in options and options["graphs"] not in GRAPH_MODES:
         raise ConfigError(f"backend_options['graphs']={options['graphs']!r}; choose one of {list(GRAPH_MODES)}")
+    if "shapes" in options and options["shapes"] not in SHAPE_MODES:
+        raise ConfigError(f"backend_options['shapes']={options['shapes']!r}; choose one of {list(SHAPE_MODES)}")
+    if options.get("shapes") == "dynamic" and _graph_replay(backend, options):
+        raise ConfigError(f"backend_options['shapes']='dynamic' with backend={backend!r}"
+                          f"{', mode=' + repr(mode) if mode else ''}: graph replay (aclgraph / GE graphs, CUDA graphs) "
+                          "records one graph per input shape; use shapes='static' (the default for this backend)")
     if "sdpa" in options and options["sdpa"] not in SDPA_IMPLS:
         raise ConfigError(f"backend_options['sdpa']={options['sdpa']!r}; choose one of {list(SDPA_IMPLS)}")
 
@@ -77,6 +87,65 @@ def graph_mode(backend: "Backend", options: Optional[Dict[str, Any]] = None) -> 
     if backend == "torchair" or (backend == "inductor" and options.get("mode") == "reduce-overhead"):
         return "full"
     return "regional"
+
+
+def _graph_replay(backend: "Backend", options: Dict[str, Any]) -> bool:
+    return backend == "torchair" or (backend == "inductor" and options.get("mode") == "reduce-overhead")
+
+
+def shape_mode(backend: "Backend", options: Optional[Dict[str, Any]] = None) -> str:
+    """How ``optimize(..., backend=backend)`` serves a new input shape (another resolution): ``"dynamic"`` or
+    ``"static"``.
+
+    ``"dynamic"`` (:mod:`npu_cache_fx.shapes`): the model is exported once with every input dimension
+    ``Dim.AUTO``; a later call whose sizes fit the capture's symbolic sizes (and guards) reuses it, its
+    variants and their compiled code (inductor / aot_eager / a callable backend compile each graph once with
+    symbolic sizes); cache buffers are still allocated per shape. Where export cannot keep a dimension
+    symbolic it specialises it (then that shape is captured again), where the dynamic export fails the
+    capture is static; ``stats.shape_capture`` says which happened and why. ``"static"``: each shape is
+    captured and compiled again. ``backend_options["shapes"]`` decides; by default ``"dynamic"``, except for
+    graph replay (``backend="torchair"``, inductor ``mode="reduce-overhead"``): one recorded graph per shape.
+    Measured with inductor on CPU (README, Benchmarks): symbolic graphs take 1.1-1.35x as long to compile, and
+    per step match static ones on tiny-flux and run 8 % slower on tiny-wan; ``"static"`` can be faster for a
+    single resolution.
+    """
+    options = options or {}
+    if "shapes" in options:
+        return options["shapes"]
+    return "static" if _graph_replay(backend, options) else "dynamic"
+
+
+class LazyCompile:
+    """A graph compiled on its first call (the call the runtime times as the compile): ``compile_fn(args)``."""
+
+    def __init__(self, compile_fn: Callable[[Sequence[Any]], Callable]):
+        self.compile_fn = compile_fn
+        self.fn: Optional[Callable] = None
+
+    def __call__(self, *args):
+        if self.fn is None:
+            self.fn = self.compile_fn(args)
+        return self.fn(*args)
+
+
+class PerShape:
+    """A graph compiled for static shapes once per input layout (shapes, strides, size values): what a dynamic
+    capture's graph falls back to when the backend cannot compile it for symbolic sizes. ``compiles`` counts
+    the compiles (the runtime adds them to ``stats.graphs_compiled``)."""
+
+    def __init__(self, gm: fx.GraphModule, compile_fn: Callable[[fx.GraphModule, list], Callable]):
+        self.gm = gm
+        self.compile_fn = compile_fn
+        self.fns: Dict[Any, Callable] = {}
+        self.compiles = 0
+
+    def __call__(self, *args):
+        key = tuple((tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a for a in args)
+        fn = self.fns.get(key)
+        if fn is None:
+            fn = self.fns[key] = self.compile_fn(self.gm, list(args))
+            self.compiles += 1
+        return fn(*args)
 
 
 class BackendUnavailable(RuntimeError):
@@ -160,11 +229,20 @@ def _half_attention(gm: fx.GraphModule) -> bool:
     return False
 
 
-def compile_graph(gm: fx.GraphModule, backend: Backend, options: Optional[Dict[str, Any]] = None) -> Callable:
-    """Compile one variant with ``fullgraph=True`` and static shapes (one graph, no recompiles)."""
+def compile_graph(gm: fx.GraphModule, backend: Backend, options: Optional[Dict[str, Any]] = None,
+                  symbolic: bool = False) -> Callable:
+    """Compile one variant with ``fullgraph=True`` and static shapes (one graph, no recompiles).
+
+    ``symbolic``: ``gm`` comes from a dynamic capture (:mod:`npu_cache_fx.shapes`); it is compiled on its first
+    call for every size its placeholders' symbolic values allow, by :func:`compile_segment` (no Dynamo).
+    """
     resolved = resolve_backend(backend, options)
     if resolved is None:
         return gm
+    if symbolic and backend != "torchair":
+        from .shapes import fake_inputs
+        vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+        return LazyCompile(lambda args: compile_segment(gm, fake_inputs(vals, args), backend, options, symbolic=True))
     if backend == "torchair":
         prepare_for_torchair(gm, options)
     mode = (options or {}).get("mode") if backend == "inductor" else None  # e.g. "reduce-overhead": CUDA graphs
@@ -172,7 +250,7 @@ def compile_graph(gm: fx.GraphModule, backend: Backend, options: Optional[Dict[s
 
 
 def compile_segment(gm: fx.GraphModule, example_inputs, backend: Backend,
-                    options: Optional[Dict[str, Any]] = None) -> Callable:
+                    options: Optional[Dict[str, Any]] = None, symbolic: bool = False) -> Callable:
     """Compile one segment of a regional variant (:mod:`npu_cache_fx.regions`) for ``example_inputs``.
 
     The segment is an aten graph that is always called with inputs like ``example_inputs`` (the caller
@@ -182,6 +260,12 @@ def compile_segment(gm: fx.GraphModule, example_inputs, backend: Backend,
     segment through ``torch.compile(fullgraph=True, dynamic=False)`` like a whole variant, and so does a
     segment the backend cannot compile on its own: one with a data-dependent output shape (``nonzero`` in
     Mochi's blocks) needs the shape environment Dynamo sets up.
+
+    ``symbolic``: ``example_inputs`` are the fake values of a dynamic capture (symbolic sizes, SymInt inputs;
+    :mod:`npu_cache_fx.shapes`): the backend compiles one graph for every size, in the capture's shape
+    environment (its guards are checked when a call binds the capture). If that fails (inductor cannot compile
+    a graph whose input sizes use a symbol only in a sum, e.g. Flux's rotary table of ``text + image`` rows),
+    a :class:`PerShape` compiles it for static shapes per input layout.
     """
     resolved = resolve_backend(backend, options)
     if resolved is None:
@@ -194,9 +278,17 @@ def compile_segment(gm: fx.GraphModule, example_inputs, backend: Backend,
             else torch._dynamo.lookup_backend("inductor")
     elif isinstance(resolved, str):
         resolved = torch._dynamo.lookup_backend(resolved)
+    if backend == "inductor" and symbolic:
+        mode = (options or {}).get("mode")
+        resolved = torch._TorchCompileInductorWrapper(mode, None, True) if mode not in (None, "default") \
+            else resolved
     try:
         return resolved(gm, list(example_inputs))
     except Exception as err:  # noqa: BLE001 - the Dynamo route below raises what is really wrong
+        if symbolic:  # e.g. inductor needs every symbol of an input size as a size or input of its own
+            log.info("compiling a graph for symbolic sizes failed (%s: %s); it is compiled per input shape",
+                     type(err).__name__, str(err).splitlines()[0][:200])
+            return PerShape(gm, lambda g, example: compile_segment(g, example, backend, options))
         log.debug("compiling a segment without Dynamo failed (%s: %s); compiling it with torch.compile",
                   type(err).__name__, err)
         return compile_graph(gm, backend, options)

@@ -184,16 +184,35 @@ def _spans(gm: fx.GraphModule, model: torch.nn.Module, lists: Sequence[str]) -> 
     return spans
 
 
-def capture(model: torch.nn.Module, kwargs: Mapping[str, Any], block_lists: Sequence[str]) -> Capture:
-    """Export ``model(**kwargs)`` to a flat GraphModule and find each block's node span."""
+def capture(model: torch.nn.Module, kwargs: Mapping[str, Any], block_lists: Sequence[str],
+            dynamic: bool = False) -> Capture:
+    """Export ``model(**kwargs)`` to a flat GraphModule and find each block's node span.
+
+    ``dynamic``: every input dimension ``Dim.AUTO`` (:mod:`npu_cache_fx.shapes`); ``cap.meta["dynamic"]`` is
+    then the :class:`~npu_cache_fx.shapes.DynamicShapes` of the inputs, or None when export specialised
+    every dimension. Raises what export raises.
+    """
     start = time.perf_counter()
     block_fqns = tuple(f"{fqn}.{i}" for fqn in block_lists for i in range(len(model.get_submodule(fqn))))
     kwargs = dict(kwargs)
+    extra: Dict[str, Any] = {}
+    if dynamic:
+        from .shapes import dynamic_shapes_spec
+        extra["dynamic_shapes"] = dynamic_shapes_spec(kwargs)
+    # Dim.AUTO on a size-1 dimension (a batch of 1) is specialised with a warning per input: expected here
+    quiet = logging.getLogger("torch._export.non_strict_utils")
+    level = quiet.level
+    if dynamic:
+        quiet.setLevel(logging.ERROR)
     try:
-        ep = torch.export.export(model, (), kwargs, strict=False, preserve_module_call_signature=block_fqns)
-    except Exception as err:  # preserving signatures is only for naming; retry plain
-        log.debug("export with preserved block signatures failed (%s); retrying without", err)
-        ep = torch.export.export(model, (), kwargs, strict=False)
+        try:
+            ep = torch.export.export(model, (), kwargs, strict=False, preserve_module_call_signature=block_fqns,
+                                     **extra)
+        except Exception as err:  # preserving signatures is only for naming; retry plain
+            log.debug("export with preserved block signatures failed (%s); retrying without", err)
+            ep = torch.export.export(model, (), kwargs, strict=False, **extra)
+    finally:
+        quiet.setLevel(level)
     root = ep.module()
     info = root.graph._codegen.pytree_info
     gm = _flat_graph_module(root)
@@ -203,6 +222,10 @@ def capture(model: torch.nn.Module, kwargs: Mapping[str, Any], block_lists: Sequ
     sigs = _block_signatures(ep, block_fqns, model)
     cap = Capture(gm, info.in_spec, info.out_spec, spans, sigs, time.perf_counter() - start)
     cap.meta["block_outputs"] = _block_outputs(ep, block_fqns)  # return order, for forward-pattern reports
+    if dynamic:
+        from .shapes import DynamicShapes
+        vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+        cap.meta["dynamic"] = DynamicShapes.from_placeholders(vals, ep.range_constraints)
     log.info("captured %s in %.2fs (%d nodes)", type(model).__name__, cap.seconds, len(gm.graph.nodes))
     return cap
 
@@ -238,9 +261,36 @@ _PASS_THROUGH = _ALIASING | {aten.clamp.default, aten.clamp.Tensor, aten.clip.de
 _MAX = 2 ** 62
 
 
+def _size(s: Any) -> Any:
+    """A size as an int, or its sympy expression when symbolic (a dynamic capture): comparable, addable."""
+    if isinstance(s, torch.SymInt):
+        expr = s.node.expr
+        return int(expr) if expr.is_Integer else expr
+    return s
+
+
 def _shape(node: fx.Node):
     val = node.meta.get("val")
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+    return tuple(_size(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _index(arg: Any) -> Any:
+    """A slice bound: an int, the expression of a ``sym_size`` node's value, or None (not a size)."""
+    if isinstance(arg, fx.Node):
+        val = arg.meta.get("val")
+        return _size(val) if isinstance(val, (int, torch.SymInt)) else None
+    return arg if isinstance(arg, int) else None
+
+
+def _negative(x: Any) -> bool:
+    return isinstance(x, int) and x < 0
+
+
+def _clip(x: Any, size: Any) -> Any:
+    """``min(size, x)`` for a slice end: the huge ints export writes for an open end mean ``size``."""
+    if isinstance(x, int) and (x >= _MAX or (isinstance(size, int) and x > size)):
+        return size
+    return x
 
 
 def walk_back(node: Any, window, region: frozenset, inputs: frozenset) -> Optional[fx.Node]:
@@ -267,13 +317,15 @@ def walk_back(node: Any, window, region: frozenset, inputs: frozenset) -> Option
             return None
         dim = node.args[1] if len(node.args) > 1 else 0
         dim = dim % len(shape)
-        lo = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
-        hi = node.args[3] if len(node.args) > 3 and node.args[3] is not None else _MAX
+        lo = _index(node.args[2]) if len(node.args) > 2 and node.args[2] is not None else 0
+        hi = _index(node.args[3]) if len(node.args) > 3 and node.args[3] is not None else _MAX
         step = node.args[4] if len(node.args) > 4 else 1
-        if step != 1 or not isinstance(lo, int) or not isinstance(hi, int):
+        if step != 1 or lo is None or hi is None:
             return None
         size = shape[dim]
-        lo, hi = max(0, lo + size if lo < 0 else lo), min(size, hi + size if hi < 0 else hi)
+        lo = lo + size if _negative(lo) else lo
+        lo = max(0, lo) if isinstance(lo, int) else lo
+        hi = _clip(hi + size if _negative(hi) else hi, size)
         if window is not None:
             if window[0] != dim:
                 return None if (lo, hi) != (0, size) else walk_back(src, window, region, inputs)
@@ -332,7 +384,7 @@ def _peel_aliases(gm: fx.GraphModule, names: set) -> Tuple[set, Dict[str, str]]:
         src = node.args[0]
         val, src_val = node.meta.get("val"), getattr(src, "meta", {}).get("val")
         if not (isinstance(val, torch.Tensor) and isinstance(src_val, torch.Tensor)
-                and (val.dtype, val.shape, val.device) == (src_val.dtype, src_val.shape, src_val.device)):
+                and (val.dtype, _shape(node), val.device) == (src_val.dtype, _shape(src), src_val.device)):
             continue
         if all(a.name not in names or a.name in peeled for a in node.all_input_nodes):
             peeled[node.name] = peeled.get(src.name, src.name)
@@ -342,6 +394,22 @@ def _peel_aliases(gm: fx.GraphModule, names: set) -> Tuple[set, Dict[str, str]]:
         if any(u.name not in names or u.name in keep for u in by_name[name].users):
             keep.add(name)
     return names - keep, {k: peeled[k] for k in keep}
+
+
+def _peel_sizes(gm: fx.GraphModule, names: set) -> set:
+    """Move size arithmetic on values from outside the region out of it (a dynamic capture).
+
+    Export records the symbolic sizes a block computes from its inputs (``sym_size`` of the joint stream's
+    parts, their sum) inside the block's span; the sum is read after the block too. Outside the region it is
+    computed whatever a step does (a few scalar ops), not an output of the range.
+    """
+    names = set(names)
+    for node in gm.graph.nodes:
+        if (node.name in names and node.op == "call_function"
+                and isinstance(node.meta.get("val"), (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+                and all(a.name not in names for a in node.all_input_nodes)):
+            names.discard(node.name)
+    return names
 
 
 _SPLITS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.tensor_split.sections,
@@ -373,6 +441,7 @@ def region_from_nodes(gm: fx.GraphModule, names: set, label: str,
                       roles: Optional[Mapping[str, str]] = None) -> Region:
     """Build a :class:`Region` from node names: pair its outputs with its inputs by dataflow."""
     names, roles = _peel_shards(gm, _convex_closure(gm, set(names)), roles)
+    names = _peel_sizes(gm, names)
     names, aliases = _peel_aliases(gm, names)
     roles = {**{k: (roles or {}).get(v) for k, v in aliases.items() if (roles or {}).get(v)}, **(roles or {})}
     region = frozenset(names)

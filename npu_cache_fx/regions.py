@@ -39,6 +39,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+from .shapes import fake_inputs
 
 __all__ = ["RegionalProgram", "Segment", "SegmentCache", "partition", "structural_key"]
 
@@ -55,6 +58,8 @@ class Segment:
     outputs: List[int]  # environment slots written, in output order
     key: str = ""
     fn: Optional[Callable] = None
+    # per input, its fake value in the variant graph (symbolic sizes of a dynamic capture); None: a parameter
+    vals: List[Any] = field(default_factory=list)
 
 
 def _labels(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Dict[fx.Node, Tuple]:
@@ -76,7 +81,7 @@ def _order(gm: fx.GraphModule, labels: Dict[fx.Node, Tuple]) -> List[fx.Node]:
     Glue inside a block's run is moved after the block unless a later node of the block needs it or
     mutates a tensor in place (then it joins the block, where it was). Falls back to graph order if
     that would break a dependency."""
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n in labels]
     last: Dict[Tuple, int] = {}
     inside: Dict[fx.Node, Tuple] = {}  # glue node -> the block whose run it interrupts
     current: Optional[Tuple] = None
@@ -114,10 +119,57 @@ def _order(gm: fx.GraphModule, labels: Dict[fx.Node, Tuple]) -> List[fx.Node]:
         out.extend(rest)
     seen = set()
     for n in out:
-        if any(a.op == "call_function" and a not in seen for a in n.all_input_nodes):
+        if any(a.op == "call_function" and a in labels and a not in seen for a in n.all_input_nodes):
             return nodes
         seen.add(n)
     return out
+
+
+def _size_arithmetic(node: fx.Node) -> bool:
+    """Python arithmetic on sizes (a dynamic capture's ``sym_size`` sums, products...): recomputed in each
+    segment that needs it rather than handed over as an output, so blocks of one class stay one graph (Flux's
+    first double block computes ``text + image`` tokens that the next blocks read)."""
+    val = node.meta.get("val")
+    return (node.op == "call_function" and node.target is not operator.getitem
+            and getattr(node.target, "__module__", None) in ("_operator", "operator")
+            and isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool))
+
+
+def _symbol(size: Any) -> Any:
+    return size.node.expr if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol else None
+
+
+def _input_symbols(gm: fx.GraphModule) -> Dict[Any, fx.Node]:
+    """A dynamic capture's input symbols, each with a graph input that has it as a size."""
+    out: Dict[Any, fx.Node] = {}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor):
+            for size in val.shape:
+                sym = _symbol(size)
+                if sym is not None:
+                    out.setdefault(sym, node)
+    return out
+
+
+def _unbound_symbols(vals: Sequence[Any], by_symbol: Dict[Any, fx.Node]) -> List[Any]:
+    """Symbols in the sizes of a segment's inputs that no input provides as a size of its own (inductor binds
+    a symbol from an input's size or a SymInt input: ``s1 + s2`` rows alone do not give ``s1``, ``s2``). The
+    graph input that has each one becomes an input of the segment too."""
+    if not by_symbol:
+        return []
+    used, bound = set(), set()
+    for val in vals:
+        if isinstance(val, torch.Tensor):
+            for size in list(val.shape) + list(val.stride()):
+                if isinstance(size, torch.SymInt):
+                    used |= size.node.expr.free_symbols
+            bound |= {sym for sym in map(_symbol, val.shape) if sym is not None}
+        elif isinstance(val, torch.SymInt):
+            used |= val.node.expr.free_symbols
+            if _symbol(val) is not None:
+                bound.add(_symbol(val))
+    return sorted((s for s in used - bound if s in by_symbol), key=str)
 
 
 def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[List[Segment], List[Any], List[Any], int]:
@@ -128,6 +180,10 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
     ``outputs`` is, per graph output, an environment slot (int) or ``("const", value)``.
     """
     labels = _labels(gm, spans)
+    by_symbol = _input_symbols(gm)
+    free = {n for n in labels if _size_arithmetic(n)}
+    for n in free:  # recomputed by every segment that reads it (see _size_arithmetic)
+        del labels[n]
     order = _order(gm, labels)
     slot: Dict[fx.Node, int] = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -153,6 +209,14 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     # which nodes are read after each run (by later runs or the output)
     run_of = {n: r for r, (_, members) in enumerate(runs) for n in members}
+
+    def readers(node: fx.Node, memo: Dict[fx.Node, set] = {}) -> set:  # noqa: B006 - per call of partition
+        """The runs that recompute a free node (they read its inputs)."""
+        if node not in memo:
+            memo[node] = set()
+            for u in node.users:
+                memo[node] |= readers(u) if u in free else ({run_of[u]} if u in run_of else {-1})
+        return memo[node]
     segments: List[Segment] = []
     next_slot = len(placeholders) + len(constants)
     for r, (label, members) in enumerate(runs):
@@ -161,9 +225,16 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
         root = torch.nn.Module()
         env: Dict[fx.Node, fx.Node] = {}
         inputs: List[int] = []
+        vals: List[Any] = []
 
         def arg(a: fx.Node) -> fx.Node:
             if a in env:
+                return env[a]
+            if a in free:
+                args = fx.map_arg(a.args, arg)
+                kwargs = fx.map_arg(a.kwargs, arg)
+                env[a] = graph.create_node("call_function", a.target, args, kwargs,
+                                           name=f"s{sum(1 for x in env if x in free)}")
                 return env[a]
             if a in submodules:  # a module stays an attribute of the segment (part of its structural key)
                 name = f"sub{sum(1 for _ in root.children())}"
@@ -172,6 +243,7 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
                 return env[a]
             ph = graph.placeholder(f"i{len(inputs)}")
             inputs.append(slot[a])
+            vals.append(None if a.op == "get_attr" else a.meta.get("val"))
             env[a] = ph
             return ph
 
@@ -179,7 +251,10 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
             args = fx.map_arg(n.args, lambda a: env[a] if a in member_set else arg(a))
             kwargs = fx.map_arg(n.kwargs, lambda a: env[a] if a in member_set else arg(a))
             env[n] = graph.create_node("call_function", n.target, args, kwargs, name=f"n{k}")
-        live = [n for n in members if any(u is output_node or (u in run_of and run_of[u] != r) for u in n.users)]
+        for sym in _unbound_symbols(vals, by_symbol):  # a dynamic capture: sizes the segment cannot derive
+            arg(by_symbol[sym])
+        live = [n for n in members if any(u is output_node or (u in run_of and run_of[u] != r)
+                                          or (u in free and readers(u) - {r}) for u in n.users)]
         graph.output(tuple(env[n] for n in live))
         outputs = []
         for n in live:
@@ -187,7 +262,7 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
             outputs.append(next_slot)
             next_slot += 1
         seg_gm = fx.GraphModule(root, graph, class_name="Segment")
-        segments.append(Segment(label, seg_gm, inputs, outputs))
+        segments.append(Segment(label, seg_gm, inputs, outputs, vals=vals))
     (flat,) = output_node.args
     outs = [slot[a] if isinstance(a, fx.Node) else ("const", a) for a in flat]
     return segments, constants, outs, len(placeholders)
@@ -197,6 +272,12 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"T{tuple(value.shape)}{tuple(value.stride())}{value.dtype}{value.device}{value.requires_grad}"
     return f"V{type(value).__name__}:{value!r}"
+
+
+def symbolic_example(segment: Segment, env: Sequence[Any]) -> List[Any]:
+    """The inputs a dynamic capture's segment is compiled for (:func:`npu_cache_fx.shapes.fake_inputs`): the
+    symbolic values of the variant graph, a ``sym_size`` value a SymInt input, parameters of static shape."""
+    return fake_inputs(segment.vals, [env[i] for i in segment.inputs])
 
 
 def structural_key(segment: Segment, example: Sequence[Any]) -> str:
@@ -214,6 +295,8 @@ def structural_key(segment: Segment, example: Sequence[Any]) -> str:
         h.update(_describe(value).encode())
         if isinstance(value, torch.Tensor):
             h.update(f"@{first.setdefault(id(value), k)}".encode())
+        if isinstance(value, FakeTensor):  # symbols are named per capture: its shape environment is part of the key
+            h.update(f"env{id(value.fake_mode)}".encode())
     h.update(f"grad={torch.is_grad_enabled()}".encode())
     return h.hexdigest()[:16]
 
@@ -227,13 +310,15 @@ class SegmentCache:
     hits: int = 0
 
     def get(self, segment: Segment, example: Sequence[Any]) -> Tuple[Callable, bool]:
-        """The compiled callable for ``segment`` and whether it was new."""
+        """The compiled callable for ``segment`` and whether it was new (``example``: real inputs, or the
+        fake inputs with symbolic sizes of a dynamic capture's segment)."""
         key = segment.key = structural_key(segment, example)
         fn = self.compiled.get(key)
         if fn is not None:
             self.hits += 1
             return fn, False
-        fn = self.compiled[key] = self.compile_fn(segment.gm, list(example))
+        symbolic = any(isinstance(v, (FakeTensor, torch.SymInt)) for v in example)
+        fn = self.compiled[key] = self.compile_fn(segment.gm, list(example), **({"symbolic": True} if symbolic else {}))
         return fn, True
 
 
@@ -244,8 +329,11 @@ class RegionalProgram:
     inputs' shapes), so the first call compiles what no earlier variant compiled.
     """
 
-    def __init__(self, gm: fx.GraphModule, spans: Dict[str, List[List[str]]], cache: SegmentCache):
+    def __init__(self, gm: fx.GraphModule, spans: Dict[str, List[List[str]]], cache: SegmentCache,
+                 symbolic: bool = False):
         self.gm = gm
+        # a dynamic capture's variant: segments compiled for its symbolic sizes (keyed by them), run at any size
+        self.symbolic = symbolic
         self.segments, self.constants, self.outputs, self.n_inputs = partition(gm, spans)
         self.template: List[Any] = [None] * (self.n_inputs + len(self.constants) + sum(
             len(s.outputs) for s in self.segments))
@@ -271,7 +359,7 @@ class RegionalProgram:
     def _bind(self, env: List[Any]) -> None:
         for seg in self.segments:
             example = [env[i] for i in seg.inputs]
-            seg.fn, new = self.cache.get(seg, example)
+            seg.fn, new = self.cache.get(seg, symbolic_example(seg, env) if self.symbolic else example)
             self.compiled_new += new
             self.shared += not new
             outs = seg.fn(*example)

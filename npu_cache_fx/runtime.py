@@ -6,7 +6,9 @@ counter of the active cache context (resetting on a new generation), (3)
 looks up the step's decision in the static :class:`~npu_cache_fx.schedule.Plan`,
 and (4) runs the graph variant for that decision, passing the context's cache
 buffers. Captures are lazy and keyed by the inputs' structure, shapes, dtypes,
-devices and non-tensor values; a new key recaptures and gets its own buffers.
+devices and non-tensor values; a new key gets its own buffers and is captured
+again, unless a dynamic capture (``backend_options["shapes"]``, the default:
+:mod:`npu_cache_fx.shapes`) serves its sizes with the variants compiled already.
 
 Example::
 
@@ -36,7 +38,8 @@ import torch.fx as fx
 from torch._dynamo.eval_frame import skip_code
 from torch.utils import _pytree as pytree
 
-from .backends import Backend, check_backend_options, compile_graph, compile_segment, graph_mode, resolve_backend
+from .backends import (Backend, PerShape, check_backend_options, compile_graph, compile_segment, graph_mode,
+                       resolve_backend, shape_mode)
 from .capture import Capture, capture, choose_attention, find_block_lists
 from .config import CacheConfig, ConfigError, config_list, save_plan
 from .contexts import CacheContexts
@@ -46,6 +49,7 @@ from .passes import lower_cache_ops
 from .passes.common import coef_slot, eliminate_dead_code
 from .regions import RegionalProgram, SegmentCache
 from .schedule import Action, Decision, Plan, forecast_coefficients, make_plan
+from .shapes import DynamicShapes, bind, concrete
 from .adastep import AdaStepState
 from .targets import Target, bind_target, check_overlaps, resolve_config
 from .watch import ModelWatch, offload_hooks
@@ -59,9 +63,10 @@ TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 LATENT_NAMES = ("hidden_states", "sample", "latents", "x")
 
 
-SHAPE_CAPTURE = ("per shape: each new input shape is captured and its variants compiled again (regional graphs "
-                 "share only segments whose inputs keep their shapes); a dynamic sequence length (torch.export Dim) "
-                 "is not implemented: the cache targets, their lowering and the slot sizes are static-shape")
+SHAPE_CAPTURE = ("static: each new input shape is captured and its variants compiled again (regional graphs "
+                 "share only segments whose inputs keep their shapes)")
+SHAPE_DYNAMIC = ("dynamic: captured once with symbolic sizes (torch.export Dim.AUTO); a new shape that fits the "
+                 "capture reuses it and its compiled variants; cache buffers are allocated per shape")
 
 
 @dataclass
@@ -94,8 +99,10 @@ class Stats:
     graphs_shared: int = 0  # regional: segments a variant found compiled by another block or variant
     # per input signature (shape label): capture seconds and, per variant, compile seconds and graphs
     timings: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    # how a new input shape (another resolution) is served, and why
+    # how a new input shape (another resolution) is served, and why (backend_options["shapes"])
     shape_capture: str = SHAPE_CAPTURE
+    # input signatures served by a dynamic capture taken for another signature (no capture, no compile)
+    shapes_reused: int = 0
     # how the model runs: "export" (captured graphs), "dynamo" (export failed: blocks compiled one by one,
     # cache logic on the host) or "eager" (export failed and nothing is compiled)
     path: str = "export"
@@ -106,10 +113,10 @@ class Stats:
 
     def clear(self) -> None:
         keep = (self.path, self.fallback_reason, self.cache_bytes, self.cache_bytes_by_context,
-                self.cache_bytes_by_config, self.graph_mode)
+                self.cache_bytes_by_config, self.graph_mode, self.shape_capture)
         self.__init__()
         (self.path, self.fallback_reason, self.cache_bytes, self.cache_bytes_by_context,
-         self.cache_bytes_by_config, self.graph_mode) = keep
+         self.cache_bytes_by_config, self.graph_mode, self.shape_capture) = keep
 
 
 @dataclass
@@ -117,8 +124,10 @@ class _Variant:
     decision: Decision
     graph: fx.GraphModule
     fn: Callable
-    slots: List[Tuple[str, List[int], torch.dtype, torch.device]]
-    timed: bool = True  # its first call (the compile) has been timed; False for a compiled variant not yet run
+    slots: List[Tuple[str, List[Any], torch.dtype, torch.device]]  # sizes: ints, SymInts of a dynamic capture
+    # input signatures whose first call (the compile, if any) was timed; None: nothing is compiled
+    timed: Optional[set] = None
+    recorded: Tuple[int, int] = (0, 0)  # regional: (compiled, shared) segments already in the stats
 
     @property
     def label(self) -> str:
@@ -149,6 +158,8 @@ class _Entry:
                  label: str = ""):
         self.capture = cap
         self.label = label  # the input signature in words (stats.timings)
+        # the symbolic input sizes of a dynamic capture (npu_cache_fx.shapes), else None
+        self.dynamic: Optional[DynamicShapes] = cap.meta.get("dynamic") if cap is not None else None
         self.targets = targets
         self.eager = eager  # the eager path when the model could not be captured
         self.out_spec = cap.out_spec if cap is not None else None
@@ -337,6 +348,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         resolve_backend(backend, self._backend_options)  # fail now, not at the first step
         self._static_buffers = static_cache_buffers(backend, self._backend_options)
         self._graph_mode = graph_mode(backend, self._backend_options)
+        self._shape_mode = shape_mode(backend, self._backend_options)
         # compiled segments by structural key, shared by every variant and input signature (regional mode)
         self._segments = SegmentCache(functools.partial(compile_segment, backend=backend,
                                                         options=self._backend_options))
@@ -351,6 +363,10 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             raise ConfigError(f"CacheConfig(method='adastep') needs the latent input of "
                               f"{type(model).__name__}.forward, one of {LATENT_NAMES}")
         self._entries: Dict[Any, _Entry] = {}
+        self._labels: Dict[Any, str] = {}  # input signature -> its shape label (stats.timings)
+        self._static_keys: set = set()  # signatures a dynamic capture cannot serve (captured with static sizes)
+        self._guards_checked: Dict[Any, int] = {}  # signature -> guards of its dynamic capture checked so far
+        self._dynamic_failed = False  # a dynamic capture could not be used: static captures from now on
         self._eager: Optional[EagerPath] = None
         self._contexts: Dict[str, _Context] = {}
         self._plans: Dict[int, Plan] = {self.plan.steps_count: self.plan}
@@ -361,6 +377,11 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         self.stats = Stats()
         self.stats.plan_steps = self.plan.steps_count
         self.stats.graph_mode = self._graph_mode
+        self.stats.shape_capture = SHAPE_CAPTURE if self._shape_mode == "static" else SHAPE_DYNAMIC
+        if self._shape_mode == "static" and "shapes" not in self._backend_options:
+            self.stats.shape_capture += (f" (backend={backend!r}: graph replay records one graph per shape; "
+                                         "backend_options['shapes'] defaults to 'static')")
+        self._by_capture: Dict[int, Tuple[Capture, _Entry]] = {}  # id(capture) -> (capture, its entry)
         if reported_class(self) is not OptimizedModule:  # diffusers reads the library from the instance's __module__
             self.__dict__["__module__"] = type(model).__module__
         # (context, step, decision taken or "skip") per call; every rank must log the same sequence
@@ -405,6 +426,10 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         removed, e.g. diffusers' ``enable_parallelism``). The next call captures again."""
         with self._lock:
             self._entries.clear()
+            self._by_capture.clear()
+            self._static_keys.clear()
+            self._guards_checked.clear()
+            self._dynamic_failed = False
             self._captures.clear()
             self._contexts.clear()
             self._segments.compiled.clear()
@@ -565,11 +590,16 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             if call.skip:  # AdaStep: no model call at all
                 out = self._finish(call, None)
             else:
-                first = not call.variant.timed  # the first call of a compiled variant compiles it
+                # the first call of a compiled variant compiles it (per input signature: a static one compiles
+                # again, a dynamic capture's variant runs its compiled code)
+                timed = call.variant.timed
+                first = timed is not None and call.key not in timed
                 start = time.perf_counter() if first else 0.0
+                per_shape = self._per_shape_compiles(call.variant) if first else 0
                 flat_out = call.fn(*call.inputs)
                 if first:
-                    self._record_compile(call.entry, call.variant, time.perf_counter() - start)
+                    self._record_compile(call.key, call.variant, time.perf_counter() - start,
+                                         self._per_shape_compiles(call.variant) - per_shape)
                 out = self._finish(call, flat_out)
             return hook.post_forward(self.model, out) if hook is not None else out
 
@@ -616,8 +646,9 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         cache_inputs = []
         for slot, shape, dtype, device in variant.slots:
             buf = buffers.get(slot)
-            if buf is None:
-                buf = buffers[slot] = torch.zeros(shape, dtype=dtype, device=device)
+            if buf is None:  # per input signature: a dynamic capture's slot sizes at this call's sizes
+                bindings = self._captures.bindings.get(key) if entry.dynamic is not None else None
+                buf = buffers[slot] = torch.zeros([concrete(s, bindings) for s in shape], dtype=dtype, device=device)
                 if self._static_buffers:
                     torch._dynamo.mark_static_address(buf, guard=False)  # see static_cache_buffers()
                 self._update_bytes()
@@ -780,26 +811,81 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
     def _entry(self, kwargs, leaves, spec, key=None) -> _Entry:
         key = key if key is not None else signature_key(leaves, spec)
         entry = self._entries.get(key)
+        if entry is not None and entry.dynamic is not None and not self._still_binds(key, entry, leaves):
+            entry = None  # a guard added since (a compile) excludes these sizes: captured for them alone
         if entry is None:
-            cap = self._captures.get(key)
+            dynamic = self._shape_mode == "dynamic" and key not in self._static_keys and not self._dynamic_failed
+            cap = self._captures.find(key, leaves, spec, dynamic)
             fresh = cap is None
             if cap is None and self._eager is None:
-                cap = self._capture(kwargs, key)
+                cap = self._capture(kwargs, key, dynamic)
             if cap is None:
                 entry = self._entries[key] = _Entry(None, [], eager=self._eager)
                 return entry
             if cap.in_spec != spec:
                 raise RuntimeError(f"captured input structure {cap.in_spec} differs from the call's {spec}")
-            targets = [bind_target(i, c, cap, self.model, leaves) for i, c in enumerate(self.configs)]
             label = _shape_label(kwargs)
-            entry = self._entries[key] = _Entry(cap, targets, label=label)
-            self._timing(label)["capture_seconds"] = cap.seconds if fresh else 0.0  # 0: shared via captures=
-            if len(self._entries) > 1:
-                log.info("new input signature for %s: captured again (%d captures)",
-                         type(self.model).__name__, len(self._entries))
+            known = self._by_capture.get(id(cap))
+            if known is not None and known[0] is cap:  # a dynamic capture of another shape serves this one
+                entry = known[1]
+                self.stats.shapes_reused += 1
+                self._timing(label).update(capture_seconds=0.0, dynamic_capture_of=entry.label)
+                log.info("new input signature for %s (%s): served by the dynamic capture of %s",
+                         type(self.model).__name__, label, entry.label)
+            else:
+                try:
+                    targets = [bind_target(i, c, cap, self.model, leaves) for i, c in enumerate(self.configs)]
+                except Exception as err:
+                    if cap.meta.get("dynamic") is None:
+                        raise
+                    # the analysis of the symbolic graph failed: this shape is captured with static sizes
+                    cap = self._recapture_static(kwargs, key, f"locating the cache targets in the dynamic capture "
+                                                               f"failed: {type(err).__name__}: {err}")
+                    fresh = True
+                    targets = [bind_target(i, c, cap, self.model, leaves) for i, c in enumerate(self.configs)]
+                entry = _Entry(cap, targets, label=label)
+                self._by_capture[id(cap)] = (cap, entry)
+                self._timing(label)["capture_seconds"] = cap.seconds if fresh else 0.0  # 0: shared via captures=
+                if len(self._by_capture) > 1:
+                    log.info("new input signature for %s: captured again (%d captures)",
+                             type(self.model).__name__, len(self._by_capture))
+            self._entries[key] = entry
+            self._labels[key] = label
+            if entry.dynamic is not None:
+                self._guards_checked[key] = len(entry.dynamic.shape_env.guards)
         return entry
 
-    def _capture(self, kwargs: Dict[str, Any], key: Any) -> Optional[Capture]:
+    def _still_binds(self, key, entry: _Entry, leaves) -> bool:
+        """Whether the sizes of ``key`` still satisfy every guard of the dynamic capture serving it (a compile
+        may have added guards since they were bound); if not, ``key`` is captured again with static sizes."""
+        guards = len(entry.dynamic.shape_env.guards)
+        if self._guards_checked.get(key) == guards:
+            return True
+        self._guards_checked[key] = guards
+        if bind(entry.dynamic, leaves) is not None:
+            return True
+        log.warning("%s: a guard added while compiling the dynamic capture excludes the input sizes %s; they are "
+                    "captured again with static sizes", type(self.model).__name__, self._labels.get(key))
+        self._entries.pop(key, None)
+        self._captures.forget(key)
+        self._static_keys.add(key)
+        for ctx in self._contexts.values():
+            ctx.buffers.pop(key, None)
+            ctx.valid.pop(key, None)
+        return False
+
+    def _recapture_static(self, kwargs: Dict[str, Any], key: Any, reason: str) -> Capture:
+        log.warning("%s: %s; this input shape is captured with static sizes", type(self.model).__name__, reason)
+        self._static_keys.add(key)
+        self._captures.forget(key)
+        cap = self._capture(kwargs, key, dynamic=False)
+        if cap is None:
+            raise RuntimeError(f"{type(self.model).__name__}: the static capture failed after the dynamic one")
+        self.stats.shape_capture = f"{SHAPE_CAPTURE}: {reason}"
+        self._dynamic_failed = True  # the next shapes are captured static straight away
+        return cap
+
+    def _capture(self, kwargs: Dict[str, Any], key: Any, dynamic: bool = False) -> Optional[Capture]:
         """Capture this signature, or switch to a fallback path (and return None) when a graph cannot run
         the model: weights offloaded by hooks inside it, or a model export cannot capture."""
         offloaded = offload_hooks(self.model)
@@ -810,7 +896,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             return None
         failure = None
         try:
-            cap = self._captures.capture(kwargs, [c.blocks for c in self.configs], key)
+            cap = self._captures.capture(kwargs, [c.blocks for c in self.configs], key, dynamic=dynamic)
         except ConfigError:
             raise
         except Exception as err:  # export cannot capture this model: same semantics, eagerly
@@ -822,6 +908,8 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         self._watch.refresh()  # export registers and removes hooks of its own
         self.stats.captures += 1
         self.stats.capture_seconds += cap.seconds
+        if dynamic and cap.meta.get("dynamic") is None:  # why this shape was captured with static sizes
+            self.stats.shape_capture = f"{SHAPE_CAPTURE}: {cap.meta.get('shape_capture', 'dynamic capture failed')}"
         return cap
 
     def _reject_bad_inputs(self, kwargs: Dict[str, Any]) -> None:
@@ -865,27 +953,43 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         variant = entry.variants.get(decision)
         if variant is None:
             gm = entry.build(decision)
+            symbolic = entry.dynamic is not None
             if self._graph_mode == "regional":
-                fn = RegionalProgram(gm, entry.capture.spans, self._segments)
+                fn = RegionalProgram(gm, entry.capture.spans, self._segments, symbolic=symbolic)
             else:
-                fn = compile_graph(gm, self.backend, self._backend_options)
+                fn = compile_graph(gm, self.backend, self._backend_options, symbolic=symbolic)
             variant = entry.variants[decision] = _Variant(decision, gm, fn, gm.meta["cache_slots"],
-                                                          timed=self._graph_mode is None)
+                                                          timed=None if self._graph_mode is None else set())
             self.stats.variants_built += 1
         return variant
 
     @torch._dynamo.disable
-    def _record_compile(self, entry: _Entry, variant: _Variant, seconds: float) -> None:
-        """Stats of a compiled variant's first call: seconds (compile + one run) and graphs compiled / shared."""
-        variant.timed = True
+    def _per_shape_compiles(self, variant: _Variant) -> int:
+        """Compiles so far of the per-shape fallbacks (backends.PerShape) this variant runs."""
+        fn = variant.fn
+        fns = [s.fn for s in fn.segments] if isinstance(fn, RegionalProgram) else [getattr(fn, "fn", fn)]
+        return sum(f.compiles for f in fns if isinstance(f, PerShape))
+
+    def _record_compile(self, key: Any, variant: _Variant, seconds: float, per_shape: int = 0) -> None:
+        """Stats of a compiled variant's first call for an input signature: seconds (compile + one run) and
+        graphs compiled / shared (a dynamic capture's variant compiles at its first signature only, but for
+        graphs compiled per shape: ``per_shape``, the compiles of its PerShape fallbacks in this call)."""
         program = variant.fn if isinstance(variant.fn, RegionalProgram) else None
-        compiled = program.compiled_new if program is not None else 1
-        shared = program.shared if program is not None else 0
+        if program is not None:
+            compiled, shared = program.compiled_new, program.shared
+            done = variant.recorded
+            variant.recorded = (compiled, shared)
+            compiled, shared = compiled - done[0], shared - done[1]
+        else:
+            compiled, shared = (0, 0) if variant.timed else (1, 0)
+        if variant.timed:  # a later signature: the per-shape compiles are the graphs it compiled
+            compiled = per_shape
+        variant.timed.add(key)
         self.stats.compile_seconds += seconds
         self.stats.graphs_compiled += compiled
         self.stats.graphs_shared += shared
-        self._timing(entry.label)["variants"][variant.label] = {"compile_seconds": seconds,
-                                                               "graphs_compiled": compiled, "graphs_shared": shared}
+        self._timing(self._labels[key])["variants"][variant.label] = {
+            "compile_seconds": seconds, "graphs_compiled": compiled, "graphs_shared": shared}
 
     def _timing(self, label: str) -> Dict[str, Any]:
         """``stats.timings`` of one input signature."""
@@ -947,21 +1051,86 @@ class CaptureCache(dict):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        self.dynamic: Dict[Any, List[Capture]] = {}  # rank-level signature -> dynamic captures
+        self.bindings: Dict[Any, Dict[Any, int]] = {}  # signature served by a dynamic capture -> its symbols' sizes
+        self.static: Dict[Any, Capture] = {}  # static captures of signatures a dynamic capture serves too
 
-    def capture(self, kwargs: Dict[str, Any], block_lists: Sequence[str] = (), key: Any = None) -> Capture:
+    def clear(self) -> None:
+        super().clear()
+        self.dynamic.clear()
+        self.bindings.clear()
+        self.static.clear()
+
+    def forget(self, key: Any) -> None:
+        """Stop serving ``key`` by a dynamic capture (its sizes no longer bind it)."""
+        if key in self.bindings:
+            self.bindings.pop(key)
+            self.pop(key, None)
+
+    def find(self, key: Any, leaves: Sequence[Any], spec: Any, dynamic: bool = False) -> Optional[Capture]:
+        """The capture serving signature ``key``: its own, or (``dynamic``) a dynamic capture its sizes bind.
+        Without ``dynamic`` only a static capture is returned."""
+        cap = self.get(key)
+        if not dynamic:
+            return self.static.get(key) if cap is not None and cap.meta.get("dynamic") is not None else cap
+        if cap is not None:
+            return cap
+        for cand in self.dynamic.get(_rank_key(leaves, spec), ()):
+            bindings = bind(cand.meta["dynamic"], leaves)
+            if bindings is not None:
+                self[key], self.bindings[key] = cand, bindings
+                return cand
+        return None
+
+    def capture(self, kwargs: Dict[str, Any], block_lists: Sequence[str] = (), key: Any = None,
+                dynamic: bool = False) -> Capture:
         """The capture of ``model(**kwargs)`` (normalised inputs), taken now if this signature has none.
 
         ``block_lists``: lists whose block spans are needed besides those ``find_block_lists`` finds.
+        ``dynamic``: reuse a dynamic capture these sizes bind, else export with every dimension ``Dim.AUTO``
+        (:mod:`npu_cache_fx.shapes`); if that export fails, or keeps no dimension symbolic, the capture is
+        static and ``cap.meta["shape_capture"]`` says why.
         Raises what ``torch.export`` raises when the model cannot be captured.
         """
+        leaves, spec = pytree.tree_flatten(((), kwargs))
         if key is None:
-            key = signature_key(*pytree.tree_flatten(((), kwargs)))
-        cap = self.get(key)
-        if cap is None:
-            lists = list(dict.fromkeys(list(block_lists) + [b.fqn for b in find_block_lists(self.model)]))
-            with torch.no_grad(), without_root_hook(self.model):
-                cap = self[key] = capture(self.model, kwargs, lists)
+            key = signature_key(leaves, spec)
+        cap = self.find(key, leaves, spec, dynamic)
+        if cap is not None:
+            return cap
+        lists = list(dict.fromkeys(list(block_lists) + [b.fqn for b in find_block_lists(self.model)]))
+        why = None
+        with torch.no_grad(), without_root_hook(self.model):
+            if dynamic:
+                try:
+                    cap = capture(self.model, kwargs, lists, dynamic=True)
+                except Exception as err:  # noqa: BLE001 - the static export below raises what is really wrong
+                    why = f"the dynamic export failed ({type(err).__name__}: {str(err).strip().splitlines()[0]})"
+                if cap is not None:
+                    shapes = cap.meta["dynamic"]
+                    bindings = bind(shapes, leaves) if shapes is not None else None
+                    if bindings is not None:
+                        self.dynamic.setdefault(_rank_key(leaves, spec), []).append(cap)
+                        self.bindings[key] = bindings
+                    else:
+                        cap.meta["dynamic"] = None
+                        why = ("export specialised every input dimension" if shapes is None else
+                               "the dynamic capture does not bind its own input sizes")
+            if cap is None:
+                cap = capture(self.model, kwargs, lists)
+            if why is not None:
+                cap.meta["shape_capture"] = why
+        if not dynamic and self.get(key) is not None:  # a dynamic capture serves this signature for others
+            self.static[key] = cap
+        else:
+            self[key] = cap
         return cap
+
+
+def _rank_key(leaves: Sequence[Any], spec: Any) -> Any:
+    """The signature less the tensors' sizes (their ranks stay): what a dynamic capture is looked up by."""
+    return (spec, tuple(("T", x.dim(), x.dtype, x.device, x.requires_grad and torch.is_grad_enabled())
+                        if isinstance(x, torch.Tensor) else _leaf_key(x) for x in leaves))
 
 
 def _shape_label(kwargs: Dict[str, Any]) -> str:
@@ -998,7 +1167,11 @@ def optimize(model: torch.nn.Module, cache_config: Union[CacheConfig, Sequence[C
             any ``torch.compile`` backend callable. Each variant is compiled once.
         backend_options: e.g. ``{"mode": "reduce-overhead"}`` or
             ``{"compiler_config": torchair.CompilerConfig()}`` for torchair;
-            ``"static_cache_buffers"``: see :func:`static_cache_buffers`.
+            ``"static_cache_buffers"``: see :func:`static_cache_buffers`;
+            ``"graphs"``: ``"regional"`` | ``"full"`` (:func:`~npu_cache_fx.backends.graph_mode`);
+            ``"shapes"``: ``"dynamic"`` (one capture and one compile for every input size the model allows;
+            the default except for graph replay) | ``"static"`` (each shape captured and compiled again), see
+            :func:`~npu_cache_fx.backends.shape_mode` and ``stats.shape_capture``.
         timestep_arg: forward parameter whose value rising starts a new generation
             (``"auto"``: ``timestep``/``timesteps``/``t``; ``None`` disables). Detecting it
             reads one scalar of the timestep per call: on an accelerator that is a

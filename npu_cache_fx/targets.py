@@ -38,6 +38,7 @@ from .passes.attention_cache import attention_slot
 from .passes.common import RewriteResult, coef_slot, history_slots
 from .profile import span_costs
 from .schedule import Action
+from .shapes import size_hint
 
 __all__ = ["AttentionTarget", "BlockRangeTarget", "Removal", "Target", "bind_target", "check_overlaps", "nbytes",
            "resolve_config"]
@@ -56,7 +57,8 @@ class Removal:
 def nbytes(node: fx.Node) -> int:
     """Bytes of the tensor a node produces (0 for anything else)."""
     val = node.meta.get("val")
-    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+    # a dynamic capture: the bytes at the captured example's sizes
+    return size_hint(val.numel()) * val.element_size() if isinstance(val, torch.Tensor) else 0
 
 
 class Target:

@@ -209,17 +209,17 @@ def markdown(rows, pipelines, cost, seconds) -> str:
                   "`test_wan_pipeline_other_step_count_scales_the_plan`).", ""]
     if cost:
         lines += ["## Dynamic shapes", "",
-                  "A new latent shape (resolution, frame count, batch, dtype, device) recaptures once; each capture",
-                  "has its own cache buffers, so a cache recorded at one shape is never read at another",
-                  "(`test_flux_second_resolution_recaptures_once_and_never_mixes`: 32x32, 48x48, 32x32 again ->",
-                  "`opt.stats.captures == 2`, outputs equal to a fresh module run on each shape alone). The cost",
-                  "is one `torch.export` per shape plus the variant builds (and, with a compile backend, one",
-                  "compile per variant per shape). Capture seconds of the tiny Flux (2 + 4 blocks) here:", "",
+                  "A new latent resolution is served by the dynamic capture of the first (`backend_options['shapes']`,",
+                  "dynamic by default: one `torch.export` with symbolic sizes, the variants and their compiled code",
+                  "reused); each shape has its own cache buffers, so a cache recorded at one shape is never read at",
+                  "another (`test_flux_second_resolution_reuses_the_capture_and_never_mixes`: 32x32, 48x48, 32x32",
+                  "again -> `opt.stats.captures == 1`, outputs equal to a fresh module run on each shape alone). A",
+                  "shape the capture cannot serve (another batch, dtype, device, or `shapes='static'`) is captured",
+                  "again. Capture seconds of the tiny Flux (2 + 4 blocks) here:", "",
                   "| latents | capture seconds |", "|---|---|"]
         lines += [f"| {s}x{s} ({(s // 2) ** 2} tokens) | {v:.2f} |" for s, v in cost.items()]
-        lines += ["", "The two shapes cost about the same: export time follows the graph (number of blocks), not",
-                  "the tensor sizes. A real model has ~10x the blocks of these tiny ones (not measured here), so",
-                  "a service should warm every resolution it serves once at start-up.", ""]
+        lines += ["", "The second shape costs no capture. Export time follows the graph (number of blocks), not the",
+                  "tensor sizes; a shape that is captured again costs about as much as the first.", ""]
     return "\n".join(lines)
 
 

@@ -48,12 +48,12 @@ def test_compile_quick(tmp_path):
     assert data["settings"]["backend"] == "aot_eager"
     flows = r["flows"]
     assert set(flows) == {"uncached eager", "uncached aot_eager", "cached eager", "cached aot_eager",
-                          "cached aot_eager full", "user compile aot_eager"}
+                          "cached aot_eager full", "cached aot_eager static", "user compile aot_eager"}
     # full graphs: one compiled graph per variant; regional: fewer graphs than segments; nothing after warm-up
-    for name in ("cached aot_eager", "cached aot_eager full", "user compile aot_eager"):
+    for name in ("cached aot_eager", "cached aot_eager full", "cached aot_eager static", "user compile aot_eager"):
         per_variant = flows[name]["variants"]
         assert len(per_variant) == r["variants"], per_variant
-        if name != "cached aot_eager":
+        if name not in ("cached aot_eager", "cached aot_eager static"):
             assert all(v["graphs"] == 1 for v in per_variant.values()), per_variant
         assert flows[name]["recompiles"] == 0
         assert _finite_positive(flows[name]["realised_over_ideal"])
@@ -62,6 +62,8 @@ def test_compile_quick(tmp_path):
     assert flows["cached aot_eager"]["graphs"] == regional["graphs_compiled"] and regional["graphs_shared"] > 0
     assert "compile_cost" not in r and _finite_positive(r["ratios"]["regional_over_full_step"])
     assert "ratios: regional_over_full_step" in stdout
+    # dynamic shapes (the default) against the same graphs compiled for the captured sizes
+    assert r["shape_capture"].startswith("dynamic") and _finite_positive(r["ratios"]["dynamic_over_static_step"])
     assert flows["uncached aot_eager"]["graphs"] >= 1
     assert r["recompile_error"] is None
     assert all(_finite_positive(f["per_step_ms"]) for f in flows.values())
@@ -69,17 +71,21 @@ def test_compile_quick(tmp_path):
 
 
 def test_compile_cost_quick(tmp_path):
-    """The compile-cost probes (plain and regional compiles in fresh subprocesses, two resolutions)."""
-    r, stdout, data = _run("compile", tmp_path, "--compile-cost", "only", "--cost-kinds", "plain,regional")
+    """The compile-cost probes (plain, regional and regional static-shape compiles in fresh subprocesses, two
+    resolutions): with dynamic shapes (regional) the second resolution captures and compiles nothing."""
+    r, stdout, data = _run("compile", tmp_path, "--compile-cost", "only", "--cost-kinds", "plain,regional,static")
     cost = r["compile_cost"]
-    for kind in ("plain", "regional"):
+    for kind in ("plain", "regional", "static"):
         assert _finite_positive(cost[kind]["first"]["cost_cpu_s"]), cost[kind]
-        assert cost[kind]["second"]["calls_that_compiled"] >= 1
+        compiled = cost[kind]["second"]["calls_that_compiled"]
+        assert compiled == 0 if kind == "regional" else compiled >= 1, (kind, compiled)
         assert cost[kind]["first"]["tokens"] == 64 and cost[kind]["second"]["tokens"] == 144
     stats = cost["regional"]["stats"]
     assert stats["graph_mode"] == "regional" and len(stats["timings"]) == 2  # one entry per resolution
+    assert stats["captures"] == 1 and stats["shapes_reused"] == 1 and stats["shape_capture"].startswith("dynamic")
+    assert cost["static"]["stats"]["captures"] == 2
     assert set(r["ratios"]) == {"regional_over_plain_compile", "second_over_first_resolution",
-                                "second_over_first_resolution_plain"}
+                                "second_over_first_resolution_plain", "second_over_first_resolution_static"}
     assert "ratios: regional_over_plain_compile" in stdout and "compile cost regional" in stdout
 
 

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow  # compiles or runs benchmarks end to end: not in 
 pytest.importorskip("diffusers")
 
 from npu_cache_fx import CacheConfig, optimize  # noqa: E402
+from npu_cache_fx.shapes import size_hint  # noqa: E402
 from counting import MutationBackend, fresh_dynamo  # noqa: E402
 from dit_models import flux_inputs, tiny_flux, tiny_wan, wan_inputs  # noqa: E402
 
@@ -81,7 +82,8 @@ def test_zero_recompiles_one_graph_per_variant(eager_reference, name, flow):
         outs = generate(opt, make_inputs, buffers_seen)
     assert len(backend.graphs) == n_variants          # one compiled graph per variant
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] == n_variants
+    # optimize(backend=B) hands a dynamic capture's graphs to the backend directly (symbolic sizes, no Dynamo)
+    assert counters["stats"]["unique_graphs"] == (0 if flow == "optimize_backend" else n_variants)
     for got, want in zip(outs, reference):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # static cache buffers: one address per (context, slot) across 200 calls
@@ -134,5 +136,5 @@ def test_fullgraph_variant_compiles_alone():
     gm = opt.build_variant(opt.plan.decision(6), **wan_inputs(0.5))  # a reuse step
     compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
     inputs = list(wan_inputs(0.5).values())
-    buf = torch.randn(*gm.meta["cache_slots"][0][1])
+    buf = torch.randn([size_hint(s) for s in gm.meta["cache_slots"][0][1]])  # SymInts: a dynamic capture
     torch.testing.assert_close(compiled(*inputs, buf)[0], gm(*inputs, buf)[0])

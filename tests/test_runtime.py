@@ -105,7 +105,11 @@ def test_shape_or_batch_change_mid_generation_recomputes(change):
     got = opt(**toy_inputs(TS[2], **change))[0]       # step 2 would reuse: other shape -> compute
     x = toy_inputs(0, **change)["hidden_states"]
     assert torch.equal(got, x + sum(g * TS[2] for g in GAINS[:7]))
-    assert opt.stats.stale_reads_avoided == 1 and opt.stats.captures == 2
+    assert opt.stats.stale_reads_avoided == 1
+    # another token count: served by the dynamic capture (its own buffers); a batch of 2 (1 was specialised):
+    # captured again
+    dynamic = "tokens" in change
+    assert (opt.stats.captures, opt.stats.shapes_reused) == ((1, 1) if dynamic else (2, 0))
 
 
 def test_reset_and_wrap_invalidate_cache():

@@ -463,7 +463,7 @@ def test_set_steps_scales_the_plan_without_recompiling():
     (lambda m: optimize(m, []), r"cache_config is empty"),
     (lambda m: optimize(m, None), r"optimize\(\): the plan is None"),
     (lambda m: optimize(m, FLUX_CFGS, backend="inductor", backend_options={"modee": "max-autotune"}),
-     r"backend_options\['modee'\].*valid keys: \['static_cache_buffers', 'graphs', 'mode'\]"),
+     r"backend_options\['modee'\].*valid keys: \['static_cache_buffers', 'shapes', 'graphs', 'mode'\]"),
     (lambda m: optimize(m, FLUX_CFGS, backend="inductor", backend_options={"mode": "fast"}),
      r"backend_options\['mode'\]='fast'.*'reduce-overhead'"),
     (lambda m: optimize(m, FLUX_CFGS, backend="aot_eager", backend_options={"mode": "reduce-overhead"}),

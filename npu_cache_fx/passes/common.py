@@ -10,6 +10,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops import CACHE_READ, CACHE_WRITE
 from ..schedule import Action
+from ..shapes import size_hint
 
 __all__ = ["RewriteResult", "cache_action", "coef_slot", "eliminate_dead_code", "is_impure", "emit_cache_read",
            "emit_cache_write", "history_slots", "set_val", "slot_meta"]
@@ -78,11 +79,12 @@ def set_val(node: fx.Node, like: fx.Node) -> None:
 
 
 def slot_meta(node: fx.Node):
-    """(shape, dtype, device) of the tensor a node produces, from its fake value."""
+    """(shape, dtype, device) of the tensor a node produces, from its fake value (a dynamic capture: the sizes
+    at the captured example; the symbolic ones stay in the read's ``meta["val"]``, see ``lower_cache_ops``)."""
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         raise ValueError(f"node {node.name} has no tensor metadata; cannot size its cache slot")
-    return [int(s) for s in val.shape], val.dtype, val.device
+    return [size_hint(s) for s in val.shape], val.dtype, val.device
 
 
 def history_slots(slot: str, history: int) -> List[str]:

@@ -9,7 +9,8 @@ torchair, so CUDA graph trees accept the write's in-place copy -- see
 ``runtime.static_cache_buffers``), are never graph outputs, and -- being
 inputs rather than ``get_attr`` -- let the cond/uncond contexts share one
 compiled graph per variant.
-``gm.meta["cache_slots"]`` lists ``(slot, shape, dtype, device)`` in input order.
+``gm.meta["cache_slots"]`` lists ``(slot, shape, dtype, device)`` in input order; for a dynamic capture
+(:mod:`npu_cache_fx.shapes`) ``shape`` holds SymInts, which the runtime evaluates per input shape.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def lower_cache_ops(gm: fx.GraphModule) -> PassResult:
     for node in list(graph.nodes):
         if node.target is CACHE_READ:
             slot, shape, dtype, device = node.args
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):  # a dynamic capture's symbolic sizes (the args hold their hints)
+                shape = val.shape
             node.replace_all_uses_with(buffer(slot, shape, dtype, device, node))
             graph.erase_node(node)
         elif node.target is CACHE_WRITE:

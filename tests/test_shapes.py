@@ -1,0 +1,239 @@
+"""Dynamic input shapes (npu_cache_fx.shapes, issue #19 goal 2): a second resolution reuses the capture, the
+variants and their compiled code.
+
+Quick tier: the option, binding sizes to a capture's symbols (a guard excludes inconsistent sizes), eager
+outputs at two resolutions bit-equal to the per-shape path with one capture and per-shape buffers, the
+static fallback with its reason. Slow tier: a counting backend (regional and full graphs, tiny Flux and tiny
+Wan) over two resolutions x two generations x 50 steps in two contexts: every graph compiled at the first
+resolution only, outputs equal to the static per-shape path; inductor at two resolutions.
+"""
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+pytest.importorskip("diffusers")
+
+from npu_cache_fx import CacheConfig, optimize  # noqa: E402
+from npu_cache_fx.backends import shape_mode  # noqa: E402
+from npu_cache_fx.capture import capture  # noqa: E402
+from npu_cache_fx.config import ConfigError  # noqa: E402
+from npu_cache_fx.regions import RegionalProgram  # noqa: E402
+from npu_cache_fx.shapes import bind  # noqa: E402
+from counting import fresh_dynamo  # noqa: E402
+from dit_models import flux_inputs, tiny_flux, tiny_wan, wan_inputs  # noqa: E402
+from toy import ToyDiT  # noqa: E402
+
+STEPS = 50
+FLUX_CFGS = [CacheConfig(steps_count=STEPS, step_start=3, step_interval=3, blocks="transformer_blocks"),
+             CacheConfig(steps_count=STEPS, step_start=4, step_interval=2, step_end=10,
+                         blocks="single_transformer_blocks", block_start=1, forecast="linear")]
+WAN_CFGS = [CacheConfig(method="attention_cache", steps_count=STEPS, step_start=2, step_interval=3)]
+
+
+def wan_sized(t, seed=0, side=8):
+    g = torch.Generator().manual_seed(seed)
+    kw = wan_inputs(t, seed)
+    kw["hidden_states"] = torch.randn(1, 4, 2, side, side, generator=g)
+    return kw
+
+
+FLUX_SIZES = (16, 36)  # latent tokens of the two resolutions
+WAN_SIZES = (8, 12)  # latent height = width
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return tiny_flux(layers=2, single=4)
+
+
+def _make(name, size):
+    if name == "flux":
+        return lambda t, seed=0: flux_inputs(t, seed=seed, tokens=size)
+    return lambda t, seed=0: wan_sized(t, seed=seed, side=size)
+
+
+def _generate(opt, make_inputs, steps=STEPS, generations=2):
+    outs = []
+    with torch.no_grad():
+        for gen in range(generations):
+            for s in range(steps):
+                t = 1.0 - s / steps
+                with opt.cache_context("cond"):
+                    out = opt(**make_inputs(t, seed=s))[0]
+                with opt.cache_context("uncond"):
+                    opt(**make_inputs(t, seed=100 + s))
+                outs.append(out)
+    return outs
+
+
+def test_shape_mode_option():
+    assert shape_mode(None) == "dynamic" and shape_mode("inductor") == "dynamic"
+    assert shape_mode("aot_eager", {"graphs": "full"}) == "dynamic"
+    assert shape_mode("torchair") == "static"  # graph replay: one recorded graph per shape
+    assert shape_mode("inductor", {"mode": "reduce-overhead"}) == "static"
+    assert shape_mode("inductor", {"shapes": "static"}) == "static"
+    model = tiny_wan(layers=1)
+    with pytest.raises(ConfigError, match=r"backend_options\['shapes'\]='symbolic'.*\['dynamic', 'static'\]"):
+        optimize(model, WAN_CFGS, backend_options={"shapes": "symbolic"})
+    with pytest.raises(ConfigError, match=r"graph replay"):
+        optimize(model, WAN_CFGS, backend="inductor", backend_options={"mode": "reduce-overhead", "shapes": "dynamic"})
+    opt = optimize(model, WAN_CFGS, backend="inductor", backend_options={"mode": "reduce-overhead"})
+    assert opt.stats.shape_capture.startswith("static") and "graph replay" in opt.stats.shape_capture
+    assert optimize(model, WAN_CFGS).stats.shape_capture.startswith("dynamic")
+
+
+def test_bind_checks_sizes_and_guards(flux):
+    """Sizes bind the capture's symbols only when every size and guard holds: image ids of another token
+    count than the latents (export's guard s_hidden + s_text == s_img_ids + s_txt_ids) do not bind."""
+    cap = capture(flux, flux_inputs(0.5), ["transformer_blocks", "single_transformer_blocks"], dynamic=True)
+    shapes = cap.meta["dynamic"]
+    assert shapes is not None and len(shapes.symbols) >= 2
+
+    def leaves(**kw):
+        return pytree.tree_flatten(((), kw))[0]
+
+    assert bind(shapes, leaves(**flux_inputs(0.5))) is not None
+    assert sorted(bind(shapes, leaves(**flux_inputs(0.5, tokens=36))).values()) == [4, 4, 36, 36]
+    bad = flux_inputs(0.5, tokens=36)
+    bad["img_ids"] = torch.zeros(30, 3)
+    assert bind(shapes, leaves(**bad)) is None
+    other_channels = flux_inputs(0.5)
+    other_channels["hidden_states"] = torch.randn(1, 16, 8)  # a specialised dimension
+    assert bind(shapes, leaves(**other_channels)) is None
+
+
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_dynamic_eager_two_resolutions(flux, name):
+    """Eager: one capture serves both resolutions, outputs bit-equal to the per-shape path, cache buffers
+    allocated per shape (and per context)."""
+    model, cfgs, sizes = (flux, FLUX_CFGS, FLUX_SIZES) if name == "flux" else (tiny_wan(layers=2), WAN_CFGS,
+                                                                               WAN_SIZES)
+    dyn = optimize(model, cfgs)
+    static = optimize(model, cfgs, backend_options={"shapes": "static"})
+    for size in sizes:
+        got = _generate(dyn, _make(name, size), steps=12, generations=1)
+        want = _generate(static, _make(name, size), steps=12, generations=1)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    assert dyn.stats.captures == 1 and dyn.stats.shapes_reused == 1
+    assert static.stats.captures == 2
+    assert dyn.stats.steps_reused == static.stats.steps_reused > 0
+    for ctx in dyn._contexts.values():
+        assert len(ctx.buffers) == 2  # one set per shape
+        sizes_seen = [sorted(tuple(b.shape) for b in bufs.values()) for bufs in ctx.buffers.values()]
+        assert sizes_seen[0] != sizes_seen[1]
+    assert dyn.stats.cache_bytes == static.stats.cache_bytes
+    assert dyn.stats.shape_capture.startswith("dynamic")
+    labels = list(dyn.stats.timings)
+    assert len(labels) == 2 and dyn.stats.timings[labels[1]]["dynamic_capture_of"] == labels[0]
+
+
+def test_static_fallback_says_why():
+    """A model that fixes every input size (export specialises them all) is captured per shape, and
+    stats.shape_capture says why; a size export specialises is captured again."""
+
+    class Fixed(ToyDiT):  # branches on its input's size: export specialises it
+        def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, return_dict=False):
+            if hidden_states.shape[1] in (4, 6):
+                hidden_states = hidden_states * 1
+            return super().forward(hidden_states, encoder_hidden_states, timestep, return_dict)
+
+    cfg = CacheConfig(steps_count=6, step_start=2, step_interval=2, blocks="blocks")
+
+    def run(text):
+        fixed = Fixed(single=3)
+        opt = optimize(fixed, cfg)
+        static = optimize(fixed, cfg, backend_options={"shapes": "static"})
+        with torch.no_grad():
+            for n in (4, 6):
+                for s in range(6):
+                    kw = dict(hidden_states=torch.full((1, n, 1), 2.0), encoder_hidden_states=torch.ones(1, text, 1),
+                              timestep=torch.tensor([6.0 - s]))
+                    assert torch.equal(opt(**kw)[0], static(**kw)[0])
+        assert opt.stats.steps_reused == static.stats.steps_reused > 0
+        return opt
+
+    opt = run(text=1)  # every size 0/1 or specialised
+    assert opt.stats.captures == 2
+    assert opt.stats.shape_capture.startswith("static") and "specialised every input" in opt.stats.shape_capture
+    opt = run(text=3)  # the text length stays symbolic, the token count does not: one dynamic capture per count
+    assert opt.stats.captures == 2 and opt.stats.shapes_reused == 0
+    assert opt.stats.shape_capture.startswith("dynamic")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,graphs", [("flux", "regional"), ("flux", "full"), ("wan", "regional")])
+def test_dynamic_compiled_once_for_two_resolutions(flux, name, graphs):
+    """A counting backend: every graph is compiled at the first resolution, none at the second, over 2 x 50
+    steps in two contexts per resolution; outputs equal to the static per-shape path (compiled the same way)."""
+    model, cfgs, sizes = (flux, FLUX_CFGS, FLUX_SIZES) if name == "flux" else (tiny_wan(layers=3), WAN_CFGS,
+                                                                               WAN_SIZES)
+    static_backend = fresh_dynamo()
+    static = optimize(model, cfgs, backend=static_backend, backend_options={"graphs": graphs, "shapes": "static"})
+    want = {size: _generate(static, _make(name, size)) for size in sizes}
+    backend = fresh_dynamo()
+    opt = optimize(model, cfgs, backend=backend, backend_options={"graphs": graphs})
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = {sizes[0]: _generate(opt, _make(name, sizes[0]))}
+        compiled_first = len(backend.graphs)
+        got[sizes[1]] = _generate(opt, _make(name, sizes[1]))
+    assert compiled_first > 0 and len(backend.graphs) == compiled_first  # 0 compiles at the second resolution
+    assert len(static_backend.graphs) > compiled_first  # the per-shape path compiles again
+    for size in sizes:
+        for a, b in zip(got[size], want[size]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    stats = opt.stats
+    assert stats.captures == 1 and stats.shapes_reused == 1 and stats.graphs_compiled == compiled_first
+    assert stats.graph_mode == graphs and stats.shape_capture.startswith("dynamic")
+    first, second = stats.timings.values()
+    assert all(v["graphs_compiled"] == 0 for v in second["variants"].values())
+    assert second["capture_seconds"] == 0.0
+    if graphs == "regional":
+        programs = [v.fn for e in opt._entries.values() for v in e.variants.values()]
+        assert all(isinstance(p, RegionalProgram) and p.symbolic for p in programs)
+
+
+@pytest.mark.slow
+def test_dynamic_inductor_two_resolutions(flux):
+    """inductor, regional: the second resolution compiles nothing; outputs match the per-shape inductor path."""
+    cfgs = FLUX_CFGS[:1]
+    dyn = optimize(flux, cfgs, backend="inductor")
+    static = optimize(flux, cfgs, backend="inductor", backend_options={"shapes": "static"})
+    torch._dynamo.reset()
+    for size in FLUX_SIZES:
+        compiled = dyn.stats.graphs_compiled
+        a = _generate(dyn, _make("flux", size), steps=10, generations=1)
+        b = _generate(static, _make("flux", size), steps=10, generations=1)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+        if size != FLUX_SIZES[0]:
+            assert dyn.stats.graphs_compiled == compiled
+    assert dyn.stats.captures == 1 and static.stats.captures == 2
+
+
+def test_backend_that_refuses_symbolic_sizes_compiles_per_shape(flux):
+    """A backend that cannot compile a graph for symbolic sizes gets it per input shape (backends.PerShape): the
+    capture is still reused, the second resolution compiles again and stats.graphs_compiled counts it."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    compiled = []
+
+    def static_only(gm, example_inputs):
+        if any(isinstance(x, (FakeTensor, torch.SymInt)) for x in example_inputs):
+            raise NotImplementedError("static shapes only")
+        compiled.append(gm)
+        return gm
+
+    cfgs = FLUX_CFGS[:1]
+    opt = optimize(flux, cfgs, backend=static_only, backend_options={"graphs": "full"})
+    static = optimize(flux, cfgs, backend_options={"shapes": "static"})
+    counts = []
+    for size in FLUX_SIZES:
+        got = _generate(opt, _make("flux", size), steps=8, generations=1)
+        want = _generate(static, _make("flux", size), steps=8, generations=1)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        counts.append(len(compiled))
+    n_variants = len(opt._entries[next(iter(opt._entries))].variants)
+    assert counts == [n_variants, 2 * n_variants]  # every variant compiled again at the second shape
+    assert opt.stats.captures == 1 and opt.stats.graphs_compiled == 2 * n_variants
