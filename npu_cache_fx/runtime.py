@@ -600,6 +600,13 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                 if first:
                     self._record_compile(call.key, call.variant, time.perf_counter() - start,
                                          self._per_shape_compiles(call.variant) - per_shape)
+                    dynamic = call.entry.dynamic
+                    if dynamic is not None and not self._still_binds(call.key, call.entry,
+                                                                     call.inputs[:len(dynamic.sizes)]):
+                        # this compile added a guard these sizes fail: its code may not hold for them, the
+                        # uncompiled variant does (it rewrites the same cache slots); the next call captures
+                        # these sizes with static shapes
+                        flat_out = call.variant.graph(*call.inputs)
                 out = self._finish(call, flat_out)
             return hook.post_forward(self.model, out) if hook is not None else out
 
