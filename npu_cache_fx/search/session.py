@@ -106,8 +106,8 @@ class SearchSession:
         else:
             self.denoisers = {"model": model}
         self.given = model  # what run_fn gets for the uncached generation
-        self.model = next(iter(self.denoisers.values()))  # the denoiser whose capture the cost model uses
         self._captures = {name: CaptureCache(m) for name, m in self.denoisers.items()}
+        self._use(next(iter(self.denoisers)))
         self.segments: Tuple[int, ...] = ()  # steps at which another denoiser takes over
         self.run_fn = run_fn
         self.steps_count = steps_count
@@ -125,7 +125,6 @@ class SearchSession:
         self.clock_kind = clock
         self.clock = make_clock(clock, device)
         self.clock_name = "cpu" if self.clock is time.process_time else "wall"
-        self.captures = self._captures[next(iter(self.denoisers))]
         self.full_runs = 0
         self.timing_runs = 0
         self.reference_runs = 0
@@ -182,15 +181,14 @@ class SearchSession:
                                   shared=next(iter(recs.values()), None))
         with torch.no_grad():
             start = self.clock()
-            rec_out = as_tensor(self.run_fn(recs if isinstance(self.given, Mapping) else recs["model"]))
+            rec_out = as_tensor(self.run_fn(self._as_given(recs)))
             total = self.clock() - start
         self.reference_runs += 1
         if "cap" not in holder:
             raise RuntimeError("run_fn never called the transformer it was given")
-        main = holder["name"]
-        rec = self.recorder = recs[main]
+        self._use(holder["name"])
+        rec = self.recorder = recs[self._main]
         rec.seconds_inside = sum(r.seconds_inside for r in recs.values())
-        self.model, self.captures = self.denoisers[main], self._captures[main]
         self.reference_check_mse = mse_fn(rec_out, self.reference)
         ref_power = max(float(self.reference.double().pow(2).mean()), 1e-12)
         if self.reference_check_mse > 1e-6 * ref_power:
@@ -272,16 +270,21 @@ class SearchSession:
         return statistics.median(self.plain_seconds)
 
     # ------------------------------------------------------------------ evaluation
-    @property
-    def _main(self) -> str:
-        return next(name for name, m in self.denoisers.items() if m is self.model)
+    def _use(self, name: str) -> None:
+        """The denoiser whose capture the cost model, the proxy and the variant checks use."""
+        self._main = name
+        self.model, self.captures = self.denoisers[name], self._captures[name]
+
+    def _as_given(self, by_name: Dict[str, Any]) -> Any:
+        """Per-denoiser objects in the form ``run_fn`` takes: the dict, or the one module's."""
+        return by_name if isinstance(self.given, Mapping) else by_name["model"]
 
     def optimized(self, configs):
         """``configs`` applied to the denoiser(s), with the session's captures: what ``run_fn`` takes (a
         module, or a dict of them when the session was given several denoisers)."""
         opts = {name: optimize(m, list(configs), captures=self._captures[name], backend=self.backend,
                                backend_options=self.backend_options) for name, m in self.denoisers.items()}
-        return opts if isinstance(self.given, Mapping) else opts["model"]
+        return self._as_given(opts)
 
     @staticmethod
     def _modules_of(opt) -> Dict[str, Any]:
