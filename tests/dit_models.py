@@ -37,3 +37,19 @@ def wan_inputs(t: float, seed: int = 0, batch: int = 1):
     return dict(hidden_states=torch.randn(batch, 4, 2, 8, 8, generator=g),
                 timestep=torch.full((batch,), t * 1000),
                 encoder_hidden_states=torch.randn(batch, 6, 16, generator=g), return_dict=False)
+
+
+def generate_cfg(opt, make_inputs, steps: int, generations: int = 2):
+    """``generations`` generations of ``steps`` steps, a "cond" and an "uncond" call per step (seeds ``s`` and
+    ``100 + s``, ``t`` from 1 down); returns the cond outputs of every step of every generation."""
+    outs = []
+    with torch.no_grad():
+        for _ in range(generations):
+            for s in range(steps):
+                t = 1.0 - s / steps
+                with opt.cache_context("cond"):
+                    out = opt(**make_inputs(t, seed=s))[0]
+                with opt.cache_context("uncond"):
+                    opt(**make_inputs(t, seed=100 + s))
+                outs.append(out)
+    return outs

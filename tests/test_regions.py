@@ -19,7 +19,7 @@ from npu_cache_fx.regions import GLUE, RegionalProgram, SegmentCache, _size_arit
 from npu_cache_fx.schedule import Action  # noqa: E402
 from npu_cache_fx.shapes import size_hint  # noqa: E402
 from counting import fresh_dynamo  # noqa: E402
-from dit_models import flux_inputs, tiny_flux, tiny_wan, wan_inputs  # noqa: E402
+from dit_models import flux_inputs, generate_cfg, tiny_flux, tiny_wan, wan_inputs  # noqa: E402
 
 STEPS = 50  # two generations of 50 steps in two contexts: 0 recompiles (issue #19)
 FLUX_CFGS = [CacheConfig(steps_count=STEPS, step_start=3, step_interval=3, blocks="transformer_blocks"),
@@ -91,17 +91,7 @@ def test_graph_mode_option():
 
 
 def _generate(opt, make_inputs, steps=STEPS):
-    outs = []
-    with torch.no_grad():
-        for gen in range(2):
-            for s in range(steps):
-                t = 1.0 - s / steps
-                with opt.cache_context("cond"):
-                    out = opt(**make_inputs(t, seed=s))[0]
-                with opt.cache_context("uncond"):
-                    opt(**make_inputs(t, seed=100 + s))
-                outs.append(out)
-    return outs
+    return generate_cfg(opt, make_inputs, steps)
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from npu_cache_fx.config import ConfigError  # noqa: E402
 from npu_cache_fx.regions import RegionalProgram  # noqa: E402
 from npu_cache_fx.shapes import bind  # noqa: E402
 from counting import fresh_dynamo  # noqa: E402
-from dit_models import flux_inputs, tiny_flux, tiny_wan, wan_inputs  # noqa: E402
+from dit_models import flux_inputs, generate_cfg, tiny_flux, tiny_wan, wan_inputs  # noqa: E402
 from toy import ToyDiT  # noqa: E402
 
 STEPS = 50
@@ -54,17 +54,7 @@ def _make(name, size):
 
 
 def _generate(opt, make_inputs, steps=STEPS, generations=2):
-    outs = []
-    with torch.no_grad():
-        for gen in range(generations):
-            for s in range(steps):
-                t = 1.0 - s / steps
-                with opt.cache_context("cond"):
-                    out = opt(**make_inputs(t, seed=s))[0]
-                with opt.cache_context("uncond"):
-                    opt(**make_inputs(t, seed=100 + s))
-                outs.append(out)
-    return outs
+    return generate_cfg(opt, make_inputs, steps, generations)
 
 
 def test_shape_mode_option():
