@@ -131,7 +131,8 @@ def test_flux_other_step_counts_scale_the_plan(flux, steps):
 def test_flux_second_resolution_reuses_the_capture_and_never_mixes(flux, capsys):
     pipe, _ = flux
     captures = CaptureCache(pipe.transformer)  # empty: opt.stats.captures counts every capture
-    opt = optimize(pipe.transformer, FLUX_CFGS, captures=captures)
+    dynamic = {"shapes": "dynamic"}  # the default for backend=None is a static capture per shape
+    opt = optimize(pipe.transformer, FLUX_CFGS, captures=captures, backend_options=dynamic)
     seconds = {}
     outs = {}
     with torch.no_grad():
@@ -143,7 +144,8 @@ def test_flux_second_resolution_reuses_the_capture_and_never_mixes(flux, capsys)
         # one dynamic capture serves both latent shapes (each with its own buffers), none for the repeat
         assert opt.stats.captures == 1 and opt.stats.shapes_reused == 1
         for size in (32, 48):
-            alone = optimize(pipe.transformer, FLUX_CFGS, captures=captures)  # fresh contexts and buffers
+            alone = optimize(pipe.transformer, FLUX_CFGS, captures=captures,  # fresh contexts and buffers
+                             backend_options=dynamic)
             want = generate(pipe, alone, prompt="a cat", **{**FLUX_KW, "height": size, "width": size})
             assert all(torch.equal(o, want) for o in outs[size]), size
     assert outs[48][0].shape == (1, (48 // 2) ** 2, 4)

@@ -32,7 +32,7 @@ def variants(name):
     else:
         model, make = tiny_wan(layers=2), wan_inputs
         cfgs = [CacheConfig(steps_count=8, step_start=1, step_interval=2, block_start=1)]
-    opt = optimize(model, cfgs, backend_options={"shapes": "static"})  # as torchair compiles them (shape_mode)
+    opt = optimize(model, cfgs)  # static shapes, as torchair compiles them (shape_mode)
     inputs = make(0.5)
     for decision in opt.plan.variants():
         gm = opt.build_variant(decision, **inputs)
