@@ -113,11 +113,12 @@ def test_generate_and_bench_cli(saved, name, tmp_path):
     assert "| fewer steps (" in (tmp_path / "b" / "report.md").read_text()
 
 
-@pytest.mark.parametrize("name", ["flux", "sd3", "wan", "wan22", "qwen"])
+# Wan 2.1 is the Wan 2.2 pipeline with one expert: wan22 covers its search path (generate / bench run both)
+@pytest.mark.parametrize("name", ["flux", "sd3", "wan22", "qwen"])
 def test_search_cli_on_the_users_prompts(saved, name, tmp_path):
     root, paths = saved
     rc = main(["--threads", "1", "search", "--pipeline", str(paths[name]), "--prompts", str(root / "prompts.txt"),
-               "--steps", str(STEPS), "--target", "1.3", "--max-full-runs", "3", "--repeats", "2", *_call_args(name),
+               "--steps", str(STEPS), "--target", "1.3", "--max-full-runs", "3", "--repeats", "1", *_call_args(name),
                "--out", str(tmp_path)])
     report = json.loads((tmp_path / "search.json").read_text())
     assert rc == (0 if report["best"] else 1)

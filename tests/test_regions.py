@@ -98,14 +98,14 @@ def _generate(opt, make_inputs, steps=STEPS):
 @pytest.mark.parametrize("name", ["flux", "wan"])
 def test_regional_variants_share_compiled_blocks(flux, name):
     """optimize(backend=B): each distinct segment compiled once for all variants and blocks, the outputs of
-    the full-graph variants, no recompile over two generations in two contexts, stats per variant."""
+    the uncompiled variants, no recompile over two generations in two contexts, stats per variant."""
     model, make_inputs, cfgs = (flux, flux_inputs, FLUX_CFGS) if name == "flux" else (
         tiny_wan(layers=3), wan_inputs, WAN_CFGS)
-    full_backend = fresh_dynamo()
-    full = optimize(model, cfgs, backend=full_backend, backend_options={"graphs": "full"})
+    # the full-graph variants compile one graph each (test_compile.py); aot_eager runs their aten graphs as
+    # eager does, so the uncompiled variants are the reference
+    full = optimize(model, cfgs)
     want = _generate(full, make_inputs)
     n_variants = len(full.plan.variants())
-    assert len(full_backend.graphs) == n_variants and full.stats.graph_mode == "full"
 
     backend = fresh_dynamo()
     opt = optimize(model, cfgs, backend=backend)
