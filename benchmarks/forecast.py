@@ -94,7 +94,7 @@ def check_targets(rows: List[Dict[str, Any]], curve: Sequence[Tuple[float, float
 def run_model(name: str, args) -> Dict[str, Any]:
     model = models.load(name)
     steps = args.steps or model.default_steps
-    labels = models.eval_labels(args.samples)
+    labels = models.eval_labels(args.samples, model)  # scene captions for tiny-flux-deep
     gen = tb.Generations(model, labels, steps)
     lists = tb.block_lists(name)
     captures = CaptureCache(model.transformer)
@@ -118,7 +118,7 @@ def run_model(name: str, args) -> Dict[str, Any]:
     rows: Dict[str, Dict[str, Any]] = {}
     for key, m in methods.items():
         images = ref if key == "uncached" else m["fn"]()
-        row = {"method": key, **{k: v for k, v in m.items() if k != "fn"}, **tb.quality(images, ref, labels)}
+        row = {"method": key, **{k: v for k, v in m.items() if k != "fn"}, **tb.quality(images, ref, labels, model)}
         if key in opts:
             row["reuse_steps"] = opts[key].stats.steps_reused
             row["variants"] = len(opts[key].plan.variants())
@@ -221,7 +221,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=None,
                    help="comma list of tiny-flux,tiny-wan (default: both; tiny-wan skipped without weights; "
-                        "--quick: tiny-flux)")
+                        "--quick: tiny-flux), or tiny-flux-deep (only when named)")
     p.add_argument("--samples", type=int, default=10, help="samples per generation (default 10)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 28 / 20)")
     p.add_argument("--repeats", type=int, default=5, help="timed generations per run (default 5)")

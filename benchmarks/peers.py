@@ -146,7 +146,7 @@ class Bench:
         self.name = name
         self.model = models.load(name)
         self.steps = steps or self.model.default_steps
-        self.labels = models.eval_labels(samples)
+        self.labels = models.eval_labels(samples, self.model)  # scene captions for tiny-flux-deep
         self.base = self.model.transformer
         self.params = list(self.base.parameters()) + list(self.base.buffers())
         self.captures = CaptureCache(self.base)
@@ -662,7 +662,7 @@ def run_model(name: str, args) -> Dict[str, Any]:
             print(f"   NOT APPLICABLE {m.name}: {row['reason']}", flush=True)
             continue
         row["first_generations_s"] = time.perf_counter() - t1
-        row.update(tb.quality(images2, ref, b.labels))
+        row.update(tb.quality(images2, ref, b.labels, b.model))
         row["repeatable"] = bool(torch.equal(images, images2))
         if not row["repeatable"]:
             row["notes"].append("two consecutive generations differ (state carried between generations)")
@@ -675,7 +675,7 @@ def run_model(name: str, args) -> Dict[str, Any]:
             if not row["resets_itself"]:
                 row["notes"].append(f"state carries into the next generation unless {m.applied.reset_how} runs "
                                     f"between generations (done here; without it the 2nd generation's PSNR is "
-                                    f"{tb.fmt(tb.quality(x2, ref, b.labels)['psnr'])} dB)")
+                                    f"{tb.fmt(tb.quality(x2, ref, b.labels, b.model)['psnr'])} dB)")
         if row["psnr"] == math.inf and m.family not in ("uncached", "uncached (inductor)"):
             row["notes"].append("output identical to uncached: nothing was cached or skipped")
         if m.applied.opt is not None and m.applied.opt.configs:
@@ -803,7 +803,8 @@ def plot(result: Dict[str, Any], png: str) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=None, help="comma list of tiny-flux,tiny-wan (default both; --quick tiny-flux)")
+    p.add_argument("--models", default=None, help="comma list of tiny-flux,tiny-wan (default both; --quick tiny-flux), "
+                   "or tiny-flux-deep (only when named)")
     p.add_argument("--samples", type=int, default=10, help="samples per generation (default 10)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 28 / 20)")
     p.add_argument("--repeats", type=int, default=5, help="timed generations per row (default 5)")

@@ -38,6 +38,8 @@ __all__ = ["CompileCounter", "Generations", "add_run_args", "fewer_step_counts",
            "time_generations", "weights_present", "write_outputs"]
 
 ALL_MODELS = ("tiny-flux", "tiny-wan")
+# Run only when named (--models tiny-flux-deep): Flux-dev's 19 + 38 blocks, minutes per generation batch.
+EXTRA_MODELS = ("tiny-flux-deep",)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -64,8 +66,8 @@ def models_to_run(requested: Optional[str], quick: bool = False) -> Tuple[List[s
         ["tiny-flux"] if quick else list(ALL_MODELS))
     names, notes = [], []
     for m in wanted:
-        if m not in ALL_MODELS:
-            raise SystemExit(f"unknown model {m!r}; choose from {', '.join(ALL_MODELS)}")
+        if m not in ALL_MODELS + EXTRA_MODELS:
+            raise SystemExit(f"unknown model {m!r}; choose from {', '.join(ALL_MODELS + EXTRA_MODELS)}")
         if weights_present(m):
             names.append(m)
         else:
@@ -147,9 +149,15 @@ def speedups(times: Dict[str, Dict[str, List[float]]], base: str = "uncached") -
             for clock, t in times.items()}
 
 
-def quality(images: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
-    return {"psnr": metrics.psnr(images, ref), "mse": metrics.mse(images, ref),
-            "class_fidelity": metrics.class_fidelity(images, labels)}
+def quality(images: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor,
+            model: Optional[models.TinyModel] = None) -> Dict[str, float]:
+    """PSNR / MSE vs ``ref`` and fidelity: the digit classifier's accuracy, or for a model with an attribute
+    checker (tiny-flux-deep) its agreement with the captions (``model.agreement(...)["all"]``)."""
+    if model is not None and hasattr(model, "agreement"):
+        fidelity = float(model.agreement(images, labels)["all"])
+    else:
+        fidelity = metrics.class_fidelity(images, labels)
+    return {"psnr": metrics.psnr(images, ref), "mse": metrics.mse(images, ref), "class_fidelity": fidelity}
 
 
 # ----------------------------------------------------------------------------- curves
@@ -271,7 +279,8 @@ def pareto_panels_png(path: str, panels: Sequence[Tuple[str, Mapping[str, Sequen
 
 
 # ----------------------------------------------------------------------------- plans
-BLOCK_LISTS = {"tiny-flux": ("transformer_blocks", "single_transformer_blocks"), "tiny-wan": ("blocks",)}
+BLOCK_LISTS = {"tiny-flux": ("transformer_blocks", "single_transformer_blocks"), "tiny-wan": ("blocks",),
+               "tiny-flux-deep": ("transformer_blocks", "single_transformer_blocks")}
 
 
 def block_lists(model_name: str) -> Tuple[str, ...]:
