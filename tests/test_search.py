@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -18,8 +19,9 @@ from npu_cache_fx.search import (Candidate, Part, Schedule, SearchSession, confi
                                  mindie_interval, mindie_lmin, search, stage1_windows, stage2_candidates)
 from npu_cache_fx.search.mindie import attention_candidates, attention_reuse_count, equal_cost_speedup
 from npu_cache_fx.search.refine import hill_climb, reads_to_schedule, score_reads
+from npu_cache_fx.search import score_plan
 from npu_cache_fx.search.screen import screen
-from npu_cache_fx.search.space import BlockSeq
+from npu_cache_fx.search.space import BlockSeq, schedule_actions
 
 
 # ----------------------------------------------------------------------------- MindIE, exact
@@ -435,17 +437,26 @@ def test_search_picks_the_forecast_the_trajectory_calls_for(quadratic, expected,
     assert np.all(table.nbytes == plain * np.array([1, 2, 3])[table.forecast])
     tight = screen(session, "dit_block_cache", block_ranges=[(1, 2)], intervals=(3,), max_cache_bytes=plain)
     assert (tight.forecast == 0).all()
-    # the whole search: the winner forecasts, and the forecast reaches result.config and search.json
-    # accept=0.5: a single timing on a loaded machine must not drop the best-forecast plan (this test is
-    # about which forecast wins on quality; speed is tested elsewhere)
+    # the whole search: the winner's forecast is the proxy's best for its own range and schedule (the one the
+    # trajectory calls for wherever its reads see 3 refreshes), and it reaches result.config and search.json.
+    # Which range and schedule win depends on the timed profile (a loaded machine predicts other speeds, and a
+    # schedule whose reads see 1-2 refreshes can rightly win without a forecast): not asserted here.
+    # accept=0.5: a single timing on a loaded machine must not drop the best-forecast plan
     result = search(model, run_fn, target_speedup=1.05, session=session, max_full_runs=2, refine=False,
                     repeats=1, progress=False, intervals=(2, 3), accept=0.5)
     assert result.best is not None
-    assert {c.forecast for c in result.config} <= set(expected), result.best.label
+    (chosen,) = result.config
+    siblings = {f: score_plan(session, [dataclasses.replace(chosen, forecast=f)])["proxy"] for f in table.forecasts}
+    assert chosen.forecast == min(siblings, key=lambda f: (siblings[f], table.forecasts.index(f))), siblings
+    sched = Schedule(step_start=chosen.step_start, step_interval=chosen.step_interval, step_end=chosen.step_end)
+    acts = schedule_actions("dit_block_cache", sched, session.steps_count)
+    refreshes = np.cumsum([a is Action.WRITE for a in acts])
+    if any(a is Action.READ and r >= 3 for a, r in zip(acts, refreshes)):
+        assert chosen.forecast in expected, result.best.label
     result.write(str(tmp_path))
     obj = json.loads((tmp_path / "search.json").read_text())
     assert config_from_json(obj) == result.config
-    assert all(c["forecast"] in expected for c in obj["best"]["config"])
+    assert [c["forecast"] for c in obj["best"]["config"]] == [chosen.forecast]
 
 
 def test_auto_reports_adastep_and_fewer_steps(toy_session):
@@ -490,7 +501,6 @@ def test_search_refuses_arguments_its_session_would_ignore():
 def test_score_plan_scores_a_hand_written_plan_like_the_search(toy_session):
     """A public call scores any plan (it needed the private engine._exact): for the plans the search
     screens it gives exactly the search's predicted speedup and proxy; measured, it runs the plan."""
-    from npu_cache_fx.search import score_plan
     from npu_cache_fx.search.engine import proxy_of
     n = toy_session.steps_count
     for part in (Part("dit_block_cache", 2, 5, Schedule(1, 3)), Part("dit_block_cache", 0, 6, Schedule(2, 2)),
