@@ -7,7 +7,7 @@ looks up the step's decision in the static :class:`~npu_cache_fx.schedule.Plan`,
 and (4) runs the graph variant for that decision, passing the context's cache
 buffers. Captures are lazy and keyed by the inputs' structure, shapes, dtypes,
 devices and non-tensor values; a new key gets its own buffers and is captured
-again, unless a dynamic capture (``backend_options["shapes"]``, the default:
+again, unless a dynamic capture (``backend_options["shapes"]``, the default for compiling backends:
 :mod:`npu_cache_fx.shapes`) serves its sizes with the variants compiled already.
 
 Example::
