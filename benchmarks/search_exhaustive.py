@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     common.set_threads(1)
     if args.quick:
         args.models, args.steps, args.tune_samples, args.held_samples = "tiny-flux", 8, 2, 3
-        args.targets, args.plans, args.repeats, args.per_target = "1.5", 8, 1, 1
+        args.targets, args.plans, args.repeats, args.per_target = "1.5", 5, 1, 1
     info = common.machine_info()
     print(f"command : {info['command']}\ntorch   : {info['torch']}, {info['threads']} thread(s), {info['processor']}")
     rng = np.random.default_rng(args.seed)

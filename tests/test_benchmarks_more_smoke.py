@@ -1,7 +1,7 @@
 """Smoke tests: benchmarks/{compile,timestep,forecast,attention,fallback}.py --quick run end to end.
 
-Each script runs in a subprocess on tiny-flux (the --quick default) and must write its JSON,
-the Markdown table next to it (and the Pareto PNGs where the script draws them), with the
+Each script runs in the test process (tests/benchrun.py) on tiny-flux (the --quick default) and must
+write its JSON, the Markdown table next to it (and the Pareto PNGs where the script draws them), with the
 documented keys. Timing values are not checked against targets: a --quick run is too short
 to mean anything.
 """
@@ -19,24 +19,23 @@ pytestmark = pytest.mark.slow  # compiles or runs benchmarks end to end: not in 
 pytest.importorskip("diffusers")
 pytest.importorskip("matplotlib")
 
+from benchrun import run_benchmark  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(script, tmp_path, *extra):
     out = tmp_path / f"{script}.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.join("benchmarks", f"{script}.py"), "--quick", "--out", str(out),
-                           *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
-    assert "command :" in proc.stdout and "torch" in proc.stdout
+    rc, stdout = run_benchmark(script, "--quick", "--out", out, *extra)
+    assert rc == 0, stdout[-3000:]
+    assert "command :" in stdout and "torch" in stdout
     assert out.exists() and (tmp_path / f"{script}.md").exists()
     data = json.loads(out.read_text())
     for key in ("command", "torch", "threads", "processor", "cpu_count"):
         assert key in data["machine"], key
     assert data["settings"]["quick"] is True
     assert "tiny-flux" in data["models"]
-    return data["models"]["tiny-flux"], proc.stdout, data
+    return data["models"]["tiny-flux"], stdout, data
 
 
 def _finite_positive(x):

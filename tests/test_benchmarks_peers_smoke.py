@@ -1,7 +1,7 @@
 """Smoke test: ``benchmarks/peers.py --quick`` runs end to end and writes every expected row.
 
-The subprocess runs the quick mode without the torch.compile graph counting (~25 s); the
-counting path is exercised in-process on two rows with 4 steps. Rows of an optional peer skip
+The script runs its quick mode in the test process (tests/benchrun.py), without the torch.compile graph
+counting (~25 s); the counting path is exercised on two rows with 4 steps. Rows of an optional peer skip
 cleanly when it is not installed: cache-dit rows when ``cache_dit`` is missing, MindIE rows when
 the ``mindiesd`` wheel is missing; every other row must run. Timing values are not checked:
 a --quick run is too short to mean anything.
@@ -11,16 +11,17 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 
-# slow; its session fixture (a 30 s subprocess) runs once per test run, shared by the xdist workers
+# slow; its session fixture (a ~30 s run of the script) runs once per test run, shared by the xdist workers
 pytestmark = pytest.mark.slow
 
 pytest.importorskip("diffusers")
 pytest.importorskip("matplotlib")
+
+from benchrun import run_benchmark  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -52,13 +53,9 @@ def quick(tmp_path_factory):
     with once_per_run(tmp_path_factory, "peers_quick") as (folder, done):
         out = folder / "peers.json"
         if not done:
-            env = dict(os.environ, OMP_NUM_THREADS="1",
-                       PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-            proc = subprocess.run([sys.executable, os.path.join("benchmarks", "peers.py"), "--quick",
-                                   "--no-compile-count", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
-                                  text=True, timeout=240)
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
-            (folder / "stdout.txt").write_text(proc.stdout)
+            rc, stdout = run_benchmark("peers", "--quick", "--no-compile-count", "--out", out)
+            assert rc == 0, stdout[-3000:]
+            (folder / "stdout.txt").write_text(stdout)
             (folder / "done").touch()
     return json.loads(out.read_text()), out, (folder / "stdout.txt").read_text()
 

@@ -5,17 +5,13 @@ Timing values are not checked against targets (a --quick run is too short to mea
 
 import json
 import math
-import os
-import subprocess
-import sys
-
 import pytest
 
 pytestmark = pytest.mark.slow  # compiles or runs benchmarks end to end: not in the quick tier
 
 pytest.importorskip("diffusers")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchrun import run_benchmark  # noqa: E402
 
 
 def _positive(x):
@@ -24,12 +20,9 @@ def _positive(x):
 
 def test_overhead_quick_writes_json(tmp_path):
     out = tmp_path / "overhead.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.join("benchmarks", "overhead.py"), "--quick", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "realised/ideal" in proc.stdout
+    rc, stdout = run_benchmark("overhead", "--quick", "--out", out)
+    assert rc == 0, stdout[-2000:]
+    assert "realised/ideal" in stdout
     data = json.loads(out.read_text())
     for key in ("machine", "settings", "targets", "bypass", "compute_steps", "block_costs", "candidates",
                 "speedup", "dispatch_us", "summary"):

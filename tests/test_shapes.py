@@ -157,21 +157,25 @@ def test_static_fallback_says_why():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,graphs", [("flux", "regional"), ("flux", "full"), ("wan", "regional")])
-def test_dynamic_compiled_once_for_two_resolutions(flux, name, graphs):
+# 2 x 50 steps on the main flow; 2 x 20 show every variant of the others (the plans repeat from step 10 on)
+@pytest.mark.parametrize("name,graphs,steps", [("flux", "regional", STEPS), ("flux", "full", 20),
+                                               ("wan", "regional", 20)])
+def test_dynamic_compiled_once_for_two_resolutions(flux, name, graphs, steps):
     """A counting backend: every graph is compiled at the first resolution, none at the second, over 2 x 50
-    steps in two contexts per resolution; outputs equal to the static per-shape path (uncompiled: aot_eager
+    steps (2 x 20) in two contexts per resolution; outputs equal to the static per-shape path (uncompiled: aot_eager
     runs the same aten graphs). The per-shape compiled path compiles again: test_compile_cost_quick."""
     model, cfgs, sizes = (flux, FLUX_CFGS, FLUX_SIZES) if name == "flux" else (tiny_wan(layers=3), WAN_CFGS,
                                                                                WAN_SIZES)
+    if graphs == "full":  # each variant traced whole for symbolic sizes (~5 s apiece): a shallower Flux
+        model = tiny_flux(layers=1, single=2)
     static = optimize(model, cfgs)
-    want = {size: _generate(static, _make(name, size)) for size in sizes}
+    want = {size: _generate(static, _make(name, size), steps) for size in sizes}
     backend = fresh_dynamo()
     opt = optimize(model, cfgs, backend=backend, backend_options={"graphs": graphs})
     with torch._dynamo.config.patch(error_on_recompile=True):
-        got = {sizes[0]: _generate(opt, _make(name, sizes[0]))}
+        got = {sizes[0]: _generate(opt, _make(name, sizes[0]), steps)}
         compiled_first = len(backend.graphs)
-        got[sizes[1]] = _generate(opt, _make(name, sizes[1]))
+        got[sizes[1]] = _generate(opt, _make(name, sizes[1]), steps)
     assert compiled_first > 0 and len(backend.graphs) == compiled_first  # 0 compiles at the second resolution
     for size in sizes:
         for a, b in zip(got[size], want[size]):
