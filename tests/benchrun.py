@@ -32,8 +32,9 @@ def run_benchmark(script: str, *argv: str) -> Tuple[int, str]:
     threads = torch.get_num_threads()
     args: List[str] = [str(a) for a in argv]
     # sys.path[0] as for `python benchmarks/<script>.py`: the scripts import tinybench / common top-level
+    # os.environ restored after: compile.py / peers.py point TORCHINDUCTOR_CACHE_DIR at a temporary folder
     with mock.patch.object(sys, "argv", [path, *args]), mock.patch.object(sys, "path", [BENCH, *sys.path]), \
-            contextlib.redirect_stdout(out):
+            mock.patch.dict(os.environ), contextlib.redirect_stdout(out):
         sys.modules[spec.name] = module  # dataclasses look their module up while the script is loaded
         try:
             spec.loader.exec_module(module)

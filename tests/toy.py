@@ -6,8 +6,6 @@ is exact in float32, so tests compare with ``==``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
