@@ -117,7 +117,7 @@ def shape_mode(backend: "Backend", options: Optional[Dict[str, Any]] = None) -> 
     options = options or {}
     if "shapes" in options:
         return options["shapes"]
-    if backend is None or backend == "eager" or _graph_replay(backend, options):
+    if graph_mode(backend, options) is None or _graph_replay(backend, options):  # nothing compiled / replay
         return "static"
     return "dynamic"
 

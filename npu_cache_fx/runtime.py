@@ -379,7 +379,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         self.stats.graph_mode = self._graph_mode
         self.stats.shape_capture = SHAPE_CAPTURE if self._shape_mode == "static" else SHAPE_DYNAMIC
         if self._shape_mode == "static" and "shapes" not in self._backend_options:
-            why = ("nothing is compiled, a static capture is the faster" if self._graph_mode is None
+            why = ("nothing is compiled, so a static capture is faster" if self._graph_mode is None
                    else "graph replay records one graph per shape")
             self.stats.shape_capture += f" (backend={backend!r}: {why}; backend_options['shapes'] defaults to 'static')"
         self._by_capture: Dict[int, Tuple[Capture, _Entry]] = {}  # id(capture) -> (capture, its entry)
