@@ -40,10 +40,10 @@ def run_benchmark(script: str, *argv: str) -> Tuple[int, str]:
             spec.loader.exec_module(module)
             result = module.main(args)
             rc = result if isinstance(result, int) else 0
-        except SystemExit as err:
-            rc = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
-            if err.code not in (None, 0) and not isinstance(err.code, int):
+        except SystemExit as err:  # as the interpreter exits: a message is printed and means status 1
+            if isinstance(err.code, str):
                 print(err.code)
+            rc = 1 if isinstance(err.code, str) else (err.code or 0)
         finally:
             sys.modules.pop(spec.name, None)
             torch.set_num_threads(threads)

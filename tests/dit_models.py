@@ -39,9 +39,10 @@ def wan_inputs(t: float, seed: int = 0, batch: int = 1):
                 encoder_hidden_states=torch.randn(batch, 6, 16, generator=g), return_dict=False)
 
 
-def generate_cfg(opt, make_inputs, steps: int, generations: int = 2):
+def generate_cfg(opt, make_inputs, steps: int, generations: int = 2, after_step=None):
     """``generations`` generations of ``steps`` steps, a "cond" and an "uncond" call per step (seeds ``s`` and
-    ``100 + s``, ``t`` from 1 down); returns the cond outputs of every step of every generation."""
+    ``100 + s``, ``t`` from 1 down); returns the cond outputs of every step of every generation.
+    ``after_step()`` is called after each step's two calls."""
     outs = []
     with torch.no_grad():
         for _ in range(generations):
@@ -52,4 +53,6 @@ def generate_cfg(opt, make_inputs, steps: int, generations: int = 2):
                 with opt.cache_context("uncond"):
                     opt(**make_inputs(t, seed=100 + s))
                 outs.append(out)
+                if after_step is not None:
+                    after_step()
     return outs

@@ -19,7 +19,7 @@ pytest.importorskip("diffusers")
 from npu_cache_fx import CacheConfig, optimize  # noqa: E402
 from npu_cache_fx.shapes import size_hint  # noqa: E402
 from counting import MutationBackend, fresh_dynamo  # noqa: E402
-from dit_models import flux_inputs, tiny_flux, tiny_wan, wan_inputs  # noqa: E402
+from dit_models import flux_inputs, generate_cfg, tiny_flux, tiny_wan, wan_inputs  # noqa: E402
 
 STEPS = 16
 FULL = {"graphs": "full"}  # one graph per variant (the default for callables is regional: test_regions.py)
@@ -38,25 +38,15 @@ def models():
 
 
 def generate(opt, make_inputs, buffers_seen=None):
-    """Two generations, cond + uncond call per step; returns the cond outputs of generation 1."""
-    outs = []
-    with torch.no_grad():
-        for gen in range(2):
-            for s in range(STEPS):
-                t = 1.0 - s / STEPS
-                with opt.cache_context("cond"):
-                    out = opt(**make_inputs(t, seed=s))[0]
-                with opt.cache_context("uncond"):
-                    opt(**make_inputs(t, seed=1000 + s))
-                if gen == 0:
-                    outs.append(out)
-                if buffers_seen is not None:
-                    inner = getattr(opt, "_orig_mod", opt)
-                    for name, ctx in inner._contexts.items():
-                        for bufs in ctx.buffers.values():
-                            for slot, buf in bufs.items():
-                                buffers_seen.setdefault((name, slot), set()).add(buf.data_ptr())
-    return outs
+    """Two generations, cond + uncond call per step; returns the cond outputs of generation 1. ``buffers_seen``:
+    (context, slot) -> the data pointers its cache buffer had after each step."""
+    def record():
+        inner = getattr(opt, "_orig_mod", opt)
+        for name, ctx in inner._contexts.items():
+            for bufs in ctx.buffers.values():
+                for slot, buf in bufs.items():
+                    buffers_seen.setdefault((name, slot), set()).add(buf.data_ptr())
+    return generate_cfg(opt, make_inputs, STEPS, after_step=record if buffers_seen is not None else None)[:STEPS]
 
 
 @pytest.fixture(scope="session")
