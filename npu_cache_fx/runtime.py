@@ -185,8 +185,8 @@ class _Entry:
                 target.rewrite(gm, action)
             if action is Action.READ:
                 removed |= target.nodes
-        eliminate_dead_code(gm, pure=removed)
-        lower_cache_ops(gm)
+        eliminate_dead_code(gm, pure=removed, recompile=False)
+        lower_cache_ops(gm)  # recompiles: gm.code is current from here
         return gm
 
 

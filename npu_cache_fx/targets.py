@@ -104,7 +104,8 @@ class Target:
         return Removal(self.nodes)
 
     def rewrite(self, gm: fx.GraphModule, action: Action) -> Optional[RewriteResult]:
-        """Rewrite ``gm`` in place for ``action`` (no DCE: the caller runs it once all targets are rewritten)."""
+        """Rewrite ``gm`` in place for ``action`` (no DCE, no recompile: the caller runs both once all targets
+        are rewritten)."""
         return None
 
 
@@ -127,7 +128,8 @@ class BlockRangeTarget(Target):
         return Removal(self.region.nodes, tuple((s.output, s.input) for s in self.region.streams))
 
     def rewrite(self, gm: fx.GraphModule, action: Action) -> RewriteResult:
-        return block_cache_pass(gm, self.region, action, self.prefix, history=self.config.history, dce=False)
+        return block_cache_pass(gm, self.region, action, self.prefix, history=self.config.history, dce=False,
+                                recompile=False)
 
 
 class AttentionTarget(Target):
@@ -150,7 +152,8 @@ class AttentionTarget(Target):
         return Removal(self.nodes, tuple((o, None) for s in self.sites for o in s.outputs))
 
     def rewrite(self, gm: fx.GraphModule, action: Action) -> RewriteResult:
-        return attention_cache_pass(gm, self.sites, action, self.prefix, history=self.config.history, dce=False)
+        return attention_cache_pass(gm, self.sites, action, self.prefix, history=self.config.history, dce=False,
+                                    recompile=False)
 
 
 def resolve_config(model: torch.nn.Module, cfg: CacheConfig) -> CacheConfig:

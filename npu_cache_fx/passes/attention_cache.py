@@ -30,12 +30,15 @@ def attention_slot(prefix: str, site: AttentionSite, k: int) -> str:
 
 
 def attention_cache_pass(gm: fx.GraphModule, sites: Sequence[AttentionSite], mode: Union[Action, str],
-                         slot_prefix: str, *, history: int = 1, dce: bool = True) -> RewriteResult:
+                         slot_prefix: str, *, history: int = 1, dce: bool = True,
+                         recompile: bool = True) -> RewriteResult:
     """Rewrite the attention calls ``sites`` of ``gm`` in place for ``mode``: ``Action.WRITE`` or
     ``Action.READ`` (or ``"write"`` / ``"read"``). ``rewritten`` of the result: the outputs rewritten.
 
     ``history > 1`` (forecasting): keep the last ``history`` outputs and read
     ``sum_k coef[k] * output_k`` with host-computed coefficients.
+    ``dce=False`` / ``recompile=False``: the caller runs the dead-code elimination / ``gm.recompile()``
+    once, after its last rewrite.
     """
     mode = cache_action(mode, "attention_cache_pass").value
     graph = gm.graph
@@ -59,7 +62,7 @@ def attention_cache_pass(gm: fx.GraphModule, sites: Sequence[AttentionSite], mod
                 out.replace_all_uses_with(cached, delete_user_cb=lambda user: user.name not in site.nodes)
                 removed |= site.nodes
     if mode == "read" and dce:
-        eliminate_dead_code(gm, pure=removed)
-    else:
+        eliminate_dead_code(gm, pure=removed, recompile=recompile)
+    elif recompile:
         gm.recompile()
     return RewriteResult(gm, bool(sites), rewritten)

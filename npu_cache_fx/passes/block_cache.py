@@ -28,12 +28,14 @@ aten = torch.ops.aten
 
 
 def block_cache_pass(gm: fx.GraphModule, region: Region, mode: Union[Action, str], slot_prefix: str,
-                     *, history: int = 1, dce: bool = True) -> RewriteResult:
+                     *, history: int = 1, dce: bool = True, recompile: bool = True) -> RewriteResult:
     """Rewrite ``region`` of ``gm`` in place for ``mode``: ``Action.WRITE`` or ``Action.READ`` (or
     ``"write"`` / ``"read"``). ``rewritten`` of the result: the streams rewritten.
 
     ``history > 1`` (forecasting): writes keep the last ``history`` deltas per stream,
     and a read emits ``in + sum_k coef[k] * delta_k`` with host-computed coefficients.
+    ``dce=False`` / ``recompile=False``: the caller runs the dead-code elimination / ``gm.recompile()``
+    once, after its last rewrite (a plan rewrites several ranges of one graph).
     """
     mode = cache_action(mode, "block_cache_pass").value
     graph = gm.graph
@@ -60,8 +62,8 @@ def block_cache_pass(gm: fx.GraphModule, region: Region, mode: Union[Action, str
                 leave = graph.call_function(aten.add.Tensor, (src, cached))
                 set_val(leave, out)
             out.replace_all_uses_with(leave, delete_user_cb=lambda user: user.name not in region.nodes)
-    if mode == "read":
-        eliminate_dead_code(gm, pure=region.nodes) if dce else gm.recompile()
-    else:
+    if mode == "read" and dce:
+        eliminate_dead_code(gm, pure=region.nodes, recompile=recompile)
+    elif recompile:
         gm.recompile()
     return RewriteResult(gm, True, rewritten)

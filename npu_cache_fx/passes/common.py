@@ -56,7 +56,7 @@ def is_impure(node: fx.Node, pure: frozenset = frozenset()) -> bool:
     return node.is_impure(impure_random=False)
 
 
-def eliminate_dead_code(gm: fx.GraphModule, pure: Optional[Iterable[str]] = None) -> bool:
+def eliminate_dead_code(gm: fx.GraphModule, pure: Optional[Iterable[str]] = None, *, recompile: bool = True) -> bool:
     """DCE where cache writes and in-place ops are kept, and nodes named in ``pure``,
     export's metadata asserts, dropout and attention count as pure.
 
@@ -64,10 +64,14 @@ def eliminate_dead_code(gm: fx.GraphModule, pure: Optional[Iterable[str]] = None
     ``_assert_tensor_metadata`` and (with ``impure_random``) SDPA/dropout as impure.
     An in-place op inside ``pure`` (e.g. Wan's rotary ``copy_`` into a slice) is
     dead with the region, unless it mutates a tensor from outside ``pure``.
+
+    ``recompile=False``: leave ``gm.code`` stale, for a caller that rewrites further and recompiles once
+    (regenerating the Python code of a ~500-node graph costs ~30 ms; a variant build used to do it 4-5 times).
     """
     pure = frozenset(pure or ())
     changed = gm.graph.eliminate_dead_code(is_impure_node=lambda node: is_impure(node, pure))
-    gm.recompile()
+    if recompile:
+        gm.recompile()
     return changed
 
 
