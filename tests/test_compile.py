@@ -23,6 +23,8 @@ from dit_models import flux_inputs, generate_cfg, tiny_flux, tiny_wan, wan_input
 
 STEPS = 16
 FULL = {"graphs": "full"}  # one graph per variant (the default for callables is regional: test_regions.py)
+# graph replay (inductor's reduce-overhead, torchair) captures static shapes: the variants CUDA graph trees see
+REPLAY = {**FULL, "shapes": "static"}
 
 
 def configs(model_name):
@@ -88,7 +90,7 @@ def test_cache_writes_mutate_static_inputs_only(eager_reference, flow):
     model, make_inputs, _, n_variants = eager_reference["flux"]
     fresh_dynamo()
     backend = MutationBackend()
-    opt = optimize(model, configs("flux"), backend=backend, backend_options=FULL) if flow == "optimize_backend" \
+    opt = optimize(model, configs("flux"), backend=backend, backend_options=REPLAY) if flow == "optimize_backend" \
         else torch.compile(
         optimize(model, configs("flux")), backend=backend)
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -112,7 +114,7 @@ def test_static_cache_buffers_option(eager_reference):
         optimize(model, configs("flux"), backend="aot_eager", backend_options={"static_cache_buffers": "yes"})
     fresh_dynamo()
     backend = MutationBackend()
-    opt = optimize(model, configs("flux"), backend=backend, backend_options={"static_cache_buffers": False, **FULL})
+    opt = optimize(model, configs("flux"), backend=backend, backend_options={"static_cache_buffers": False, **REPLAY})
     generate(opt, make_inputs)
     assert len(backend.graphs) == n_variants
     assert all(not hasattr(buf, "_dynamo_static_input_type")
