@@ -19,8 +19,9 @@ from npu_cache_fx.backends import shape_mode  # noqa: E402
 from npu_cache_fx.capture import capture  # noqa: E402
 from npu_cache_fx.config import ConfigError  # noqa: E402
 from npu_cache_fx.regions import RegionalProgram  # noqa: E402
+from npu_cache_fx.runtime import CaptureCache  # noqa: E402
 from npu_cache_fx.shapes import bind  # noqa: E402
-from counting import fresh_dynamo  # noqa: E402
+from counting import CountingBackend, fresh_dynamo  # noqa: E402
 from dit_models import flux_inputs, generate_cfg, tiny_flux, tiny_wan, wan_inputs  # noqa: E402
 from toy import ToyDiT  # noqa: E402
 
@@ -163,7 +164,8 @@ def test_static_fallback_says_why():
 def test_dynamic_compiled_once_for_two_resolutions(flux, name, graphs, steps):
     """A counting backend: every graph is compiled at the first resolution, none at the second, over 2 x 50
     steps (2 x 20) in two contexts per resolution; outputs equal to the static per-shape path (uncompiled: aot_eager
-    runs the same aten graphs). The per-shape compiled path compiles again: test_compile_cost_quick."""
+    runs the same aten graphs). The per-shape compiled path compiles again:
+    test_static_shapes_capture_and_compile_per_resolution."""
     model, cfgs, sizes = (flux, FLUX_CFGS, FLUX_SIZES) if name == "flux" else (tiny_wan(layers=3), WAN_CFGS,
                                                                                WAN_SIZES)
     if graphs == "full":  # each variant traced whole for symbolic sizes (~5 s apiece): a shallower Flux
@@ -195,7 +197,8 @@ def test_dynamic_compiled_once_for_two_resolutions(flux, name, graphs, steps):
 def test_dynamic_inductor_two_resolutions():
     """inductor, regional: the second resolution compiles nothing; outputs match the uncompiled per-shape
     variants (inductor's own rounding: 1e-4). A Flux of one block per list (fewer distinct segments: a cold
-    inductor compiles C++ per graph); the per-shape compiled path compiles again: test_compile_cost_quick."""
+    inductor compiles C++ per graph); the per-shape compiled path compiles again:
+    test_static_shapes_capture_and_compile_per_resolution."""
     flux = tiny_flux(layers=1, single=2)
     cfgs = FLUX_CFGS[:1]
     dyn = optimize(flux, cfgs, backend="inductor")
@@ -210,6 +213,26 @@ def test_dynamic_inductor_two_resolutions():
         if size != FLUX_SIZES[0]:
             assert dyn.stats.graphs_compiled == compiled
     assert dyn.stats.captures == 1 and static.stats.captures == 2
+
+
+def test_static_shapes_capture_and_compile_per_resolution(flux):
+    """``shapes="static"`` with a compiling backend (graph replay's default): a second resolution is captured and
+    compiled again, as many graphs as the first, outputs equal to the uncompiled per-shape path (a counting
+    backend that runs what it is handed: what is counted, not how it is compiled)."""
+    backend, captures = CountingBackend("eager"), CaptureCache(flux)
+    opt = optimize(flux, FLUX_CFGS[:1], backend=backend, backend_options={"shapes": "static"}, captures=captures)
+    plain = optimize(flux, FLUX_CFGS[:1], captures=captures)  # the same static captures, taken by opt
+    counts = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for size in FLUX_SIZES:
+            got = _generate(opt, _make("flux", size), steps=6, generations=1)
+            want = _generate(plain, _make("flux", size), steps=6, generations=1)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)
+            counts.append(len(backend.graphs))
+    assert counts[0] > 0 and counts[1] == 2 * counts[0]
+    assert opt.stats.captures == 2 and opt.stats.shapes_reused == 0 and opt.stats.graphs_compiled == counts[1]
+    assert opt.stats.shape_capture.startswith("static")
 
 
 def test_backend_that_refuses_symbolic_sizes_compiles_per_shape(flux):
