@@ -115,9 +115,12 @@ def run_model(name: str, args, rng) -> dict:
         r = search(tr, run_tune, target_speedup=t, session=tune, repeats=args.repeats, progress=False)
         chosen[t] = r
         b = r.best
+        choice = r.notes.get("choice")
+        sep = "-" if choice is None else (f"{'separated' if choice['separated'] else 'NOT separated'} from "
+                                          f"{choice['runner_up']} (t {choice['t'] if choice['t'] is None else round(choice['t'], 1)})")
         print(f"   tune x{t:g}: {b.label if b else '-'}  predicted x{b.predicted_speedup:.2f}  timed "
               f"x{b.timed_speedup or float('nan'):.2f}  psnr {b.psnr:.1f}  new full runs {r.full_runs} "
-              f"(plans measured {r.plans_evaluated})", flush=True)
+              f"(plans measured {r.plans_evaluated}); tuning batch: {sep}", flush=True)
     held = SearchSession(tr, run_held, steps_count=steps, progress=False).prepare()
     mine = {}
     for t, r in chosen.items():
@@ -166,7 +169,7 @@ def run_model(name: str, args, rng) -> dict:
                           "held_psnr": me.psnr, "held_mse": me.mse, "new_full_runs": r.full_runs,
                           "plans_measured": r.plans_evaluated, "timing_runs": r.timing_runs,
                           "notes": {k: r.notes.get(k) for k in ("simple_plans", "forecast_siblings", "refine",
-                                                                "reused_plans")}},
+                                                                "reused_plans", "choice")}},
                "measured_over_target": (me.timed_speedup / t) if me.timed_speedup else None,
                "speed_ok": bool(me.timed_speedup and me.timed_speedup >= 0.95 * t),
                "rivals_timed": [{"plan": c.label, "psnr": c.psnr, "predicted_speedup": c.predicted_speedup,

@@ -315,6 +315,9 @@ def test_cli_search_writes_report(tmp_path):
     assert (out / "search.md").read_text().startswith("# ")
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert any(c["source"] == "screen" and c["mse"] is not None for c in data["candidates"])
+    # per-sample errors of every measured plan (2 samples): what notes["choice"] compares
+    assert len(best["notes"]["sample_mse"]) == 2
+    assert np.mean(best["notes"]["sample_mse"]) == pytest.approx(best["mse"], rel=1e-5)
 
 
 class _InplaceBlock(_Block):
@@ -621,6 +624,32 @@ def test_second_search_counts_only_its_own_runs(toy_session):
     assert {c.key for c in first.evaluated} <= {c.key for c in second.evaluated}
     assert second.plans_evaluated == first.plans_evaluated + second.full_runs
     assert second.to_json()["plans_evaluated"] == second.plans_evaluated
+
+
+def test_choice_margin_exact():
+    """Paired per-sample log-MSE ratios of the chosen plan and the best rival predicted to reach the target:
+    t = mean / standard error; the choice is separated at t <= -2 (exact values)."""
+    from npu_cache_fx.search.engine import choice_margin
+    seq = BlockSeq((("blocks", 4),))
+
+    def cand(end, speed, samples):
+        return Candidate((Part("dit_block_cache", 0, end, Schedule(1, 2)),), 8, seq, predicted_speedup=speed,
+                         mse=float(np.mean(samples)), notes={"sample_mse": list(samples)})
+
+    best = cand(4, 2.0, [1.0, 1.0, 1.0, 1.0])
+    slow = cand(1, 1.5, [1.5, 1.5, 1.5, 1.5])  # below the target: not a rival
+    runner, worse = cand(3, 2.0, [2.0, 3.0, 2.0, 3.0]), cand(2, 2.1, [9.0, 9.0, 9.0, 9.0])
+    got = choice_margin(best, [best, slow, worse, runner], target=2.0)
+    a, b = math.log(2), math.log(3)
+    assert got["runner_up"] == runner.label and got["samples"] == 4
+    assert got["mean_log_mse_ratio"] == pytest.approx(-(a + b) / 2)
+    assert got["t"] == pytest.approx(-math.sqrt(3) * (a + b) / (b - a)) and got["separated"]
+    # one sample each way: no preference (t = 0); a constant ratio has no spread: t is None, the sign decides
+    assert choice_margin(cand(4, 2.0, [1.0, 4.0]), [cand(3, 2.0, [2.0, 2.0])], 2.0)["separated"] is False
+    const = choice_margin(cand(4, 2.0, [1.0, 2.0]), [cand(3, 2.0, [2.0, 4.0])], 2.0)
+    assert const["t"] is None and const["separated"] is True
+    assert choice_margin(cand(4, 2.0, [1.0]), [cand(3, 2.0, [2.0])], 2.0) is None  # a batch of one
+    assert choice_margin(best, [best, slow], 2.0) is None  # no rival at the target
 
 
 def test_report_shows_interleaved_speedups_only(toy_session, tmp_path):

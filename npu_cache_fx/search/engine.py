@@ -323,6 +323,14 @@ def search_ours(session: SearchSession, method: str, target: float, *, max_cache
     if method == "auto":
         best, baselines = _baselines(session, best, target, accept, repeats, adastep_thresholds, run_fn_steps,
                                      progress, notes)
+    choice = choice_margin(best, measured + refined + baselines, target) if best is not None else None
+    if choice is not None:
+        notes["choice"] = choice
+        if not choice["separated"]:
+            log.warning("x%g: the tuning batch (%d samples) does not tell the chosen plan %s from %s (paired "
+                        "per-sample log-MSE t = %s, > -2): another batch may prefer the other; tune on more "
+                        "samples (docs/search.md: 8-16)", target, choice["samples"], best.label,
+                        choice["runner_up"], "-" if choice["t"] is None else f"{choice['t']:.1f}")
     if best_refined is not None and best_refined.timed_speedup is not None:
         notes["refine"].update({
             "best_periodic": {"label": best_periodic.label, "mse": best_periodic.mse,
@@ -515,6 +523,31 @@ def _with_late_start(short: List[Candidate], tables: List[ScreenTable], target: 
                     best = t.candidate(int(i), source="late-start")
                 break
     return short if best is None else short[:-1] + [best]
+
+
+def choice_margin(best: Candidate, measured: Sequence[Candidate], target: float,
+                  separated_t: float = -2.0) -> Optional[Dict[str, Any]]:
+    """How clearly the tuning batch prefers ``best`` to the next-best measured plan predicted to reach
+    ``target``: per sample, the log of the ratio of the two plans' MSE (paired: the same samples and
+    noise); ``t`` is its mean over its standard error. ``separated``: ``t <= separated_t``, ``best`` is better
+    on the batch beyond its sample-to-sample spread. None without a rival or per-sample errors (a batch of
+    one). Tuned on 4 samples, the x2 choice on tiny-flux-deep lost 3.5 dB to a rival on a held-out batch,
+    a choice 8 samples got right (docs/search.md, held-out check)."""
+    mine = best.notes.get("sample_mse")
+    rivals = [c for c in measured if c.key != best.key and c.mse is not None and c.notes.get("sample_mse")
+              and c.predicted_speedup is not None and c.predicted_speedup >= target * 0.999]
+    if not mine or len(mine) < 2 or not rivals:
+        return None
+    runner = min(rivals, key=lambda c: c.mse)
+    theirs = runner.notes["sample_mse"]
+    if len(theirs) != len(mine):
+        return None
+    d = np.log(np.maximum(mine, 1e-30)) - np.log(np.maximum(theirs, 1e-30))
+    se = float(d.std(ddof=1)) / math.sqrt(len(d))
+    mean = float(d.mean())
+    t = mean / se if se > 0 else None  # None: every sample differs by the same ratio
+    return {"runner_up": runner.label, "samples": len(d), "mean_log_mse_ratio": mean, "t": t,
+            "separated": bool(t <= separated_t) if t is not None else mean < 0}
 
 
 def _meets(c: Candidate, target: float, accept: float) -> bool:

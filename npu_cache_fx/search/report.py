@@ -87,10 +87,13 @@ def summary_line(result) -> str:
     b = result.best
     if b is None:
         return f"{result.strategy} {result.method} x{result.target_speedup:g}: no plan"
+    choice = result.notes.get("choice")
+    unsure = (f"  (the tuning batch of {choice['samples']} does not separate it from {choice['runner_up']}: "
+              f"tune on more samples)") if choice and not choice["separated"] else ""
     return (f"{result.strategy:6s} {result.method} x{result.target_speedup:g}: {b.label}  "
             f"predicted x{_fmt(b.predicted_speedup, '.2f')}  measured x{_fmt(b.speedup, '.2f')}  "
             f"mse {_fmt(b.mse)}  psnr {_fmt(b.psnr, '.1f')}  full runs {result.full_runs}  "
-            f"{'met' if result.target_met else 'NOT met'}")
+            f"{'met' if result.target_met else 'NOT met'}{unsure}")
 
 
 def candidate_table(cands, limit: int = 60) -> str:
@@ -127,7 +130,7 @@ def markdown(results, title: str = "Cache-plan search") -> str:
         lines += [f"## {r.strategy} / {r.method} / x{r.target_speedup:g}", ""]
         if r.best is not None:
             lines += ["Plan:", "", "```json", json.dumps(config_to_json(r.best.configs()), indent=1), "```", ""]
-        for key in ("denoisers", "unreachable", "refine", "proxy_fit", "interval", "L_min", "L_min_raw",
+        for key in ("denoisers", "unreachable", "choice", "refine", "proxy_fit", "interval", "L_min", "L_min_raw",
                     "stage1_top3_starts"):
             if key in r.notes:
                 lines.append(f"* {key}: `{json.dumps(_clean(r.notes[key]))}`")

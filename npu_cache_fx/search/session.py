@@ -47,6 +47,13 @@ __all__ = ["SearchSession", "block_sequence", "as_tensor"]
 log = logging.getLogger(__name__)
 
 
+def sample_mse(out: torch.Tensor, reference: torch.Tensor) -> Optional[List[float]]:
+    """The MSE of each sample (the leading dimension) of a batched output, or None for a batch of one."""
+    if out.dim() < 2 or out.shape[0] < 2 or out.shape != reference.shape:
+        return None
+    return ((out.float() - reference.float()) ** 2).flatten(1).mean(1).tolist()
+
+
 def as_tensor(out: Any) -> torch.Tensor:
     """The tensor a ``run_fn`` returned (first tensor of a tuple/list, ``.sample``/``.images``)."""
     if isinstance(out, torch.Tensor):
@@ -331,6 +338,9 @@ class SearchSession:
         out = as_tensor(out)
         cand.mse = mse_fn(out, self.reference)
         cand.psnr = psnr_fn(out, self.reference)
+        sample = sample_mse(out, self.reference)
+        if sample is not None:
+            cand.notes["sample_mse"] = sample
         cand.seconds = secs
         cand.measured_speedup = self.plain_median / max(secs, 1e-12)
         cand.notes["wall_seconds"] = wall
@@ -354,6 +364,9 @@ class SearchSession:
         out = as_tensor(out)
         cand.mse = mse_fn(out, self.reference)
         cand.psnr = psnr_fn(out, self.reference)
+        sample = sample_mse(out, self.reference)
+        if sample is not None:
+            cand.notes["sample_mse"] = sample
         cand.seconds = secs
         cand.measured_speedup = self.plain_median / max(secs, 1e-12)
         cand.notes["wall_seconds"] = wall
