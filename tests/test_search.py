@@ -440,21 +440,32 @@ def test_search_picks_the_forecast_the_trajectory_calls_for(quadratic, expected,
     assert np.all(table.nbytes == plain * np.array([1, 2, 3])[table.forecast])
     tight = screen(session, "dit_block_cache", block_ranges=[(1, 2)], intervals=(3,), max_cache_bytes=plain)
     assert (tight.forecast == 0).all()
-    # the whole search: the winner's forecast is the proxy's best for its own range and schedule (the one the
-    # trajectory calls for wherever its reads see 3 refreshes), and it reaches result.config and search.json.
+    # the whole search: the winner's forecast is the best measured one for its own range and schedule (the one
+    # the trajectory calls for where every read sees 3 refreshes), and it reaches result.config and search.json.
     # Which range and schedule win depends on the timed profile (a loaded machine predicts other speeds, and a
     # schedule whose reads see 1-2 refreshes can rightly win without a forecast): not asserted here.
-    # accept=0.5: a single timing on a loaded machine must not drop the best-forecast plan
-    result = search(model, run_fn, target_speedup=1.05, session=session, max_full_runs=2, refine=False,
+    # accept=0.5: a single timing on a loaded machine must not drop the best-forecast plan; 4 runs: the other
+    # forecast orders of the best measured plan are measured too (with 2, a loaded machine's profile could put
+    # two plain-reuse plans on the short list and leave their forecasting siblings unmeasured)
+    result = search(model, run_fn, target_speedup=1.05, session=session, max_full_runs=4, refine=False,
                     repeats=1, progress=False, intervals=(2, 3), accept=0.5)
     assert result.best is not None
     (chosen,) = result.config
+    # the winner's forecast: the best measured one of its range and schedule, or where the search measured no
+    # other order of it, the proxy's best
+    same = {c.parts[0].forecast: c.mse for c in result.evaluated
+            if len(c.parts) == 1 and dataclasses.replace(c.parts[0], forecast="none")
+            == dataclasses.replace(result.best.parts[0], forecast="none")}
     siblings = {f: score_plan(session, [dataclasses.replace(chosen, forecast=f)])["proxy"] for f in table.forecasts}
-    assert chosen.forecast == min(siblings, key=lambda f: (siblings[f], table.forecasts.index(f))), siblings
+    if len(same) > 1:
+        assert same[chosen.forecast] == min(same.values()), same
+    else:
+        assert chosen.forecast == min(siblings, key=lambda f: (siblings[f], table.forecasts.index(f))), siblings
     sched = Schedule(step_start=chosen.step_start, step_interval=chosen.step_interval, step_end=chosen.step_end)
     acts = schedule_actions("dit_block_cache", sched, session.steps_count)
     refreshes = np.cumsum([a is Action.WRITE for a in acts])
-    if any(a is Action.READ and r >= 3 for a, r in zip(acts, refreshes)):
+    reads = [r for a, r in zip(acts, refreshes) if a is Action.READ]
+    if reads and min(reads) >= 3:  # every read extrapolates from 3 refreshes: the trajectory's order is exact
         assert chosen.forecast in expected, result.best.label
     result.write(str(tmp_path))
     obj = json.loads((tmp_path / "search.json").read_text())
