@@ -1,6 +1,6 @@
 """``npu-cache-fx``: demo | search | generate | bench, on a shipped tiny model or your own pipeline.
 
-    npu-cache-fx demo     [--model tiny-flux] [--out demo_out]
+    npu-cache-fx demo     [--model tiny-flux-deep] [--out demo_out]
     npu-cache-fx search   --pipeline DIR_OR_ID --prompts prompts.txt --steps 28 --target 2.0 --out DIR
     npu-cache-fx generate --pipeline DIR_OR_ID --plan DIR/search.json --prompt "a cat" --out DIR
     npu-cache-fx bench    --pipeline DIR_OR_ID --plan DIR/search.json --prompts heldout.txt --out DIR
@@ -49,10 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models on 2 cores)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="generate digits uncached and cached; report speedup, PSNR, fidelity")
-    demo.add_argument("--model", default="tiny-flux", help=f"shipped model ({SHIPPED})")
+    demo = sub.add_parser("demo", help="generate scenes (digits on tiny-flux / tiny-wan) uncached, cached, with "
+                                       "fewer steps and AdaStep; report speedup, PSNR, fidelity")
+    demo.add_argument("--model", default="tiny-flux-deep",
+                      help=f"shipped model ({SHIPPED}; default tiny-flux-deep: Flux-dev's 19 + 38 blocks, ~70 s "
+                           "on a 2-core CPU)")
     demo.add_argument("--out", default="demo_out", help="output folder (grid.png, report.md, demo.json)")
-    demo.add_argument("--samples", type=int, default=20, help="samples per run (digits 0-9 repeated)")
+    demo.add_argument("--samples", type=int, default=10,
+                      help="samples per run (the model's evaluation captions / digits 0-9, repeated)")
     demo.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     demo.add_argument("--config", default=None,
                       help="JSON file with a CacheConfig or a list (default: the shipped plan for the model)")

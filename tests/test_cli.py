@@ -33,8 +33,12 @@ def test_console_script_installed():
 
 
 def test_demo_small_writes_its_files(tmp_path):
+    """The demo's default is tiny-flux-deep (issue #21: it fits 2 minutes, `bash scripts/demo.sh`); the small
+    mode runs the digit model (8 steps of the 57-block model take 30 s here)."""
     pytest.importorskip("diffusers")
-    rc = main(["--threads", "1", "demo", "--samples", "4", "--steps", "8", "--repeats", "1",
+    from npu_cache_fx.cli import build_parser
+    assert build_parser().parse_args(["demo"]).model == "tiny-flux-deep"
+    rc = main(["--threads", "1", "demo", "--model", "tiny-flux", "--samples", "4", "--steps", "8", "--repeats", "1",
                "--out", str(tmp_path)])
     assert rc == 0
     for name in ("grid.png", "report.md", "demo.json"):
@@ -66,3 +70,14 @@ def test_verdict_compares_only_at_equal_speed_or_on_dominance():
     assert verdict(2.4, 41.0, 2.0, 40.0).startswith("the cache plan beats fewer steps: as fast or faster")
     assert verdict(2.0, 39.0, 3.0, 40.0).startswith("fewer steps beats this cache plan: as fast or faster")
     assert verdict(3.0, 39.0, 2.0, 40.0).startswith("no verdict")  # faster but worse, 50 % apart
+
+
+def test_fewer_steps_refit_to_the_measured_speed():
+    """The deep demo measured 12 steps at 2.59x against a 2.34x cache plan (11 % apart: no verdict); 13 steps,
+    scaled from that measurement, land at 2.39x, within the verdict's 10 %."""
+    from npu_cache_fx.bench import EQUAL_SPEED, closest_steps
+    assert closest_steps(2.59, 12, 2.34, 28) == 13
+    assert abs(2.59 * 12 / 13 / 2.34 - 1) <= EQUAL_SPEED
+    assert closest_steps(2.0, 14, 2.0, 28) == 14
+    assert closest_steps(10.0, 3, 1.0, 28) == 28  # capped at the sampler's own steps
+    assert closest_steps(1.0, 28, 100.0, 28) == 1
