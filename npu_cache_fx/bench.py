@@ -155,8 +155,9 @@ def evaluate(args, title: str, out_dir: Path) -> Dict[str, Any]:
     # a generation's cost is not exactly proportional to its steps: when the measured speeds are further
     # apart than the verdict's tolerance, the step count whose speed (scaled from this one) is closest to the
     # cache plan's is measured instead
-    refit = closest_steps(times["uncached"] / fewer_time, fewer, speedup, steps)
-    if refit != fewer and abs(times["uncached"] / fewer_time / speedup - 1) > EQUAL_SPEED:
+    fewer_speedup = times["uncached"] / fewer_time
+    refit = closest_steps(fewer_speedup, fewer, speedup, steps)
+    if refit != fewer and abs(fewer_speedup / speedup - 1) > EQUAL_SPEED:
         fewer = refit
         fewer_time = measure_interleaved({"fewer": lambda: sample(n=fewer)}, args.repeats, outs)["fewer"]
     ref, cached, few, skipped = outs["uncached"], outs["cached"], outs["fewer"], outs["adastep"]

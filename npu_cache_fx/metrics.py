@@ -9,10 +9,11 @@
 from __future__ import annotations
 
 import math
+from typing import List, Optional
 
 import torch
 
-__all__ = ["class_fidelity", "max_abs_error", "mse", "psnr"]
+__all__ = ["class_fidelity", "max_abs_error", "mse", "psnr", "sample_mse"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -26,6 +27,16 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
     return float(((a.detach().double().cpu() - b.detach().double().cpu()) ** 2).mean())
+
+
+def sample_mse(a: torch.Tensor, b: torch.Tensor) -> Optional[List[float]]:
+    """:func:`mse` of each sample (the leading dimension) of a batch; None for a batch of one or a shape
+    mismatch. Their mean is :func:`mse` (every sample has the same size)."""
+    a = torch.as_tensor(a)
+    b = torch.as_tensor(b)
+    if a.dim() < 2 or a.shape[0] < 2 or a.shape != b.shape:
+        return None
+    return ((a.detach().double().cpu() - b.detach().double().cpu()) ** 2).flatten(1).mean(1).tolist()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:

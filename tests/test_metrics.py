@@ -24,6 +24,14 @@ def test_mse_known_values():
         metrics.mse(torch.zeros(2), torch.zeros(3))
 
 
+def test_sample_mse_known_values():
+    a = torch.zeros(2, 3)
+    b = torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.0, 0.0]])
+    assert metrics.sample_mse(a, b) == [1.0, 4.0 / 3.0]
+    assert sum(metrics.sample_mse(a, b)) / 2 == pytest.approx(metrics.mse(a, b))
+    assert metrics.sample_mse(a[:1], b[:1]) is None and metrics.sample_mse(a, b[:, :2]) is None
+
+
 def test_psnr_known_values():
     a = torch.zeros(4, 1, 16, 16)
     assert metrics.psnr(a, a.clone()) == math.inf

@@ -34,6 +34,7 @@ import torch
 from ..capture import Capture, find_block_lists
 from ..metrics import mse as mse_fn
 from ..metrics import psnr as psnr_fn
+from ..metrics import sample_mse
 from ..config import CacheConfig
 from ..runtime import CaptureCache, optimize
 from .costs import CostModel
@@ -45,13 +46,6 @@ from ..profile import no_gc
 __all__ = ["SearchSession", "block_sequence", "as_tensor"]
 
 log = logging.getLogger(__name__)
-
-
-def sample_mse(out: torch.Tensor, reference: torch.Tensor) -> Optional[List[float]]:
-    """The MSE of each sample (the leading dimension) of a batched output, or None for a batch of one."""
-    if out.dim() < 2 or out.shape[0] < 2 or out.shape != reference.shape:
-        return None
-    return ((out.float() - reference.float()) ** 2).flatten(1).mean(1).tolist()
 
 
 def as_tensor(out: Any) -> torch.Tensor:
@@ -335,15 +329,7 @@ class SearchSession:
         if captures != 0:
             raise AssertionError(f"candidate {cand.label} recaptured the model ({captures} captures); "
                                  "the search must reuse the shared capture")
-        out = as_tensor(out)
-        cand.mse = mse_fn(out, self.reference)
-        cand.psnr = psnr_fn(out, self.reference)
-        sample = sample_mse(out, self.reference)
-        if sample is not None:
-            cand.notes["sample_mse"] = sample
-        cand.seconds = secs
-        cand.measured_speedup = self.plain_median / max(secs, 1e-12)
-        cand.notes["wall_seconds"] = wall
+        self._score(cand, out, secs, wall)
         cand.notes["stats"] = {k: sum(getattr(st, k) for st in stats) for k in
                                ("steps_reused", "blocks_skipped", "attention_calls_skipped", "cache_bytes",
                                 "captures")}
@@ -361,6 +347,12 @@ class SearchSession:
         self._run_fn_steps = run_fn_steps  # time() runs the baseline again, interleaved
         out, secs, wall = self._timed(lambda: run_fn_steps(self.given, cand.sampler_steps))
         self.full_runs += 1
+        self._score(cand, out, secs, wall)
+        self._evaluated[cand.key] = cand
+        return cand
+
+    def _score(self, cand: Candidate, out: Any, secs: float, wall: float) -> None:
+        """Record one full generation's quality against the uncached reference, and its time."""
         out = as_tensor(out)
         cand.mse = mse_fn(out, self.reference)
         cand.psnr = psnr_fn(out, self.reference)
@@ -370,8 +362,6 @@ class SearchSession:
         cand.seconds = secs
         cand.measured_speedup = self.plain_median / max(secs, 1e-12)
         cand.notes["wall_seconds"] = wall
-        self._evaluated[cand.key] = cand
-        return cand
 
     def time(self, cands: Sequence[Candidate], repeats: int = 3) -> Dict[str, float]:
         """Interleaved timing: per round the uncached model and every candidate once (order alternates).
