@@ -47,3 +47,12 @@ class MutationBackend:
 
     def __call__(self, gm, example_inputs):
         return self.inner(gm, example_inputs)
+
+
+def scalar_inductor():
+    """inductor with scalar C++ kernels (``cpp.vec_isa_ok=False``): a cold compile of a tiny Flux takes ~20 %
+    less CPU (g++ on at::vec templates dominates). The tests that use it check what npu_cache_fx hands
+    inductor (graphs, recompiles, outputs to 1e-4), not inductor's vectoriser; the benchmarks compile with
+    inductor's defaults."""
+    import torch._inductor.config
+    return torch._inductor.config.patch({"cpp.vec_isa_ok": False})
