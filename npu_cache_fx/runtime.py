@@ -1062,12 +1062,14 @@ class CaptureCache(dict):
         self.dynamic: Dict[Any, List[Capture]] = {}  # rank-level signature -> dynamic captures
         self.bindings: Dict[Any, Dict[Any, int]] = {}  # signature served by a dynamic capture -> its symbols' sizes
         self.static: Dict[Any, Capture] = {}  # static captures of signatures a dynamic capture serves too
+        self.failed: Dict[Any, Exception] = {}  # signature -> what export raised: not exported again
 
     def clear(self) -> None:
         super().clear()
         self.dynamic.clear()
         self.bindings.clear()
         self.static.clear()
+        self.failed.clear()
 
     def forget(self, key: Any) -> None:
         """Stop serving ``key`` by a dynamic capture (its sizes no longer bind it)."""
@@ -1098,7 +1100,9 @@ class CaptureCache(dict):
         ``dynamic``: reuse a dynamic capture these sizes bind, else export with every dimension ``Dim.AUTO``
         (:mod:`npu_cache_fx.shapes`); if that export fails, or keeps no dimension symbolic, the capture is
         static and ``cap.meta["shape_capture"]`` says why.
-        Raises what ``torch.export`` raises when the model cannot be captured.
+        Raises what ``torch.export`` raises when the model cannot be captured, and raises it again, without
+        exporting, for this signature until :meth:`clear` (the model changed): every module sharing the cache
+        (the search builds one per candidate plan) then goes to its fallback path without paying the export.
         """
         leaves, spec = pytree.tree_flatten(((), kwargs))
         if key is None:
@@ -1106,6 +1110,8 @@ class CaptureCache(dict):
         cap = self.find(key, leaves, spec, dynamic)
         if cap is not None:
             return cap
+        if key in self.failed:
+            raise self.failed[key]
         lists = list(dict.fromkeys(list(block_lists) + [b.fqn for b in find_block_lists(self.model)]))
         why = None
         with torch.no_grad(), without_root_hook(self.model):
@@ -1125,7 +1131,11 @@ class CaptureCache(dict):
                         why = ("export specialised every input dimension" if shapes is None else
                                "the dynamic capture does not bind its own input sizes")
             if cap is None:
-                cap = capture(self.model, kwargs, lists)
+                try:
+                    cap = capture(self.model, kwargs, lists)
+                except Exception as err:
+                    self.failed[key] = err
+                    raise
             if why is not None:
                 cap.meta["shape_capture"] = why
         if not dynamic and self.get(key) is not None:  # a dynamic capture serves this signature for others

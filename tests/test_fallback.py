@@ -9,6 +9,7 @@ import torch
 
 from counting import fresh_dynamo
 from npu_cache_fx import CacheConfig, optimize
+from npu_cache_fx.runtime import CaptureCache
 from toy import AttnDiT, SingleBlock, ToyDiT, UnexportableAttnDiT, UnexportableDiT, toy_inputs
 
 TS = [float(1000 - 100 * s) for s in range(8)]
@@ -147,3 +148,28 @@ def test_fallback_reason_names_the_source_from_any_working_directory(tmp_path, m
     reason = opt.stats.fallback_reason
     assert "lengths[0] > 1000" in reason and os.path.join("tests", "toy.py") in reason
     assert os.path.isabs(reason.split(" at ", 1)[1].split(":", 1)[0])
+
+
+def test_a_shared_capture_cache_exports_a_failing_signature_once(monkeypatch):
+    """Modules sharing a CaptureCache (the search builds one per candidate plan) export a signature export cannot
+    capture once: the next module takes the fallback path straight away, with the same reason; a new input
+    signature and a cleared cache (the model changed) export again."""
+    calls = []
+    real = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = UnexportableDiT(single=3)
+    captures = CaptureCache(model)
+    cfg = CacheConfig(steps_count=4, step_start=1, step_interval=2, blocks="blocks")
+    first = optimize(model, cfg, captures=captures)
+    want = first(**toy_inputs(900.0))[0]
+    exports = len(calls)  # the first export retries once without preserved block signatures
+    assert exports >= 1 and first.stats.path == "eager"
+    second = optimize(model, cfg.replace(step_interval=3), captures=captures)
+    assert torch.equal(second(**toy_inputs(900.0))[0], want)
+    assert len(calls) == exports and second.stats.path == "eager"
+    assert second.stats.fallback_reason == first.stats.fallback_reason
+    optimize(model, cfg, captures=captures)(**toy_inputs(900.0, tokens=3))  # another signature: exported
+    assert len(calls) == 2 * exports
+    captures.clear()
+    optimize(model, cfg, captures=captures)(**toy_inputs(900.0))
+    assert len(calls) == 3 * exports
