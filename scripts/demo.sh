@@ -10,6 +10,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-pip install -q --disable-pip-version-check torch==2.13.0
-pip install -q --disable-pip-version-check -e ".[models]"
+pip install -q --disable-pip-version-check torch==2.13.0 -e ".[models]"
 npu-cache-fx --threads 1 demo "$@"
