@@ -455,6 +455,7 @@ def run_searches(b: Bench, targets: Sequence[float], repeats: int, max_full_runs
     session = SearchSession(b.base, run_fn, steps_count=b.steps, progress=False,
                             **(dict(profile_repeats=1, timing_repeats=2) if quick else {}))
     session.prepare()
+    b.captures = session.captures  # the methods' modules reuse the session's capture of the transformer
     found = {"mindie": {}, "ours": {}}
     info = []
     for t in targets:

@@ -2,7 +2,7 @@
 
     python benchmarks/search_exhaustive.py                                  # tiny-flux, tiny-wan, tiny-flux-deep
     python benchmarks/search_exhaustive.py --models tiny-flux --plans 40    # one model
-    python benchmarks/search_exhaustive.py --quick --out /tmp/x.json        # smoke run (8 steps, 2 + 3 samples)
+    python benchmarks/search_exhaustive.py --quick --out /tmp/x.json        # smoke run (8 steps, 2 + 3 samples, 3 full runs)
 
 Per model:
 
@@ -112,7 +112,8 @@ def run_model(name: str, args, rng) -> dict:
           f"samples seed 0, held-out {args.held_samples} samples seed {args.held_seed}", flush=True)
     chosen = {}
     for t in targets:
-        r = search(tr, run_tune, target_speedup=t, session=tune, repeats=args.repeats, progress=False)
+        r = search(tr, run_tune, target_speedup=t, session=tune, repeats=args.repeats, progress=False,
+                   **({"max_full_runs": 3} if args.quick else {}))
         chosen[t] = r
         b = r.best
         choice = r.notes.get("choice")
@@ -203,7 +204,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny-flux, 8 steps, 2 + 3 samples, x1.5, 5 plans, "
+                   "at most 3 full runs (numbers not meaningful)")
     p.add_argument("--out", default=os.path.join(HERE, "out", "search_exhaustive.json"))
     p.add_argument("--merge-into", default=os.path.join(HERE, "out", "search.json"),
                    help="also store the result under 'exhaustive' in this JSON ('' to skip)")
@@ -211,7 +213,7 @@ def main(argv=None) -> int:
     common.set_threads(1)
     if args.quick:
         args.models, args.steps, args.tune_samples, args.held_samples = "tiny-flux", 8, 2, 3
-        args.targets, args.plans, args.repeats, args.per_target = "1.5", 5, 1, 1
+        args.targets, args.plans, args.repeats, args.per_target = "1.5", 5, 1, 1  # and at most 3 full runs
     info = common.machine_info()
     print(f"command : {info['command']}\ntorch   : {info['torch']}, {info['threads']} thread(s), {info['processor']}")
     rng = np.random.default_rng(args.seed)
