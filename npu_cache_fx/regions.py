@@ -37,11 +37,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import sympy
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .shapes import fake_inputs
+from .backends import PerShape
+from .shapes import CanonicalInputs, canonical_inputs, fake_inputs
 
 __all__ = ["RegionalProgram", "Segment", "SegmentCache", "partition", "structural_key"]
 
@@ -274,10 +276,25 @@ def _describe(value: Any) -> str:
     return f"V{type(value).__name__}:{value!r}"
 
 
-def symbolic_example(segment: Segment, env: Sequence[Any]) -> List[Any]:
-    """The inputs a dynamic capture's segment is compiled for (:func:`npu_cache_fx.shapes.fake_inputs`): the
-    symbolic values of the variant graph, a ``sym_size`` value a SymInt input, parameters of static shape."""
-    return fake_inputs(segment.vals, [env[i] for i in segment.inputs])
+def symbolic_example(segment: Segment, env: Sequence[Any]) -> Tuple[List[Any], Optional[CanonicalInputs]]:
+    """The inputs a dynamic capture's segment is compiled for: one fresh symbol per distinct symbolic size
+    (:func:`npu_cache_fx.shapes.canonical_inputs`, returned too), or where a size is 0 or 1 the symbolic values
+    of the variant graph (:func:`npu_cache_fx.shapes.fake_inputs`, and None). Parameters have static shapes."""
+    real = [env[i] for i in segment.inputs]
+    canonical = canonical_inputs(segment.vals, real)
+    if canonical is not None:
+        return canonical.example, canonical
+    return fake_inputs(segment.vals, real), None
+
+
+def _capture_env(segment: Segment) -> Any:
+    """The shape environment of the capture a segment was cut from."""
+    for val in segment.vals:
+        if isinstance(val, FakeTensor) and val.fake_mode.shape_env is not None:
+            return val.fake_mode.shape_env
+        if isinstance(val, torch.SymInt):
+            return val.node.shape_env
+    return None
 
 
 def structural_key(segment: Segment, example: Sequence[Any]) -> str:
@@ -295,30 +312,62 @@ def structural_key(segment: Segment, example: Sequence[Any]) -> str:
         h.update(_describe(value).encode())
         if isinstance(value, torch.Tensor):
             h.update(f"@{first.setdefault(id(value), k)}".encode())
-        if isinstance(value, FakeTensor):  # symbols are named per capture: its shape environment is part of the key
-            h.update(f"env{id(value.fake_mode)}".encode())
+        if isinstance(value, FakeTensor) and not getattr(value.fake_mode, "npu_cache_fx_canonical", False):
+            h.update(f"env{id(value.fake_mode)}".encode())  # symbols named per capture: its environment is in the key
     h.update(f"grad={torch.is_grad_enabled()}".encode())
     return h.hexdigest()[:16]
 
 
+def _canonical_env(example: Sequence[Any]) -> Any:
+    """The shape environment of a canonical example (:func:`npu_cache_fx.shapes.canonical_inputs`), else None."""
+    return next((v.fake_mode.shape_env for v in example if isinstance(v, FakeTensor)
+                 and getattr(v.fake_mode, "npu_cache_fx_canonical", False)), None)
+
+
+def _holds(assumptions: Sequence[Any], hints: Dict[str, int]) -> bool:
+    for expr in assumptions:
+        if any(str(sym) not in hints for sym in expr.free_symbols):
+            return False
+        if sympy.sympify(expr.xreplace({sym: hints[str(sym)] for sym in expr.free_symbols})) is not sympy.true:
+            return False
+    return True
+
+
 @dataclass
 class SegmentCache:
-    """Compiled segments by structural key, shared by every variant (and input shape) of one module."""
+    """Compiled segments by structural key, shared by every variant (and input shape) of one module.
+
+    A segment compiled for canonical inputs (fresh symbols) serves another segment with the same key only
+    where what its compile assumed of the symbols (a guard, a specialised size) holds at that segment's sizes;
+    elsewhere the segment is compiled again under the key with a version suffix (``<key>.1``...).
+    """
 
     compile_fn: Callable[[fx.GraphModule, List[Any]], Callable]  # (segment graph, example inputs)
     compiled: Dict[str, Callable] = field(default_factory=dict)
     hits: int = 0
+    # key of a segment compiled for canonical inputs -> what the compile assumed of their fresh symbols
+    assumptions: Dict[str, List[Any]] = field(default_factory=dict)
 
     def get(self, segment: Segment, example: Sequence[Any]) -> Tuple[Callable, bool]:
         """The compiled callable for ``segment`` and whether it was new (``example``: real inputs, or the
         fake inputs with symbolic sizes of a dynamic capture's segment)."""
-        key = segment.key = structural_key(segment, example)
-        fn = self.compiled.get(key)
-        if fn is not None:
-            self.hits += 1
-            return fn, False
+        base = structural_key(segment, example)
+        env = _canonical_env(example)
+        hints = None if env is None else {str(sym): int(v) for sym, v in env.var_to_val.items()}
+        key, version = base, 0
+        while key in self.compiled:
+            if hints is None or _holds(self.assumptions.get(key, ()), hints):
+                segment.key = key
+                self.hits += 1
+                return self.compiled[key], False
+            version += 1
+            key = f"{base}.{version}"
+        segment.key = key
         symbolic = any(isinstance(v, (FakeTensor, torch.SymInt)) for v in example)
         fn = self.compiled[key] = self.compile_fn(segment.gm, list(example), **({"symbolic": True} if symbolic else {}))
+        if env is not None and not isinstance(fn, PerShape):  # its guards, and the sizes it unified or specialised
+            self.assumptions[key] = [g.expr for g in env.guards] + [
+                sympy.Eq(sym, value) for sym, value in env.replacements.items() if sym != value]
         return fn, True
 
 
@@ -359,13 +408,34 @@ class RegionalProgram:
     def _bind(self, env: List[Any]) -> None:
         for seg in self.segments:
             example = [env[i] for i in seg.inputs]
-            seg.fn, new = self.cache.get(seg, symbolic_example(seg, env) if self.symbolic else example)
+            canonical = None
+            if self.symbolic:
+                fake, canonical = symbolic_example(seg, env)
+                seg.fn, new = self.cache.get(seg, fake)
+            else:
+                seg.fn, new = self.cache.get(seg, example)
+            if canonical is not None:
+                self._assume(seg, canonical)
             self.compiled_new += new
             self.shared += not new
             outs = seg.fn(*example)
             for j, v in zip(seg.outputs, outs):
                 env[j] = v
         self.bound = True
+
+    def _assume(self, seg: Segment, canonical: CanonicalInputs) -> None:
+        """Add what the code compiled for ``seg``'s canonical inputs assumes (in the capture's symbols) to the
+        capture's guards: the runtime checks them for this call's sizes (``_still_binds``) and for every later
+        size the capture would serve (:func:`npu_cache_fx.shapes.bind`)."""
+        from torch._guards import ShapeGuard, SLoc
+        shape_env = _capture_env(seg)
+        if shape_env is None:
+            return
+        known = {g.expr for g in shape_env.guards}
+        for expr in canonical.guards(self.cache.assumptions.get(seg.key, [])):
+            if expr not in known:
+                known.add(expr)
+                shape_env.guards.append(ShapeGuard(expr, SLoc(f"npu_cache_fx segment {seg.key}", None), False))
 
     def __call__(self, *args):
         env = list(self.template)

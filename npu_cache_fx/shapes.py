@@ -25,8 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import sympy
 import torch
 
-__all__ = ["DynamicShapes", "bind", "concrete", "dynamic_dims", "dynamic_shapes_spec", "fake_inputs", "is_symbolic",
-           "size_hint"]
+__all__ = ["CanonicalInputs", "DynamicShapes", "bind", "canonical_inputs", "concrete", "dynamic_dims",
+           "dynamic_shapes_spec", "fake_inputs", "is_symbolic", "size_hint"]
 
 
 def is_symbolic(x: Any) -> bool:
@@ -196,3 +196,96 @@ def fake_inputs(vals: Sequence[Any], real: Sequence[Any]) -> List[Any]:
             fresh.requires_grad_(x.requires_grad)
             out.append(fresh)
     return out
+
+
+@dataclass
+class CanonicalInputs:
+    """A graph's inputs with one fresh symbol per distinct symbolic size (:func:`canonical_inputs`)."""
+
+    example: List[Any]  # fake tensors / SymInts in a shape environment of their own, parameters static
+    shape_env: Any
+    exprs: Dict[str, Any]  # fresh symbol name -> the size expression it stands for (in the capture's symbols)
+    hints: Dict[str, int]  # fresh symbol name -> its size at the call the example was made for
+
+    def guards(self, fresh_guards: Sequence[Any]) -> List[Any]:
+        """``fresh_guards`` (sympy booleans over fresh symbols of *some* canonical example with these names)
+        in the capture's symbols, plus each fresh symbol's assumed range (>= 2): what must hold for sizes
+        the code compiled for the fresh symbols may serve. Guards true for every size are dropped. A guard on a
+        symbol the inputs do not have (one the compiler made) pins every size to this call's."""
+        out = []
+        for g in list(fresh_guards) + [sympy.Ge(sympy.Symbol(n, integer=True, positive=True), 2) for n in self.exprs]:
+            subs = {sym: self.exprs[str(sym)] for sym in g.free_symbols if str(sym) in self.exprs}
+            if len(subs) != len(g.free_symbols):
+                return [sympy.Eq(expr, self.hints[name]) for name, expr in self.exprs.items()]
+            translated = sympy.sympify(g.xreplace(subs))
+            if translated is not sympy.true:
+                out.append(translated)
+        return out
+
+
+def canonical_inputs(vals: Sequence[Any], real: Sequence[Any]) -> Optional[CanonicalInputs]:
+    """The inputs a segment of a dynamic capture is compiled for, with a fresh symbol per distinct symbolic size.
+
+    In the capture, a block's token count is an expression of the latent's sizes (Wan: ``s1*(s2//2)*(s3//2)``)
+    and its strides carry ``Max``/``Min`` terms; code compiled for those sizes recomputes them in every index
+    and cannot prove the inputs contiguous (tiny-wan's blocks ran 9 % slower than static ones). Here each
+    distinct size expression of the inputs (``vals``: their fake values in the capture) becomes one fresh
+    symbol, with the current call's size (``real``) as its hint, in a shape environment of its own that does
+    not unify equal sizes (``duck_shape=False``); contiguous inputs are contiguous, a non-contiguous one has a
+    fresh symbol per symbolic stride. The symbols are named from their order of appearance, so blocks of one
+    class give the same example (and share compiled code). What the compile then assumes of the fresh symbols
+    (its guards, and a size >= 2) holds for other sizes only where :meth:`CanonicalInputs.guards`, translated
+    back, holds.
+
+    None when a symbolic size or stride is 0 or 1 at this call (a fresh symbol would be specialised on it):
+    the segment is compiled for the capture's symbols (:func:`fake_inputs`).
+    """
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    env = ShapeEnv(duck_shape=False)
+    mode = FakeTensorMode(shape_env=env)
+    mode.npu_cache_fx_canonical = True  # its symbols are named by position, not per capture (regions.structural_key)
+    fresh: Dict[Any, Any] = {}  # capture expression -> fresh SymInt
+    exprs: Dict[str, Any] = {}
+    hints: Dict[str, int] = {}
+
+    def size(s: Any, hint: int) -> Any:
+        if not is_symbolic(s):
+            return int(s)
+        expr = _expr(s)
+        if expr not in fresh:
+            if hint < 2:
+                raise _Unsuitable
+            sym = env.create_symbol(hint, ConstantSource(f"u{len(fresh)}"), dynamic_dim=DimDynamic.DYNAMIC)
+            fresh[expr] = env.create_symintnode(sym, hint=hint)
+            exprs[str(sym)], hints[str(sym)] = expr, hint
+        return fresh[expr]
+
+    out: List[Any] = []
+    try:
+        for val, x in zip(vals, real):
+            if isinstance(val, torch.SymInt) and not isinstance(x, torch.Tensor):
+                out.append(size(val, int(x)))
+            elif not isinstance(x, torch.Tensor):
+                out.append(x)
+            elif not isinstance(val, torch.Tensor):  # a parameter or buffer: static
+                out.append(mode.from_tensor(x, static_shapes=True))
+            else:
+                shape = [size(s, int(h)) for s, h in zip(val.shape, x.shape)]
+                with mode:
+                    if x.is_contiguous():
+                        t = torch.empty(shape, dtype=x.dtype, device=x.device)
+                    else:
+                        stride = [size(s, int(h)) for s, h in zip(val.stride(), x.stride())]
+                        t = torch.empty_strided(shape, stride, dtype=x.dtype, device=x.device)
+                t.requires_grad_(x.requires_grad)
+                out.append(t)
+    except _Unsuitable:
+        return None
+    return CanonicalInputs(out, env, exprs, hints)
+
+
+class _Unsuitable(Exception):
+    pass
