@@ -10,9 +10,16 @@ same graph; :func:`structural_key` hashes the graph code with its inputs' shapes
 
 :class:`RegionalProgram` runs a variant as its segments in order. A :class:`SegmentCache` (one per
 optimized module, shared by its variants and input shapes) compiles each distinct key once with the
-variant's backend (``torch.compile(..., fullgraph=True)``, static shapes) and hands the same compiled
+variant's backend (:func:`npu_cache_fx.backends.compile_segment`) and hands the same compiled
 callable to every block and variant with that key, called with each block's own parameters: the
 double-stream block of a Flux model is compiled once, not once per block per variant.
+
+A segment of a dynamic capture (symbolic sizes) is compiled for *canonical* inputs
+(:func:`npu_cache_fx.shapes.canonical_inputs`): one fresh symbol per distinct size expression of its inputs,
+named by position, contiguous where the inputs are. Its code then indexes plain symbols (not Wan's
+``F*(H//2)*(W//2)`` tokens), blocks of one class still share a key, and segments of two captures of the same
+model can share compiled code. What a compile assumes of the fresh symbols (its guards) is translated back
+to the capture's symbols and added to the capture's guards, so sizes that fail it are never served by it.
 
 What makes graph mode work is kept: the plan stays on the host (one program per variant, no step value
 in any graph), cache buffers are graph inputs updated in place (static addresses), no recompiles (each
@@ -353,7 +360,10 @@ class SegmentCache:
         fake inputs with symbolic sizes of a dynamic capture's segment)."""
         base = structural_key(segment, example)
         env = _canonical_env(example)
-        hints = None if env is None else {str(sym): int(v) for sym, v in env.var_to_val.items()}
+        hints = None
+        if env is not None:  # the fresh symbols' sizes at this call (torch >= 2.10 names them backed_var_to_val)
+            values = getattr(env, "backed_var_to_val", None)
+            hints = {str(sym): int(v) for sym, v in (env.var_to_val if values is None else values).items()}
         key, version = base, 0
         while key in self.compiled:
             if hints is None or _holds(self.assumptions.get(key, ()), hints):
