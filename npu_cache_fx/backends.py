@@ -110,10 +110,10 @@ def shape_mode(backend: "Backend", options: Optional[Dict[str, Any]] = None) -> 
     * for ``backend=None`` / ``"eager"``: nothing is compiled, so a new shape costs only a capture, and the
       symbolic export takes about twice as long as a static one (tiny-flux 2.5 s vs 1.2 s CPU) with equal
       step time; pass ``"dynamic"`` to capture once for many resolutions.
-    Measured with inductor on CPU (README, Benchmarks): regional graphs compiled for symbolic sizes (one fresh
-    symbol per size, :func:`npu_cache_fx.shapes.canonical_inputs`) take 1.3-1.6x as long to compile as static
-    ones and per step match them (0.995x tiny-flux, 1.000x tiny-wan); ``"static"`` starts faster for a single
-    resolution.
+    Measured with inductor on CPU (README, Benchmarks): regional graphs compiled for symbolic sizes take
+    1.15-1.35x as long to compile as static ones and per step are within 2 % of them (1.016x tiny-flux, 1.001x
+    tiny-wan, whose blocks get fresh symbols: :func:`npu_cache_fx.shapes.canonical_inputs`); ``"static"``
+    starts faster for a single resolution.
     """
     options = options or {}
     if "shapes" in options:

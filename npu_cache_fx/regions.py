@@ -14,12 +14,14 @@ variant's backend (:func:`npu_cache_fx.backends.compile_segment`) and hands the 
 callable to every block and variant with that key, called with each block's own parameters: the
 double-stream block of a Flux model is compiled once, not once per block per variant.
 
-A segment of a dynamic capture (symbolic sizes) is compiled for *canonical* inputs
-(:func:`npu_cache_fx.shapes.canonical_inputs`): one fresh symbol per distinct size expression of its inputs,
-named by position, contiguous where the inputs are. Its code then indexes plain symbols (not Wan's
-``F*(H//2)*(W//2)`` tokens), blocks of one class still share a key, and segments of two captures of the same
-model can share compiled code. What a compile assumes of the fresh symbols (its guards) is translated back
-to the capture's symbols and added to the capture's guards, so sizes that fail it are never served by it.
+A block of a dynamic capture (symbolic sizes) whose input sizes use a floor division, ``Max`` or ``Min`` is
+compiled for *canonical* inputs (:func:`npu_cache_fx.shapes.canonical_inputs`): one fresh symbol per distinct
+size expression of its inputs, named by position, contiguous where the inputs are. Its code then indexes
+plain symbols (not Wan's ``F*(H//2)*(W//2)`` tokens), blocks of one class still share a key, and blocks of two
+captures of the same model can share compiled code. What a compile assumes of the fresh symbols (its guards)
+is translated back to the capture's symbols and added to the capture's guards, so sizes that fail it are
+never served by it. Glue, and blocks whose sizes are sums and products of symbols, are compiled for the
+capture's own symbols.
 
 What makes graph mode work is kept: the plan stays on the host (one program per variant, no step value
 in any graph), cache buffers are graph inputs updated in place (static addresses), no recompiles (each
@@ -291,8 +293,8 @@ def symbolic_example(segment: Segment, env: Sequence[Any]) -> Tuple[List[Any], O
 
     Glue keeps the capture's symbols: its inputs are mostly the model's own (plain symbols already), it is
     compiled once per variant, and tracing with fresh symbols costs more (the capture's shape environment has
-    answered the same questions during export): all segments canonical made inductor's cold compile of
-    tiny-flux's variants 13 % longer, blocks alone as fast per step."""
+    answered the same questions during export): every segment canonical made inductor's cold compile of
+    tiny-flux's variants 13 % longer for no faster step."""
     real = [env[i] for i in segment.inputs]
     canonical = canonical_inputs(segment.vals, real) if segment.label != GLUE else None
     if canonical is not None:
