@@ -248,6 +248,8 @@ def canonical_inputs(vals: Sequence[Any], real: Sequence[Any]) -> Optional[Canon
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
+    if not any(_costly(val) for val in vals):
+        return None  # the capture's sizes index as cheaply, and its shape environment's caches are warm
     env = ShapeEnv(duck_shape=False)
     mode = FakeTensorMode(shape_env=env)
     mode.npu_cache_fx_canonical = True  # its symbols are named by position, not per capture (regions.structural_key)
@@ -288,8 +290,6 @@ def canonical_inputs(vals: Sequence[Any], real: Sequence[Any]) -> Optional[Canon
                 out.append(t)
     except _Unsuitable:
         return None
-    if not any(_costly(val) for val in vals):
-        return None  # the capture's sizes index as cheaply, and its shape environment's caches are warm
     return CanonicalInputs(out, env, exprs, hints)
 
 
