@@ -1102,7 +1102,8 @@ class CaptureCache(dict):
         static and ``cap.meta["shape_capture"]`` says why.
         Raises what ``torch.export`` raises when the model cannot be captured, and raises it again, without
         exporting, for this signature until :meth:`clear` (the model changed): every module sharing the cache
-        (the search builds one per candidate plan) then goes to its fallback path without paying the export.
+        (``optimize(model, plan, captures=cache)`` per plan) then goes to its fallback path without paying the
+        export again.
         """
         leaves, spec = pytree.tree_flatten(((), kwargs))
         if key is None:
