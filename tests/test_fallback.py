@@ -173,3 +173,17 @@ def test_a_shared_capture_cache_exports_a_failing_signature_once(monkeypatch):
     captures.clear()
     optimize(model, cfg, captures=captures)(**toy_inputs(900.0))
     assert len(calls) == 3 * exports
+
+
+def test_search_on_a_model_export_cannot_capture_says_what_to_do():
+    """The search scores plans on the captured graph: on a model export cannot capture it used to raise export's
+    own GuardOnDataDependentSymNode; it says what failed, where, and what still works."""
+    from npu_cache_fx.search import SearchSession
+    model = UnexportableDiT(single=3).eval()
+
+    def run_fn(module):
+        with torch.no_grad():
+            return torch.stack([module(**toy_inputs(t))[0] for t in TS[:4]])
+    with pytest.raises(RuntimeError, match=r"UnexportableDiT cannot be captured by torch.export \(.*lengths\[0\] "
+                                           r"> 1000.*optimize\(model, plan\) still runs"):
+        SearchSession(model, run_fn, progress=False, steps_count=4).prepare()
