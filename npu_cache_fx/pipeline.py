@@ -68,7 +68,8 @@ def enable_cache(pipe: Any, plan: Union[None, str, os.PathLike, CacheConfig, Seq
                  backend: Backend = None, backend_options: Optional[Dict[str, Any]] = None) -> Any:
     """Optimize every DiT denoiser of ``pipe`` with ``plan`` (None: :func:`default_plan`); returns ``pipe``.
 
-    A denoiser already optimized is optimized again from its original module with the new plan.
+    A denoiser already optimized is optimized again from its original module with the new plan, keeping its
+    captures when the module has not changed since it last checked (no recapture when trying another plan).
     """
     for name, module in optimized_denoisers(pipe, plan, backend=backend, backend_options=backend_options).items():
         setattr(pipe, name, module)
@@ -84,7 +85,9 @@ def optimized_denoisers(pipe: Any, plan: Union[None, str, os.PathLike, CacheConf
     out = {}
     for name, module in denoisers(pipe).items():
         original = module.model if isinstance(module, OptimizedModule) else module
-        out[name] = optimize(original, _plan_for(plan, original), backend=backend, backend_options=backend_options)
+        captures = module.reusable_captures() if isinstance(module, OptimizedModule) else None
+        out[name] = optimize(original, _plan_for(plan, original), backend=backend, backend_options=backend_options,
+                             captures=captures)
     return out
 
 

@@ -422,6 +422,13 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                 self.release()
         return out
 
+    def reusable_captures(self) -> Optional["CaptureCache"]:
+        """This module's captures, for another module of the same model (``optimize(model, other_plan,
+        captures=...)``: :func:`~npu_cache_fx.enable_cache` re-planning a pipeline), or None when the model
+        changed since this module last checked it (a LoRA loaded, a hook added...): its captures may be stale."""
+        with self._lock:
+            return self._captures if self._watch.unchanged() else None
+
     def invalidate(self) -> None:
         """Drop every capture, variant and cache: the wrapped model's forward changed (hooks added or
         removed, e.g. diffusers' ``enable_parallelism``). The next call captures again."""

@@ -155,6 +155,13 @@ class ModelWatch:
         self._counters = _counters()
         self._sections, self._probes = fingerprint(self.model)
 
+    def unchanged(self) -> bool:
+        """Whether the model is still as at :meth:`refresh` (like ``not changed()``, without taking the model
+        as it is now as the new reference)."""
+        if self._counters == _counters() and all(read() == value for read, value in self._probes):
+            return True
+        return fingerprint(self.model)[0] == self._sections
+
     def changed(self) -> List[str]:
         """The sections that changed since :meth:`refresh` (empty: nothing did)."""
         if self._counters == _counters() and all(read() == value for read, value in self._probes):

@@ -410,6 +410,40 @@ def test_enable_cache_equals_optimize_by_hand_and_disable_restores(flux, tmp_pat
         assert torch.equal(generate(pipe, pipe.transformer, prompt="a cat", **FLUX_KW), plain)
 
 
+def test_enable_cache_again_keeps_the_captures_of_an_unchanged_model():
+    """Another plan on an enabled pipeline keeps the denoiser's captures (a Flux-dev capture is 16-18 s; it used
+    to capture again); after a change the enabled module has not seen (a hook added) it captures again."""
+    from npu_cache_fx import disable_cache, enable_cache
+    pipe = flux_pipeline()
+    original = pipe.transformer
+    other = [CacheConfig(blocks="single_transformer_blocks", steps_count=STEPS, step_start=2, step_interval=2)]
+    try:
+        enable_cache(pipe, FLUX_CFGS)
+        with torch.no_grad():
+            generate(pipe, pipe.transformer, prompt="a cat", **FLUX_KW)
+        assert pipe.transformer.stats.captures == 1
+        taken = pipe.transformer.reusable_captures()
+        assert taken is not None
+        enable_cache(pipe, other)
+        with torch.no_grad():
+            got = generate(pipe, pipe.transformer, prompt="a cat", **FLUX_KW)
+            want = generate(pipe, optimize(original, other), prompt="a cat", **FLUX_KW)  # captured afresh
+        assert pipe.transformer.stats.captures == 0 and pipe.transformer.reusable_captures() is taken
+        assert torch.equal(got, want) and pipe.transformer.stats.steps_reused > 0
+        handle = original.transformer_blocks[0].register_forward_pre_hook(lambda mod, args: None)
+        try:
+            assert pipe.transformer.reusable_captures() is None  # the model changed since it last looked
+            enable_cache(pipe, FLUX_CFGS)
+            with torch.no_grad():
+                generate(pipe, pipe.transformer, prompt="a cat", **FLUX_KW)
+            assert pipe.transformer.stats.captures == 1
+        finally:
+            handle.remove()
+    finally:
+        disable_cache(pipe)
+    assert pipe.transformer is original
+
+
 def test_enable_cache_default_plan_and_a_pipeline_without_dit(flux):
     import types
     from npu_cache_fx import disable_cache, enable_cache
