@@ -302,16 +302,6 @@ def symbolic_example(segment: Segment, env: Sequence[Any]) -> Tuple[List[Any], O
     return fake_inputs(segment.vals, real), None
 
 
-def _capture_env(segment: Segment) -> Any:
-    """The shape environment of the capture a segment was cut from."""
-    for val in segment.vals:
-        if isinstance(val, FakeTensor) and val.fake_mode.shape_env is not None:
-            return val.fake_mode.shape_env
-        if isinstance(val, torch.SymInt):
-            return val.node.shape_env
-    return None
-
-
 def structural_key(segment: Segment, example: Sequence[Any]) -> str:
     """Hash of a segment's graph code (canonical names, parameters as inputs), its inputs' metadata (shape,
     stride, dtype, device, requires_grad, which inputs are the same tensor) and the grad mode: everything a
@@ -331,12 +321,6 @@ def structural_key(segment: Segment, example: Sequence[Any]) -> str:
             h.update(f"env{id(value.fake_mode)}".encode())  # symbols named per capture: its environment is in the key
     h.update(f"grad={torch.is_grad_enabled()}".encode())
     return h.hexdigest()[:16]
-
-
-def _canonical_env(example: Sequence[Any]) -> Any:
-    """The shape environment of a canonical example (:func:`npu_cache_fx.shapes.canonical_inputs`), else None."""
-    return next((v.fake_mode.shape_env for v in example if isinstance(v, FakeTensor)
-                 and getattr(v.fake_mode, "npu_cache_fx_canonical", False)), None)
 
 
 def _holds(assumptions: Sequence[Any], hints: Dict[str, int]) -> bool:
@@ -363,18 +347,15 @@ class SegmentCache:
     # key of a segment compiled for canonical inputs -> what the compile assumed of their fresh symbols
     assumptions: Dict[str, List[Any]] = field(default_factory=dict)
 
-    def get(self, segment: Segment, example: Sequence[Any]) -> Tuple[Callable, bool]:
+    def get(self, segment: Segment, example: Sequence[Any],
+            canonical: Optional[CanonicalInputs] = None) -> Tuple[Callable, bool]:
         """The compiled callable for ``segment`` and whether it was new (``example``: real inputs, or the
-        fake inputs with symbolic sizes of a dynamic capture's segment)."""
+        fake inputs with symbolic sizes of a dynamic capture's segment; ``canonical``: those inputs when they
+        are canonical, :func:`npu_cache_fx.shapes.canonical_inputs`)."""
         base = structural_key(segment, example)
-        env = _canonical_env(example)
-        hints = None
-        if env is not None:  # the fresh symbols' sizes at this call (torch >= 2.10 names them backed_var_to_val)
-            values = getattr(env, "backed_var_to_val", None)
-            hints = {str(sym): int(v) for sym, v in (env.var_to_val if values is None else values).items()}
         key, version = base, 0
         while key in self.compiled:
-            if hints is None or _holds(self.assumptions.get(key, ()), hints):
+            if canonical is None or _holds(self.assumptions.get(key, ()), canonical.hints):
                 segment.key = key
                 self.hits += 1
                 return self.compiled[key], False
@@ -383,7 +364,8 @@ class SegmentCache:
         segment.key = key
         symbolic = any(isinstance(v, (FakeTensor, torch.SymInt)) for v in example)
         fn = self.compiled[key] = self.compile_fn(segment.gm, list(example), **({"symbolic": True} if symbolic else {}))
-        if env is not None and not isinstance(fn, PerShape):  # its guards, and the sizes it unified or specialised
+        if canonical is not None and not isinstance(fn, PerShape):  # its guards, the sizes it unified or specialised
+            env = canonical.shape_env
             self.assumptions[key] = [g.expr for g in env.guards] + [
                 sympy.Eq(sym, value) for sym, value in env.replacements.items() if sym != value]
         return fn, True
@@ -426,12 +408,8 @@ class RegionalProgram:
     def _bind(self, env: List[Any]) -> None:
         for seg in self.segments:
             example = [env[i] for i in seg.inputs]
-            canonical = None
-            if self.symbolic:
-                fake, canonical = symbolic_example(seg, env)
-                seg.fn, new = self.cache.get(seg, fake)
-            else:
-                seg.fn, new = self.cache.get(seg, example)
+            compile_for, canonical = symbolic_example(seg, env) if self.symbolic else (example, None)
+            seg.fn, new = self.cache.get(seg, compile_for, canonical)
             if canonical is not None:
                 self._assume(seg, canonical)
             self.compiled_new += new
@@ -446,9 +424,7 @@ class RegionalProgram:
         capture's guards: the runtime checks them for this call's sizes (``_still_binds``) and for every later
         size the capture would serve (:func:`npu_cache_fx.shapes.bind`)."""
         from torch._guards import ShapeGuard, SLoc
-        shape_env = _capture_env(seg)
-        if shape_env is None:
-            return
+        shape_env = canonical.capture_env
         known = {g.expr for g in shape_env.guards}
         for expr in canonical.guards(self.cache.assumptions.get(seg.key, [])):
             if expr not in known:

@@ -206,6 +206,7 @@ class CanonicalInputs:
     shape_env: Any
     exprs: Dict[str, Any]  # fresh symbol name -> the size expression it stands for (in the capture's symbols)
     hints: Dict[str, int]  # fresh symbol name -> its size at the call the example was made for
+    capture_env: Any  # the capture's shape environment, where the translated guards go
 
     def guards(self, fresh_guards: Sequence[Any]) -> List[Any]:
         """``fresh_guards`` (sympy booleans over fresh symbols of *some* canonical example with these names)
@@ -213,14 +214,13 @@ class CanonicalInputs:
         the code compiled for the fresh symbols may serve. Guards true for every size are dropped. A guard on a
         symbol the inputs do not have (one the compiler made) pins every size to this call's."""
         out = []
-        for g in list(fresh_guards) + [sympy.Ge(sympy.Symbol(n, integer=True, positive=True), 2) for n in self.exprs]:
+        for g in fresh_guards:
             subs = {sym: self.exprs[str(sym)] for sym in g.free_symbols if str(sym) in self.exprs}
             if len(subs) != len(g.free_symbols):
                 return [sympy.Eq(expr, self.hints[name]) for name, expr in self.exprs.items()]
-            translated = sympy.sympify(g.xreplace(subs))
-            if translated is not sympy.true:
-                out.append(translated)
-        return out
+            out.append(sympy.sympify(g.xreplace(subs)))
+        out += [sympy.sympify(sympy.Ge(expr, 2)) for expr in self.exprs.values()]
+        return [g for g in out if g is not sympy.true]
 
 
 def canonical_inputs(vals: Sequence[Any], real: Sequence[Any]) -> Optional[CanonicalInputs]:
@@ -256,10 +256,13 @@ def canonical_inputs(vals: Sequence[Any], real: Sequence[Any]) -> Optional[Canon
     fresh: Dict[Any, Any] = {}  # capture expression -> fresh SymInt
     exprs: Dict[str, Any] = {}
     hints: Dict[str, int] = {}
+    capture_env = None
 
     def size(s: Any, hint: int) -> Any:
+        nonlocal capture_env
         if not is_symbolic(s):
             return int(s)
+        capture_env = s.node.shape_env
         expr = _expr(s)
         if expr not in fresh:
             if hint < 2:
@@ -290,7 +293,9 @@ def canonical_inputs(vals: Sequence[Any], real: Sequence[Any]) -> Optional[Canon
                 out.append(t)
     except _Unsuitable:
         return None
-    return CanonicalInputs(out, env, exprs, hints)
+    if not exprs:  # no symbolic size after all: nothing to make fresh
+        return None
+    return CanonicalInputs(out, env, exprs, hints, capture_env)
 
 
 class _Unsuitable(Exception):
