@@ -270,6 +270,19 @@ def normalize_inputs(signature: inspect.Signature, args: tuple, kwargs: Dict[str
     return out
 
 
+def reject_bad_inputs(model: torch.nn.Module, kwargs: Dict[str, Any]) -> None:
+    """After an export failure: raise the plain model's own error when it rejects these inputs too (a bad
+    call, not a model export cannot capture), without export's error chained to it."""
+    try:
+        with torch.no_grad():
+            model(**kwargs)
+    except Exception as err:
+        error = err
+    else:
+        return
+    raise error
+
+
 def timestep_value(kwargs: Dict[str, Any]) -> Optional[float]:
     """The first element of the call's timestep input (``TIMESTEP_NAMES``), or None."""
     for name in TIMESTEP_NAMES:
@@ -917,7 +930,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         except Exception as err:  # export cannot capture this model: same semantics, eagerly
             failure = err
         if failure is not None:
-            self._reject_bad_inputs(kwargs)
+            reject_bad_inputs(self.model, kwargs)
             self._fall_back(export_failure(failure), backend=self.backend)
             return None
         self._watch.refresh()  # export registers and removes hooks of its own
@@ -926,18 +939,6 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         if dynamic and cap.meta.get("dynamic") is None:  # why this shape was captured with static sizes
             self.stats.shape_capture = f"{SHAPE_CAPTURE}: {cap.meta.get('shape_capture', 'dynamic capture failed')}"
         return cap
-
-    def _reject_bad_inputs(self, kwargs: Dict[str, Any]) -> None:
-        """Raise the plain model's own error when it rejects these inputs too: a bad call, not a model
-        export cannot capture (it must not switch the module to a fallback path)."""
-        try:
-            with torch.no_grad():
-                self.model(**kwargs)
-        except Exception as err:
-            error = err
-        else:
-            return
-        raise error
 
     def _fall_back(self, reason: str, backend: Backend, offloaded: bool = False) -> None:
         """Run the model on the Dynamo or eager path from now on, with one warning saying why."""

@@ -155,16 +155,18 @@ class ModelWatch:
         self._counters = _counters()
         self._sections, self._probes = fingerprint(self.model)
 
+    def _quiet(self) -> bool:
+        """Nothing registered and no probed state moved since the reference: the model is unchanged (cheap)."""
+        return self._counters == _counters() and all(read() == value for read, value in self._probes)
+
     def unchanged(self) -> bool:
         """Whether the model is still as at :meth:`refresh` (like ``not changed()``, without taking the model
         as it is now as the new reference)."""
-        if self._counters == _counters() and all(read() == value for read, value in self._probes):
-            return True
-        return fingerprint(self.model)[0] == self._sections
+        return self._quiet() or fingerprint(self.model)[0] == self._sections
 
     def changed(self) -> List[str]:
         """The sections that changed since :meth:`refresh` (empty: nothing did)."""
-        if self._counters == _counters() and all(read() == value for read, value in self._probes):
+        if self._quiet():
             return []
         sections, probes = fingerprint(self.model)
         self._counters = _counters()

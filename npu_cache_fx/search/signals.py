@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture import Capture
 from ..contexts import CacheContexts
-from ..runtime import CaptureCache, normalize_inputs, signature_key, timestep_value
+from ..runtime import CaptureCache, normalize_inputs, reject_bad_inputs, signature_key, timestep_value
 
 __all__ = ["Recorder", "Sketch"]
 
@@ -119,17 +119,20 @@ class Recorder(CacheContexts, torch.nn.Module):
 
     def _capture_for(self, kwargs, leaves, spec) -> Capture:
         key = signature_key(leaves, spec)  # the runtime's key: the capture candidates reuse
+        failure = None
         try:
             cap = self._captures.capture(kwargs, key=key)
         except Exception as err:
-            self.model(**kwargs)  # a bad call raises the model's own error, not export's
+            failure = err
+        if failure is not None:
+            reject_bad_inputs(self.model, kwargs)  # a bad call raises the model's own error, not export's
             from ..fallback import export_failure
             raise RuntimeError(
                 f"SearchSession: {type(self.model).__name__} cannot be captured by torch.export "
-                f"({export_failure(err)}); the search scores plans on the captured graph, so it needs a model "
+                f"({export_failure(failure)}); the search scores plans on the captured graph, so it needs a model "
                 "export can capture. optimize(model, plan) still runs this model (the Dynamo or eager path, the "
                 "same cache semantics): choose the plan by hand (docs/search.md), or make the forward exportable "
-                "(no .tolist() or Python branch on tensor values)") from err
+                "(no .tolist() or Python branch on tensor values)") from failure
         if self.capture is None:
             self.capture, self.key = cap, key
         if key not in self._watched:
