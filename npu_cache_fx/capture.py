@@ -14,9 +14,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import operator
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -28,13 +30,138 @@ from torch.utils import _pytree as pytree
 from .config import ConfigError
 
 __all__ = [
-    "AttentionSite", "BlockList", "Capture", "Region", "Stream", "attention_children", "attention_sites",
-    "block_region", "capture", "choose_attention", "find_block_lists", "module_nodes", "region_from_nodes",
+    "AttentionSite", "BlockList", "Capture", "Region", "Stream", "TRACING", "TraceLock", "attention_children", "attention_sites",
+    "block_region", "capture", "choose_attention", "exporting", "find_block_lists", "module_nodes", "region_from_nodes",
     "resolve_block_list", "walk_back",
 ]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
+
+
+class TraceLock:
+    """The order, process-wide, between tracing and running what was traced.
+
+    ``torch.export`` and AOTAutograd's tracing (a compile) install process-wide dispatch modes, patches and
+    flags: two at once fail (``ProxyTorchDispatchMode slot already occupied``, ``Trying to pop empty mode
+    stack``), and while one runs, any ``torch._dynamo.disable``-d function in another thread raises ("Detected
+    that you are using FX to symbolically trace a dynamo-optimized function"). So:
+
+    * :meth:`exclusive` (a capture, a compile): alone in the process;
+    * :meth:`shared` (a call of an optimized module): any number at once, never during an exclusive section.
+
+    A thread inside :meth:`shared` that enters :meth:`exclusive` (a call that captures or compiles) steps out
+    of its shared hold while it waits and takes it again after; the module lock it holds keeps its own state
+    consistent. Writers waiting go before new readers. Both nest within a thread.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer: Optional[int] = None
+        self._waiting = 0
+        self._local = threading.local()
+
+    def _state(self):
+        loc = self._local
+        if not hasattr(loc, "depth"):
+            loc.depth, loc.reader, loc.exclusive = 0, False, 0
+        return loc
+
+    def shared(self) -> "_Shared":
+        return _Shared(self)
+
+    def _enter_shared(self, loc) -> None:
+        with self._cond:
+            while self._writer is not None or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+            loc.reader = True
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        loc = self._state()
+        if loc.exclusive:
+            loc.exclusive += 1
+            try:
+                yield
+            finally:
+                loc.exclusive -= 1
+            return
+        stepped_out = loc.reader
+        with self._cond:
+            if stepped_out:
+                self._readers -= 1
+                loc.reader = False
+            self._waiting += 1
+            try:
+                while self._writer is not None or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._writer = threading.get_ident()
+        loc.exclusive = 1
+        try:
+            yield
+        finally:
+            loc.exclusive = 0
+            with self._cond:
+                self._writer = None
+                self._cond.notify_all()
+            if stepped_out:
+                self._enter_shared(loc)
+
+
+class _Shared:
+    """:meth:`TraceLock.shared` (a class, not a generator: it is entered on every call of a module)."""
+
+    __slots__ = ("lock", "loc")
+
+    def __init__(self, lock: TraceLock) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        loc = self.loc = self.lock._state()
+        loc.depth += 1
+        if loc.depth == 1 and not loc.exclusive:
+            try:
+                self.lock._enter_shared(loc)
+            except BaseException:
+                loc.depth -= 1
+                raise
+
+    def __exit__(self, *exc: Any) -> None:
+        loc, lock = self.loc, self.lock
+        loc.depth -= 1
+        if loc.depth == 0 and loc.reader:
+            with lock._cond:
+                lock._readers -= 1
+                loc.reader = False
+                if not lock._readers:
+                    lock._cond.notify_all()
+
+
+TRACING = TraceLock()
+
+
+@contextlib.contextmanager
+def exporting():
+    """Around a ``torch.export.export`` call: alone in the process (:data:`TRACING`), without stack traces.
+
+    Stack traces (``node.meta["stack_trace"]``: the ``# File:`` comments in graph code and in a compiler's error
+    messages) are about a sixth of an export's time and nothing here reads them: they are recorded only when
+    this module logs at DEBUG (and by a torch without ``torch.fx.config.do_not_emit_stack_traces``)."""
+    import torch.fx.config as fx_config
+    with TRACING.exclusive():
+        if log.isEnabledFor(logging.DEBUG) or not hasattr(fx_config, "do_not_emit_stack_traces"):
+            yield
+            return
+        before = fx_config.do_not_emit_stack_traces
+        fx_config.do_not_emit_stack_traces = True
+        try:
+            yield
+        finally:
+            fx_config.do_not_emit_stack_traces = before
 
 
 # ----------------------------------------------------------------------------- block lists
@@ -205,12 +332,8 @@ def capture(model: torch.nn.Module, kwargs: Mapping[str, Any], block_lists: Sequ
     if dynamic:
         quiet.setLevel(logging.ERROR)
     try:
-        try:
-            ep = torch.export.export(model, (), kwargs, strict=False, preserve_module_call_signature=block_fqns,
-                                     **extra)
-        except Exception as err:  # preserving signatures is only for naming; retry plain
-            log.debug("export with preserved block signatures failed (%s); retrying without", err)
-            ep = torch.export.export(model, (), kwargs, strict=False, **extra)
+        with exporting():
+            ep = _export(model, kwargs, block_fqns, extra)
     finally:
         quiet.setLevel(level)
     root = ep.module()
@@ -228,6 +351,15 @@ def capture(model: torch.nn.Module, kwargs: Mapping[str, Any], block_lists: Sequ
         cap.meta["dynamic"] = DynamicShapes.from_placeholders(vals, ep.range_constraints)
     log.info("captured %s in %.2fs (%d nodes)", type(model).__name__, cap.seconds, len(gm.graph.nodes))
     return cap
+
+
+def _export(model: torch.nn.Module, kwargs: Dict[str, Any], block_fqns: Sequence[str], extra: Dict[str, Any]):
+    try:
+        return torch.export.export(model, (), kwargs, strict=False, preserve_module_call_signature=block_fqns,
+                                   **extra)
+    except Exception as err:  # preserving signatures is only for naming; retry plain
+        log.debug("export with preserved block signatures failed (%s); retrying without", err)
+        return torch.export.export(model, (), kwargs, strict=False, **extra)
 
 
 # ----------------------------------------------------------------------------- regions

@@ -36,7 +36,7 @@ import torch
 
 from .agent import CacheAgent
 from .backends import Backend, block_backend
-from .capture import choose_attention, find_block_lists, walk_back
+from .capture import choose_attention, exporting, find_block_lists, walk_back
 from .config import CacheConfig
 from .schedule import Decision
 
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 def _order_by_dataflow(block: torch.nn.Module, kwargs: Dict[str, Any]) -> Optional[str]:
     """Export just this block (the model as a whole could not be) and pair its outputs by dataflow."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), exporting():
             gm = torch.export.export(block, (), dict(kwargs), strict=False).module()
     except Exception:
         return None

@@ -40,7 +40,7 @@ from torch.utils import _pytree as pytree
 
 from .backends import (Backend, PerShape, check_backend_options, compile_graph, compile_segment, graph_mode,
                        resolve_backend, shape_mode)
-from .capture import Capture, capture, choose_attention, find_block_lists
+from .capture import TRACING, Capture, capture, choose_attention, find_block_lists
 from .config import CacheConfig, ConfigError, config_list, save_plan
 from .contexts import CacheContexts
 from .fallback import EagerPath, export_failure
@@ -604,7 +604,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         if self._bypass:
             return self.model(*args, **kwargs)
         hook = self.model.__dict__.get("_hf_hook")  # accelerate's hook on the model itself (cpu offload)
-        with self._lock:
+        with self._lock, TRACING.shared():  # never while another thread captures or compiles (TraceLock)
             if hook is not None:
                 args, kwargs = hook.pre_forward(self.model, *args, **kwargs)
             call = self._prepare(args, kwargs)
@@ -617,7 +617,11 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                 first = timed is not None and call.key not in timed
                 start = time.perf_counter() if first else 0.0
                 per_shape = self._per_shape_compiles(call.variant) if first else 0
-                flat_out = call.fn(*call.inputs)
+                if first:
+                    with TRACING.exclusive():  # a compile traces (AOTAutograd): alone in the process
+                        flat_out = call.fn(*call.inputs)
+                else:
+                    flat_out = call.fn(*call.inputs)
                 if first:
                     self._record_compile(call.key, call.variant, time.perf_counter() - start,
                                          self._per_shape_compiles(call.variant) - per_shape)

@@ -139,3 +139,38 @@ def test_hunyuan_dit_ranges_starting_at_a_skip_source_consumer():
     # block 1 normalises (.float(), a no-op) the long-skip tensor block 3 reads; [1, 2) used to fail
     for lo, hi in [(1, 2), (1, 3), (2, 4), (0, 4)]:
         assert [s.role for s in block_region(cap, "blocks", lo, hi).streams] == ["hidden_states"]
+
+
+def test_capture_records_stack_traces_only_when_debugging(caplog):
+    """Recording each node's Python stack is about a sixth of an export; nothing reads it. A capture leaves it
+    off (and puts torch's process-wide flag back) unless npu_cache_fx.capture logs at DEBUG. Two threads
+    capturing at once take turns: export is not thread-safe (before, both failed: "ProxyTorchDispatchMode slot
+    already occupied", "Trying to pop empty mode stack")."""
+    import threading
+
+    import torch.fx.config as fx_config
+    if not hasattr(fx_config, "do_not_emit_stack_traces"):
+        pytest.skip("this torch always records stack traces")
+    model = LongSkipDiT()
+
+    def traced(cap):
+        return sum(1 for n in cap.gm.graph.nodes if n.op == "call_function" and n.meta.get("stack_trace"))
+
+    assert traced(capture(model, inputs(), ["blocks"])) == 0
+    assert fx_config.do_not_emit_stack_traces is False
+    with caplog.at_level("DEBUG", logger="npu_cache_fx.capture"):
+        assert traced(capture(model, inputs(), ["blocks"])) > 0
+    errors = []
+
+    def run():
+        try:
+            for _ in range(3):
+                capture(model, inputs(), ["blocks"])
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and fx_config.do_not_emit_stack_traces is False

@@ -425,6 +425,43 @@ def test_a_call_during_another_threads_capture_waits_for_it():
     assert torch.equal(outs["a"], outs["b"]) and opt.stats.captures == 1
 
 
+def test_models_warming_up_in_parallel_threads_capture_and_compile_in_turn():
+    """A server warming several optimized models in threads at once. Before: torch.export and AOTAutograd are
+    not thread-safe, each module's lock covered only its own calls, and concurrent captures failed ("ProxyTorch
+    DispatchMode slot already occupied", "Trying to pop empty mode stack"): without a backend each module went
+    to the eager path for good (silently slow); with one, calls raised ("Detected that you are using FX to
+    symbolically trace a dynamo-optimized function"). Now captures and compiles take turns (capture.TRACING)
+    and calls run in parallel between them."""
+    torch.manual_seed(0)
+    models = [ToyDiT(single=4) for _ in range(3)]
+    for backend in (None, "aot_eager"):
+        opts = [optimize(m, _toy_cfg(), backend=backend) for m in models]
+        barrier = threading.Barrier(len(opts))
+        results, errors = {}, []
+
+        def worker(k):
+            try:
+                barrier.wait()
+                outs = []
+                for batch in (1, 2):  # two signatures: two captures (the first is specialised to a batch of 1)
+                    outs += [opts[k](**toy_inputs(900.0 - 100 * s, seed=k, batch=batch))[0] for s in range(5)]
+                results[k] = outs
+            except Exception as err:  # reported below
+                errors.append(err)
+                barrier.abort()
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(opts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, (backend, errors)
+        for k, m in enumerate(models):
+            assert opts[k].stats.path == "export" and opts[k].stats.fallback_reason is None, opts[k].stats
+            ref = optimize(m, _toy_cfg(), backend=backend)
+            want = [ref(**toy_inputs(900.0 - 100 * s, seed=k, batch=batch))[0] for batch in (1, 2) for s in range(5)]
+            assert all(torch.equal(a, b) for a, b in zip(results[k], want)), (backend, k)
+
+
 def test_one_context_from_two_threads_mid_generation_is_refused():
     opt = optimize(ToyDiT(single=4), _toy_cfg())
     opt(**toy_inputs(900.0))
