@@ -19,6 +19,13 @@ from .timestep import AdaStepRule
 __all__ = ["AdaStepState", "all_ranks_agree"]
 
 
+def _persistent(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` kept across calls and updated in place: a normal tensor even under ``torch.inference_mode``
+    (an inference tensor cannot be updated in place by a later call outside it)."""
+    with torch.inference_mode(False):
+        return x.detach().clone()
+
+
 def all_ranks_agree(skip: bool) -> bool:
     """AdaStep's vote: skip only if every rank proposes to (no-op without torch.distributed)."""
     import torch.distributed as dist
@@ -60,7 +67,7 @@ class AdaStepState:
         skip = self.rule.decide(d if step > 0 else None, vote=all_ranks_agree)
         if isinstance(latent, torch.Tensor):
             if self.prev_latent is None or self.prev_latent.shape != latent.shape:
-                self.prev_latent = latent.detach().clone()
+                self.prev_latent = _persistent(latent)
             else:
                 self.prev_latent.copy_(latent)
         return skip and key in self.last_output
@@ -69,7 +76,7 @@ class AdaStepState:
         """Copy the step's output into persistent buffers; True when they were allocated now."""
         kept = self.last_output.get(key)
         if kept is None:
-            self.last_output[key] = ([x.detach().clone() if isinstance(x, torch.Tensor) else x for x in flat_out],
+            self.last_output[key] = ([_persistent(x) if isinstance(x, torch.Tensor) else x for x in flat_out],
                                      out_spec)
             return True
         for buf, x in zip(kept[0], flat_out):

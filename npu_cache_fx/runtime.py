@@ -680,7 +680,9 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             buf = buffers.get(slot)
             if buf is None:  # per input signature: a dynamic capture's slot sizes at this call's sizes
                 bindings = self._captures.bindings.get(key) if entry.dynamic is not None else None
-                buf = buffers[slot] = torch.zeros([concrete(s, bindings) for s in shape], dtype=dtype, device=device)
+                with torch.inference_mode(False):  # a normal tensor: updated in place with or without inference mode
+                    buf = buffers[slot] = torch.zeros([concrete(s, bindings) for s in shape], dtype=dtype,
+                                                      device=device)
                 if self._static_buffers:
                     torch._dynamo.mark_static_address(buf, guard=False)  # see static_cache_buffers()
                 self._update_bytes()

@@ -478,6 +478,29 @@ def test_one_context_from_two_threads_mid_generation_is_refused():
     opt(**toy_inputs(800.0))  # the thread that started the generation goes on
 
 
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_generations_under_inference_mode_and_no_grad_mix(backend):
+    """A server runs under ``torch.inference_mode()``, a diffusers pipeline under ``no_grad``. Before: the cache
+    buffers (and AdaStep's kept latent and output) allocated under inference mode were inference tensors, and
+    the next call outside it failed: "Inplace update to inference tensor outside InferenceMode"."""
+    torch.manual_seed(0)
+    model = ToyDiT(single=4)
+    plan = [_toy_cfg(), CacheConfig(method="adastep", steps_count=5, threshold=0.5, max_skip_steps=1)]
+    opt, ref = optimize(model, plan, backend=backend), optimize(model, plan)
+
+    def generation(mod, mode):
+        outs = []
+        for s in range(5):
+            with mode():
+                outs.append(mod(**toy_inputs(900.0 - 100 * s))[0].clone())
+        return outs
+    want = generation(ref, torch.no_grad)
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+        got = generation(opt, mode)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), mode
+    assert opt.stats.captures == 1 and opt.stats.steps_reused >= 3 and opt.stats.steps_skipped >= 3, opt.stats
+
+
 # ----------------------------------------------------------------------------- 7. step counts
 def test_set_steps_scales_the_plan_without_recompiling():
     """A serving engine's per-request step count: the plan scales; decisions that are the same variants
