@@ -283,6 +283,25 @@ def reject_bad_inputs(model: torch.nn.Module, kwargs: Dict[str, Any]) -> None:
     raise error
 
 
+def refuse_autocast(model: torch.nn.Module, leaves: Sequence[Any]) -> None:
+    """Raise when ``torch.autocast`` is in effect for the call's devices: a captured graph cannot follow it.
+
+    Export under autocast records the dtypes of one autocast state in the model's own casts, and running the
+    graph under autocast casts again: the graph raises dtype mismatches (or, compiled, ignores autocast)."""
+    device = next((x.device.type for x in leaves if isinstance(x, torch.Tensor)), "cpu")
+    for device_type in ("cpu",) if device == "cpu" else ("cpu", device):
+        try:
+            enabled = torch.is_autocast_enabled(device_type)
+        except (RuntimeError, TypeError, ValueError):  # a device type without autocast support
+            continue
+        if enabled:
+            dtype = str(torch.get_autocast_dtype(device_type)).replace("torch.", "")
+            raise RuntimeError(
+                f"{type(model).__name__} called under torch.autocast({device_type!r}, dtype=torch.{dtype}): a captured "
+                f"graph cannot follow autocast. Cast the model instead (pipe.to(torch.{dtype}), or torch_dtype="
+                f"torch.{dtype} in from_pretrained) and call it outside autocast.")
+
+
 def timestep_value(kwargs: Dict[str, Any]) -> Optional[float]:
     """The first element of the call's timestep input (``TIMESTEP_NAMES``), or None."""
     for name in TIMESTEP_NAMES:
@@ -644,6 +663,8 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         leaves, spec = pytree.tree_flatten(((), kwargs))
         key = signature_key(leaves, spec)
         entry = self._entry(kwargs, leaves, spec, key)  # bad inputs raise here, before any state changes
+        if entry.eager is None:  # the Dynamo / eager paths call the blocks as the model does: autocast applies
+            refuse_autocast(self.model, leaves)
         ctx = self._contexts.get(self._active)
         if ctx is None:
             ctx = self._contexts[self._active] = _Context(self.plan, self.adastep)
@@ -928,6 +949,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             self._fall_back(f"has its weights offloaded by hooks on {offloaded[:3]}{more}", backend=None,
                             offloaded=True)
             return None
+        refuse_autocast(self.model, pytree.tree_leaves(kwargs))  # before export records one autocast state
         failure = None
         try:
             cap = self._captures.capture(kwargs, [c.blocks for c in self.configs], key, dynamic=dynamic)

@@ -501,6 +501,28 @@ def test_generations_under_inference_mode_and_no_grad_mix(backend):
     assert opt.stats.captures == 1 and opt.stats.steps_reused >= 3 and opt.stats.steps_skipped >= 3, opt.stats
 
 
+@SLOW
+def test_a_call_under_autocast_is_refused_with_what_to_do():
+    """Before: a graph captured under ``torch.autocast`` records the casts of that autocast state; called outside
+    it (or a graph captured outside, called under it) it raised a dtype mismatch, and on some models already under
+    autocast. Now a call under autocast is refused before anything is captured or run, saying what to do;
+    outside autocast the module works as before."""
+    model = flux_transformer()
+    opt = optimize(model, FLUX_CFGS)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match=r"torch.autocast\('cpu', dtype=torch.bfloat16\).*pipe.to\(torch.bfloat16\)"):
+            opt(timestep=torch.tensor([1.0]), **flux_inputs())
+    assert opt.stats.captures == 0 and opt.stats.steps == 0 and opt.stats.path == "export"
+    with torch.no_grad():
+        t = torch.tensor([1.0])
+        assert torch.equal(opt(timestep=t, **flux_inputs())[0], model(timestep=t, **flux_inputs())[0])
+    opt.reset()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the capture made outside autocast
+        with pytest.raises(RuntimeError, match="cannot follow autocast"):
+            opt(timestep=t, **flux_inputs())
+    assert opt.stats.captures == 1 and opt.stats.steps == 1
+
+
 # ----------------------------------------------------------------------------- 7. step counts
 def test_set_steps_scales_the_plan_without_recompiling():
     """A serving engine's per-request step count: the plan scales; decisions that are the same variants
