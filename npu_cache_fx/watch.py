@@ -3,7 +3,7 @@
 A capture freezes the model's *code path*: which submodules run, which hooks
 fire, which LoRA adapters are active and at what scale (peft keeps the scale a
 Python float, so export bakes it in), which attention processor each attention
-module calls. Parameters are different: the captured graph reads the model's own
+module calls and which attention backend it dispatches to. Parameters are different: the captured graph reads the model's own
 ``Parameter`` objects, so in-place updates (``load_state_dict``,
 ``param.data = ...``, fusing a LoRA into the weights) reach it without a
 recapture -- but *replacing* a parameter does not.
@@ -17,7 +17,8 @@ answers, per call, "did any of it change?" cheaply:
   comparison of two ints per call; when they moved, the fingerprint is
   recomputed and compared;
 * state that changes without any registration (a hook removed, a LoRA adapter
-  switched, disabled, re-scaled or merged, an attention processor swapped, a
+  switched, disabled, re-scaled or merged, an attention processor swapped or given
+  another backend (diffusers' ``set_attention_backend``, ``attention_backend(...)``), a
   ``forward`` replaced by an accelerate or diffusers hook, ``train()``/``eval()``)
   is read from the few objects that hold it, recorded with the fingerprint.
 
@@ -31,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -94,6 +96,21 @@ def _registry_hooks(mod: torch.nn.Module) -> Tuple[str, ...]:
     return tuple(hooks) if isinstance(hooks, dict) else ()
 
 
+def _processor_state(d: Dict[str, Any]) -> Tuple[int, Any]:
+    """A diffusers attention module's processor (from the module's ``__dict__``) and the attention backend it
+    dispatches to (``set_attention_backend`` sets ``processor._attention_backend``; None: the registry's active
+    backend). The per-call probe inlines the same two reads."""
+    processor = d.get("processor")
+    return id(processor), getattr(processor, "_attention_backend", None)
+
+
+def _attention_registry() -> Any:
+    """diffusers' attention backend registry (``attention_backend(...)`` and ``set_attention_backend`` set its
+    active backend), if diffusers has one and it is imported."""
+    dispatch = sys.modules.get("diffusers.models.attention_dispatch")
+    return getattr(dispatch, "_AttentionBackendRegistry", None)
+
+
 def fingerprint(model: torch.nn.Module) -> Tuple[Dict[str, Any], List[Tuple[Callable[[], Any], Any]]]:
     """What a capture of ``model`` depends on, by section, and the probes that re-read its mutable part:
     what can change without a registration (a hook removed, an adapter switched, a processor swapped, a
@@ -113,9 +130,10 @@ def fingerprint(model: torch.nn.Module) -> Tuple[Dict[str, Any], List[Tuple[Call
         if state is not None:
             adapters.append((name, state))
             probes.append((lambda m=mod: _adapter_state(m), state))
-        if "processor" in d:  # diffusers Attention: set_processor() swaps a plain object
-            processors.append((name, id(d["processor"])))
-            probes.append((lambda m=mod: id(m.__dict__.get("processor")), id(d["processor"])))
+        if "processor" in d:  # diffusers Attention: set_processor() swaps a plain object, set_attention_backend()
+            state = _processor_state(d)  # sets an attribute on it
+            processors.append((name, state))
+            probes.append((lambda d=d: (id(p := d.get("processor")), getattr(p, "_attention_backend", None)), state))
         own, accelerate, registered = d.get("forward"), d.get("_hf_hook"), _registry_hooks(mod)
         if own is not None or accelerate is not None or registered:
             forwards.append((name, id(own), id(accelerate), registered))
@@ -124,9 +142,13 @@ def fingerprint(model: torch.nn.Module) -> Tuple[Dict[str, Any], List[Tuple[Call
         hooks.append(("<global>", tuple(hooks_dict)))
         probes.append((hooks_dict.__len__, len(hooks_dict)))
     probes.append((lambda: model.training, model.training))
+    registry = _attention_registry() if processors else None
+    active = getattr(registry, "_active_backend", None)
+    if registry is not None:  # what processors without a backend of their own dispatch to
+        probes.append((lambda: registry._active_backend, active))
     sections = {"modules": tuple(modules), "parameters": tuple(params), "hooks": tuple(hooks),
                 "adapters": tuple(adapters), "attention processors": tuple(processors),
-                "forward overrides": tuple(forwards), "training": model.training}
+                "attention backend": active, "forward overrides": tuple(forwards), "training": model.training}
     return sections, probes
 
 

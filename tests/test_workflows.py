@@ -149,6 +149,40 @@ def test_module_change_after_first_call_recaptures(change):
 
 
 @SLOW
+def test_attention_backend_switch_recaptures():
+    """diffusers' ``set_attention_backend`` sets an attribute on each processor, ``attention_backend(...)`` the
+    registry's active backend: neither registers anything. Before: the module kept the graph of the old backend
+    (on Ascend, ``"_native_npu"`` was silently not used). And a graph of the ``"flex"`` backend lost the vmap
+    nesting calls flex's mask records (fx's DCE treats them as pure) and raised a functorch error."""
+    pytest.importorskip("diffusers.models.attention_dispatch")
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry, attention_backend
+    active = _AttentionBackendRegistry._active_backend
+    try:
+        model = flux_transformer()
+        opt = optimize(model, FLUX_CFGS)
+        generation(opt)
+        model.set_attention_backend("flex")
+        flex = generation(opt)
+        torch.testing.assert_close(flex, by_hand(model, opt.configs), rtol=1e-5, atol=1e-5)
+        assert opt.stats.captures == 2 and opt.stats.model_changes == 1
+        assert any(n.target is torch.ops.higher_order.flex_attention for g in opt.variant_graphs.values()
+                   for n in g.graph.nodes)
+
+        _AttentionBackendRegistry.set_active_backend(active)
+        other = flux_transformer()  # processors without a backend of their own follow the registry
+        opt = optimize(other, FLUX_CFGS)
+        generation(opt)
+        with attention_backend("flex"):
+            inside = generation(opt)
+            assert opt.stats.captures == 2
+            torch.testing.assert_close(inside, by_hand(other, opt.configs), rtol=1e-5, atol=1e-5)
+        generation(opt)
+        assert opt.stats.captures == 3 and opt.stats.model_changes == 2
+    finally:
+        _AttentionBackendRegistry.set_active_backend(active)
+
+
+@SLOW
 def test_in_place_weight_update_needs_no_recapture():
     """The captured graph reads the model's own parameters: load_state_dict (copy) reaches it as is."""
     model = flux_transformer()

@@ -19,6 +19,18 @@ __all__ = ["RewriteResult", "cache_action", "coef_slot", "eliminate_dead_code", 
 _DROPPABLE = {torch.ops.aten._assert_tensor_metadata.default}
 
 
+def _functorch_state_calls() -> frozenset:
+    """Calls a pre-dispatch export records around a ``vmap`` (flex attention's mask: diffusers' ``"flex"``
+    attention backend) that change functorch's global state and return nothing the graph reads: fx's own DCE
+    drops them (torch lists only the jvp ones as side-effectful), and the vmap levels after them go wrong."""
+    from torch._functorch import predispatch
+    names = ("_vmap_increment_nesting", "_vmap_decrement_nesting", "lazy_load_decompositions")
+    return frozenset(f for f in (getattr(predispatch, n, None) for n in names) if f is not None)
+
+
+_STATEFUL = _functorch_state_calls()
+
+
 class RewriteResult(PassResult):
     """A :class:`PassResult` that also says how much the pass rewrote (``rewritten``: streams of a block
     range, or attention outputs), torch.fx-style."""
@@ -53,7 +65,7 @@ def is_impure(node: fx.Node, pure: frozenset = frozenset()) -> bool:
         schema = getattr(node.target, "_schema", None)
         return bool(schema is not None and schema.is_mutable and mutated is not None
                     and mutated.name not in pure)
-    return node.is_impure(impure_random=False)
+    return node.target in _STATEFUL or node.is_impure(impure_random=False)
 
 
 def eliminate_dead_code(gm: fx.GraphModule, pure: Optional[Iterable[str]] = None, *, recompile: bool = True) -> bool:
