@@ -343,19 +343,20 @@ def test_search_over_wan22_experts_predicts_and_runs_what_enable_cache_runs():
     blocks = dict(steps_count=STEPS, block_start=0, block_end=4)
     plans = {  # plan: the steps that reuse (W R W R W R: the read at 3 has no write of transformer_2's)
         (0, 2, "none"): [1, 5], (0, 3, "none"): [1, 2, 4, 5], (1, 2, "linear"): [2, 4]}
-    for (start, interval, forecast), reuse in plans.items():
-        plan = [CacheConfig(step_start=start, step_interval=interval, forecast=forecast, **blocks)]
-        opts = session.optimized(plan)
-        with torch.no_grad():
-            got = run_fn(opts)
-        read = sorted({s for m in opts.values() for c, s, d in m.trace if c == "cond" and Action.READ in d})
-        assert read == reuse == score_plan(session, plan)["reuse_steps"], (start, interval)
-        enable_cache(pipe, plan)
-        try:
+    try:
+        for (start, interval, forecast), reuse in plans.items():
+            plan = [CacheConfig(step_start=start, step_interval=interval, forecast=forecast, **blocks)]
+            opts = session.optimized(plan)
+            with torch.no_grad():
+                got = run_fn(opts)
+            read = sorted({s for m in opts.values() for c, s, d in m.trace if c == "cond" and Action.READ in d})
+            assert read == reuse == score_plan(session, plan)["reuse_steps"], (start, interval)
+            enable_cache(pipe, plan)  # re-planned from the second plan on: each expert keeps its captures
             with torch.no_grad():
                 assert torch.equal(pipe(generator=torch.Generator().manual_seed(0), **kw).frames, got)
-        finally:
-            disable_cache(pipe)
+        assert pipe.transformer.stats.captures == 0 and pipe.transformer_2.stats.captures == 0
+    finally:
+        disable_cache(pipe)
     same_reads = [CacheConfig(step_start=0, step_interval=1, step_end=5, refresh_steps=(0, 2, 3, 4), **blocks)]
     every_2nd = [CacheConfig(step_start=0, step_interval=2, **blocks)]
     assert score_plan(session, every_2nd)["proxy"] == pytest.approx(score_plan(session, same_reads)["proxy"])

@@ -172,7 +172,7 @@ def test_attention_backend_switch_recaptures():
         other = flux_transformer()  # processors without a backend of their own follow the registry
         opt = optimize(other, FLUX_CFGS)
         generation(opt)
-        with attention_backend("flex"):
+        with attention_backend("_native_math"):
             inside = generation(opt)
             assert opt.stats.captures == 2
             torch.testing.assert_close(inside, by_hand(other, opt.configs), rtol=1e-5, atol=1e-5)
