@@ -30,9 +30,9 @@ from torch.utils import _pytree as pytree
 from .config import ConfigError
 
 __all__ = [
-    "AttentionSite", "BlockList", "Capture", "Region", "Stream", "TRACING", "TraceLock", "attention_children", "attention_sites",
-    "block_region", "capture", "choose_attention", "exporting", "find_block_lists", "module_nodes", "region_from_nodes",
-    "resolve_block_list", "walk_back",
+    "AttentionSite", "BlockList", "Capture", "Region", "Stream", "TRACING", "TraceLock", "attention_children",
+    "attention_sites", "block_region", "capture", "choose_attention", "exporting", "find_block_lists",
+    "module_nodes", "region_from_nodes", "resolve_block_list", "walk_back",
 ]
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import functools
 import inspect
@@ -636,10 +637,8 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                 first = timed is not None and call.key not in timed
                 start = time.perf_counter() if first else 0.0
                 per_shape = self._per_shape_compiles(call.variant) if first else 0
-                if first:
-                    with TRACING.exclusive():  # a compile traces (AOTAutograd): alone in the process
-                        flat_out = call.fn(*call.inputs)
-                else:
+                # a compile traces (AOTAutograd): alone in the process
+                with TRACING.exclusive() if first else contextlib.nullcontext():
                     flat_out = call.fn(*call.inputs)
                 if first:
                     self._record_compile(call.key, call.variant, time.perf_counter() - start,

@@ -3,10 +3,10 @@
 A capture freezes the model's *code path*: which submodules run, which hooks
 fire, which LoRA adapters are active and at what scale (peft keeps the scale a
 Python float, so export bakes it in), which attention processor each attention
-module calls and which attention backend it dispatches to. Parameters are different: the captured graph reads the model's own
-``Parameter`` objects, so in-place updates (``load_state_dict``,
-``param.data = ...``, fusing a LoRA into the weights) reach it without a
-recapture -- but *replacing* a parameter does not.
+module calls and which attention backend it dispatches to. Parameters are
+different: the captured graph reads the model's own ``Parameter`` objects, so
+in-place updates (``load_state_dict``, ``param.data = ...``, fusing a LoRA into
+the weights) reach it without a recapture -- but *replacing* a parameter does not.
 
 :class:`ModelWatch` takes a fingerprint of everything a capture depends on and
 answers, per call, "did any of it change?" cheaply:

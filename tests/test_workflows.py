@@ -544,7 +544,8 @@ def test_a_call_under_autocast_is_refused_with_what_to_do():
     model = flux_transformer()
     opt = optimize(model, FLUX_CFGS)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        with pytest.raises(RuntimeError, match=r"torch.autocast\('cpu', dtype=torch.bfloat16\).*pipe.to\(torch.bfloat16\)"):
+        what = r"torch.autocast\('cpu', dtype=torch.bfloat16\).*pipe.to\(torch.bfloat16\)"
+        with pytest.raises(RuntimeError, match=what):
             opt(timestep=torch.tensor([1.0]), **flux_inputs())
     assert opt.stats.captures == 0 and opt.stats.steps == 0 and opt.stats.path == "export"
     with torch.no_grad():
