@@ -146,6 +146,66 @@ def _size_arithmetic(node: fx.Node) -> bool:
             and isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool))
 
 
+def _is_view(node: fx.Node) -> bool:
+    """An aten op whose output aliases its first input without writing it (``slice``, ``view``, ``select``...)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or schema.is_mutable or len(schema.returns) != 1:
+        return False
+    alias = schema.returns[0].alias_info
+    return alias is not None and not alias.is_write
+
+
+def _mutated(node: fx.Node) -> bool:
+    """Whether some user of ``node`` writes it in place."""
+    for u in node.users:
+        schema = getattr(u.target, "_schema", None)
+        if schema is not None and schema.is_mutable and u.args and u.args[0] is node:
+            return True
+    return False
+
+
+_CASTS = {torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.to.device}
+
+
+def _no_op_cast(node: fx.Node) -> bool:
+    """``x.to(dtype)`` to the dtype and device ``x`` has: ``x`` itself."""
+    if node.target not in _CASTS or node.kwargs.get("copy") or node.kwargs.get("memory_format") not in (
+            None, torch.preserve_format) or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    out, src = node.meta.get("val"), node.args[0].meta.get("val")
+    return (isinstance(out, torch.Tensor) and isinstance(src, torch.Tensor) and out.dtype == src.dtype
+            and out.device == src.device)
+
+
+def _free_views(gm: fx.GraphModule, labels: Dict[fx.Node, Tuple]) -> Tuple[set, set]:
+    """Views in blocks that the segments reading them recompute, so blocks of one class stay one graph (a view
+    costs nothing to recompute). Returns ``(views, casts)``:
+
+    * ``views``: views a block computes only for what comes after it. Flux's and HunyuanVideo's single-stream
+      blocks end by splitting their joint stream (``x[:, :text]``, ``x[:, text:]``): the block hands over the
+      tensor they view, and the last block, whose unused text view export removed, is the same graph as the
+      others;
+    * ``casts``: no-op casts (``temb.float()`` of an fp32 ``temb`` is ``temb``), read as their input. Export
+      traces the next block's use of ``temb`` as this block's cast, so every block but the last handed it on
+      (Wan).
+
+    Never a view the graph returns, nor one of a tensor written in place."""
+    views, casts = set(), set()
+    for node in reversed(list(gm.graph.nodes)):
+        label = labels.get(node)
+        if label is None or label == GLUE or not _is_view(node) or _mutated(node):
+            continue
+        base = node.args[0] if node.args else None
+        if not isinstance(base, fx.Node) or _mutated(base) or any(u.op == "output" for u in node.users):
+            continue
+        if _no_op_cast(node):
+            casts.add(node)
+        elif labels.get(base) == label and all(u.op == "call_function" and (u in views or (
+                u in labels and labels[u] != label)) for u in node.users):
+            views.add(node)
+    return views, casts
+
+
 def _symbol(size: Any) -> Any:
     return size.node.expr if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol else None
 
@@ -192,8 +252,9 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
     """
     labels = _labels(gm, spans)
     by_symbol = _input_symbols(gm)
-    free = {n for n in labels if _size_arithmetic(n)}
-    for n in free:  # recomputed by every segment that reads it (see _size_arithmetic)
+    views, casts = _free_views(gm, labels)
+    free = {n for n in labels if _size_arithmetic(n)} | views | casts
+    for n in free:  # recomputed by every segment that reads it (see _size_arithmetic, _free_views)
         del labels[n]
     order = _order(gm, labels)
     slot: Dict[fx.Node, int] = {}
@@ -240,6 +301,9 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
 
         def arg(a: fx.Node) -> fx.Node:
             if a in env:
+                return env[a]
+            if a in casts:  # x itself
+                env[a] = arg(a.args[0])
                 return env[a]
             if a in free:
                 args = fx.map_arg(a.args, arg)

@@ -15,7 +15,8 @@ pytest.importorskip("diffusers")
 from npu_cache_fx import CacheConfig, optimize  # noqa: E402
 from npu_cache_fx.backends import graph_mode  # noqa: E402
 from npu_cache_fx.config import ConfigError  # noqa: E402
-from npu_cache_fx.regions import GLUE, RegionalProgram, SegmentCache, _size_arithmetic, partition  # noqa: E402
+from npu_cache_fx.regions import (GLUE, RegionalProgram, SegmentCache, _free_views, _labels, _size_arithmetic,  # noqa: E402
+                                  partition)
 from npu_cache_fx.schedule import Action  # noqa: E402
 from npu_cache_fx.shapes import size_hint  # noqa: E402
 from counting import fresh_dynamo, scalar_inductor  # noqa: E402
@@ -49,8 +50,11 @@ def test_partition_groups_blocks_and_keeps_the_graph(flux):
     cache = SegmentCache(lambda gm, example: compiled.append(gm) or gm)
     for decision, gm in variants.items():
         segments, constants, outputs, n_inputs = partition(gm, cap.spans)
-        # size arithmetic of a dynamic capture is recomputed where it is read (segment nodes named s<k>)
-        n_nodes = sum(1 for n in gm.graph.nodes if n.op == "call_function" and not _size_arithmetic(n))
+        # size arithmetic of a dynamic capture and the views a block hands on are recomputed where they are read
+        # (segment nodes named s<k>); a no-op cast is read as its input
+        views, casts = _free_views(gm, _labels(gm, cap.spans))
+        n_nodes = sum(1 for n in gm.graph.nodes if n.op == "call_function" and not _size_arithmetic(n)
+                      and n not in views and n not in casts)
         assert sum(sum(1 for n in s.gm.graph.nodes if n.op == "call_function" and n.name.startswith("n"))
                    for s in segments) == n_nodes
         labels = [s.label for s in segments if s.label != GLUE]
@@ -72,7 +76,10 @@ def test_partition_groups_blocks_and_keeps_the_graph(flux):
         program(*leaves)
     keys = {s.label: s.key for s in program.segments}
     assert keys[("transformer_blocks", 0)] == keys[("transformer_blocks", 1)]
-    assert keys[("single_transformer_blocks", 1)] == keys[("single_transformer_blocks", 2)]
+    # the last single block too: its split of the joint stream (whose unused text half export removed) is
+    # recomputed by its readers (before, it had a key of its own)
+    assert keys[("single_transformer_blocks", 1)] == keys[("single_transformer_blocks", 2)] == keys[
+        ("single_transformer_blocks", 3)]
     assert len(compiled) < sum(len(partition(gm, cap.spans)[0]) for gm in variants.values())
 
 
@@ -124,8 +131,11 @@ def test_regional_variants_share_compiled_blocks(flux, name):
     for s in compute.segments:
         if s.label != GLUE:
             per_list.setdefault(s.label[0], set()).add(s.key)
-    for fqn, ks in per_list.items():  # first / middle / last block of a list at most
-        assert len(ks) <= 3, (fqn, len(ks))
+    # Flux's double blocks one key; its single blocks two (the first reads two tensors, the others the joint
+    # stream the block before hands on, the last one too); Wan's blocks one (export traces a block's use of
+    # temb as the previous block's no-op cast temb.float(): read as temb). Before: 1 / 3 and 2.
+    want_keys = {"transformer_blocks": 1, "single_transformer_blocks": 2} if name == "flux" else {"blocks": 1}
+    assert {fqn: len(ks) for fqn, ks in per_list.items()} == want_keys
     stats = opt.stats
     assert stats.graph_mode == "regional" and stats.graphs_compiled == len(keys)
     assert stats.graphs_shared == sum(len(p.segments) for p in programs) - len(keys)
