@@ -130,6 +130,7 @@ class LazyCompile:
         self.compile_fn = compile_fn
         self.fn: Optional[Callable] = None
 
+    @torch._dynamo.disable  # compiled by us: opaque under an enclosing torch.compile (see RegionalProgram)
     def __call__(self, *args):
         if self.fn is None:
             self.fn = self.compile_fn(args)
@@ -147,6 +148,7 @@ class PerShape:
         self.fns: Dict[Any, Callable] = {}
         self.compiles = 0
 
+    @torch._dynamo.disable  # compiled by us: opaque under an enclosing torch.compile (see RegionalProgram)
     def __call__(self, *args):
         key = tuple((tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a for a in args)
         fn = self.fns.get(key)

@@ -495,6 +495,10 @@ class RegionalProgram:
                 known.add(expr)
                 shape_env.guards.append(ShapeGuard(expr, SLoc(f"npu_cache_fx segment {seg.key}", None), False))
 
+    # Opaque to Dynamo: under ``torch.compile(optimize(model, plan, backend=B))`` these segments are compiled
+    # already, and tracing the binding code (compiling on the first call) recompiled per segment up to Dynamo's
+    # limit
+    @torch._dynamo.disable
     def __call__(self, *args):
         env = list(self.template)
         env[:self.n_inputs] = args

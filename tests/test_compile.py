@@ -83,6 +83,23 @@ def test_zero_recompiles_one_graph_per_variant(eager_reference, name, flow):
     assert {ctx for ctx, _ in buffers_seen} == {"cond", "uncond"}
 
 
+@pytest.mark.parametrize("graphs", ["regional", "full"])
+def test_torch_compile_over_a_module_that_compiles_its_variants(eager_reference, graphs):
+    """``torch.compile(optimize(model, plan, backend=B))``: the variants are compiled by ``optimize`` already, so
+    the enclosing compile has nothing to add. Before: Dynamo traced the regional program's binding code and
+    ``LazyCompile``'s first call, recompiling frame after frame up to its limit ("hit config.recompile_limit"),
+    and ``error_on_recompile`` raised. Now the compiled programs are opaque to it: it compiles nothing."""
+    model, make_inputs, reference, n_variants = eager_reference["flux"]
+    outer = fresh_dynamo()
+    opt = optimize(model, configs("flux"), backend="aot_eager", backend_options={"graphs": graphs})
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outs = generate(torch.compile(opt, backend=outer), make_inputs)
+    assert not outer.graphs and not counters["graph_break"], dict(counters["graph_break"])
+    assert opt.stats.graph_mode == graphs and opt.stats.graphs_compiled >= n_variants
+    for got, want in zip(outs, reference):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("flow", ["optimize_backend", "user_compile"])
 def test_cache_writes_mutate_static_inputs_only(eager_reference, flow):
     """CUDA graph trees skip a graph that mutates a non-static input ("skipping cudagraphs due to mutated
