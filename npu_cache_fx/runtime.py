@@ -516,6 +516,24 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         for ctx in targets:
             ctx.new_generation()
 
+    # contexts kept between generations: a server that names a context per request (what the thread check's
+    # error suggests) would otherwise keep every request's cache buffers
+    max_idle_contexts = 4
+    max_contexts = 64  # in all: beyond it the least recently used go even mid-generation (a cancelled request)
+
+    def _forget_idle_contexts(self) -> None:
+        """Before a new context: drop the least recently used contexts between generations beyond
+        ``max_idle_contexts``, and any beyond ``max_contexts`` in all. A dropped context that is called again
+        starts afresh: its next step computes, and its reads compute until it has written (never a stale cache)."""
+        idle = [name for name, c in self._contexts.items() if c.step in (0, c.plan.steps_count)]
+        drop = idle[:max(0, len(idle) - self.max_idle_contexts + 1)]
+        rest = [name for name in self._contexts if name not in drop]
+        drop += rest[:max(0, len(rest) - self.max_contexts + 1)]
+        for name in drop:
+            del self._contexts[name]
+        if drop:
+            self._update_bytes()
+
     def release(self) -> None:
         """Free every cache buffer (they are re-allocated on the next write)."""
         with self._lock:
@@ -666,7 +684,10 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             refuse_autocast(self.model, leaves)
         ctx = self._contexts.get(self._active)
         if ctx is None:
+            self._forget_idle_contexts()
             ctx = self._contexts[self._active] = _Context(self.plan, self.adastep)
+        elif next(reversed(self._contexts)) != self._active:  # least recently used first
+            self._contexts[self._active] = self._contexts.pop(self._active)
         t, d = self._host_scalars(ctx, kwargs)
         aux = self._auxiliary(ctx, t, key)
         if aux:  # the step just run, again, with other inputs

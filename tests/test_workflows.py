@@ -495,6 +495,36 @@ def test_models_warming_up_in_parallel_threads_capture_and_compile_in_turn():
             assert all(torch.equal(a, b) for a, b in zip(results[k], want)), (backend, k)
 
 
+def test_a_context_per_request_keeps_a_bounded_cache():
+    """The thread check's error tells a server to name a context per request. Before: every request's context
+    and cache buffers were kept for good (a Flux-dev-size cache is tens of MB per request). Now finished
+    contexts beyond ``max_idle_contexts`` and any beyond ``max_contexts`` are dropped, least recently used
+    first; a dropped context called again starts afresh (its step computes)."""
+    torch.manual_seed(0)
+    model = ToyDiT(single=4)
+    opt = optimize(model, _toy_cfg())
+    ref = optimize(model, _toy_cfg())
+    want = [ref(**toy_inputs(900.0 - 100 * s))[0] for s in range(5)]
+    for i in range(10):
+        with opt.cache_context(f"request-{i}"):
+            got = [opt(**toy_inputs(900.0 - 100 * s))[0] for s in range(5)]
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), i
+    per_context = max(opt.stats.cache_bytes_by_context.values())
+    assert per_context > 0 and len(opt.stats.cache_bytes_by_context) == 4, opt.stats.cache_bytes_by_context
+    assert opt.max_idle_contexts == 4
+    assert opt.stats.cache_bytes == 4 * per_context and opt.stats.steps_reused == 10 * 2
+    # a cancelled request (2 of 5 steps) is dropped once max_contexts newer ones came; called again it computes
+    opt.max_contexts = 3
+    with opt.cache_context("cancelled"):
+        opt(**toy_inputs(900.0)), opt(**toy_inputs(800.0))
+    for i in range(3):
+        with opt.cache_context(f"next-{i}"):
+            opt(**toy_inputs(900.0))
+    assert "cancelled" not in opt.stats.cache_bytes_by_context and len(opt.stats.cache_bytes_by_context) <= 3
+    with opt.cache_context("cancelled"), torch.no_grad():
+        assert torch.equal(opt(**toy_inputs(700.0))[0], model(**toy_inputs(700.0))[0])
+
+
 def test_one_context_from_two_threads_mid_generation_is_refused():
     opt = optimize(ToyDiT(single=4), _toy_cfg())
     opt(**toy_inputs(900.0))
