@@ -531,6 +531,9 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         drop += rest[:max(0, len(rest) - self.max_contexts + 1)]
         for name in drop:
             del self._contexts[name]
+            for agents in self._eager.agents if self._eager is not None else ():  # the eager path's caches
+                for agent in agents:
+                    agent.reset(name)
         if drop:
             self._update_bytes()
 

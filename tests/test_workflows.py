@@ -20,7 +20,7 @@ from torch import nn
 from npu_cache_fx import CacheAgent, CacheConfig, ConfigError, load_plan, optimize, save_plan
 from npu_cache_fx.runtime import OptimizedModule
 from hooks import ByHand
-from toy import ToyDiT, toy_inputs
+from toy import ToyDiT, UnexportableDiT, toy_inputs
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -523,6 +523,15 @@ def test_a_context_per_request_keeps_a_bounded_cache():
     assert "cancelled" not in opt.stats.cache_bytes_by_context and len(opt.stats.cache_bytes_by_context) <= 3
     with opt.cache_context("cancelled"), torch.no_grad():
         assert torch.equal(opt(**toy_inputs(700.0))[0], model(**toy_inputs(700.0))[0])
+    # the eager path (a model export cannot capture): its agents drop the same contexts' caches
+    torch.manual_seed(0)
+    eager = optimize(UnexportableDiT(single=4), _toy_cfg())
+    outs = []
+    for i in range(10):
+        with eager.cache_context(f"request-{i}"):
+            outs.append([eager(**toy_inputs(900.0 - 100 * s))[0] for s in range(5)])
+    assert eager.stats.path == "eager" and all(torch.equal(a, b) for o in outs[1:] for a, b in zip(o, outs[0]))
+    assert {len(a._states) for agents in eager._eager.agents for a in agents} == {4}
 
 
 def test_one_context_from_two_threads_mid_generation_is_refused():
