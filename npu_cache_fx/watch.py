@@ -99,7 +99,7 @@ def _registry_hooks(mod: torch.nn.Module) -> Tuple[str, ...]:
 def _processor_state(d: Dict[str, Any]) -> Tuple[int, Any]:
     """A diffusers attention module's processor (from the module's ``__dict__``) and the attention backend it
     dispatches to (``set_attention_backend`` sets ``processor._attention_backend``; None: the registry's active
-    backend). The per-call probe inlines the same two reads."""
+    backend)."""
     processor = d.get("processor")
     return id(processor), getattr(processor, "_attention_backend", None)
 
@@ -133,7 +133,7 @@ def fingerprint(model: torch.nn.Module) -> Tuple[Dict[str, Any], List[Tuple[Call
         if "processor" in d:  # diffusers Attention: set_processor() swaps a plain object, set_attention_backend()
             state = _processor_state(d)  # sets an attribute on it
             processors.append((name, state))
-            probes.append((lambda d=d: (id(p := d.get("processor")), getattr(p, "_attention_backend", None)), state))
+            probes.append((lambda d=d: _processor_state(d), state))
         own, accelerate, registered = d.get("forward"), d.get("_hf_hook"), _registry_hooks(mod)
         if own is not None or accelerate is not None or registered:
             forwards.append((name, id(own), id(accelerate), registered))
