@@ -685,12 +685,13 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         entry = self._entry(kwargs, leaves, spec, key)  # bad inputs raise here, before any state changes
         if entry.eager is None:  # the Dynamo / eager paths call the blocks as the model does: autocast applies
             refuse_autocast(self.model, leaves)
-        ctx = self._contexts.get(self._active)
+        active = self._active  # (a thread-local read)
+        ctx = self._contexts.get(active)
         if ctx is None:
             self._forget_idle_contexts()
-            ctx = self._contexts[self._active] = _Context(self.plan, self.adastep)
-        elif next(reversed(self._contexts)) != self._active:  # least recently used first
-            self._contexts[self._active] = self._contexts.pop(self._active)
+            ctx = self._contexts[active] = _Context(self.plan, self.adastep)
+        elif next(reversed(self._contexts)) != active:  # least recently used first
+            self._contexts[active] = self._contexts.pop(active)
         t, d = self._host_scalars(ctx, kwargs)
         aux = self._auxiliary(ctx, t, key)
         if aux:  # the step just run, again, with other inputs
@@ -713,7 +714,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         if decision is None:  # AdaStep: no model call at all
             return _Call(ctx, None, None, set(), None, [], key, skip=True, timestep=t, step=step)
         if entry.eager is not None:
-            run = functools.partial(self._run_eager, entry, spec, decision, self._active, step, t)
+            run = functools.partial(self._run_eager, entry, spec, decision, active, step, t)
             return _Call(ctx, entry, _Variant(decision, None, run, []), set(), run, leaves, key, timestep=t,
                          step=step, auxiliary=aux)
         valid = ctx.valid.setdefault(key, set())
