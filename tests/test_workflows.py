@@ -319,11 +319,11 @@ def test_offload_hooks_removed_return_to_the_graph():
     opt = optimize(model, _toy_cfg())
     add_hook_to_module(model.blocks[0], ModelHook())  # what cpu_offload / dispatch_model put on submodules
     ref = optimize(ToyDiT(single=4), _toy_cfg())
-    want = [ref(**toy_inputs(900.0 - 100 * s))[0] for s in range(5)]
-    got = [opt(**toy_inputs(900.0 - 100 * s))[0] for s in range(5)]
+    want = _toy_generation(ref)
+    got = _toy_generation(opt)
     assert opt.stats.path == "eager" and all(torch.equal(a, b) for a, b in zip(got, want))
     remove_hook_from_module(model.blocks[0])
-    got = [opt(**toy_inputs(900.0 - 100 * s))[0] for s in range(5)]
+    got = _toy_generation(opt)
     assert opt.stats.path == "export" and opt.stats.fallback_reason is None and opt.stats.captures == 1
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
@@ -380,6 +380,11 @@ def _toy_cfg():
     return CacheConfig(steps_count=5, step_start=1, step_interval=2, block_start=1, block_end=3, blocks="blocks")
 
 
+def _toy_generation(module, seed=0):
+    """One generation of the toy (5 steps, the plan's length): its outputs."""
+    return [module(**toy_inputs(900.0 - 100 * s, seed=seed))[0] for s in range(5)]
+
+
 def test_bad_call_raises_and_changes_nothing(caplog):
     """Before: the failed capture of a bad call switched the module to the fallback path for good, with a
     warning blaming the model."""
@@ -394,7 +399,7 @@ def test_bad_call_raises_and_changes_nothing(caplog):
         if s == 2:  # mid-generation: a new input signature, rejected by the model itself
             with pytest.raises(RuntimeError, match="size of tensor"):
                 opt(**dict(toy_inputs(0.0, batch=2), timestep=torch.full((3,), 0.0)))
-    want = [fresh(**toy_inputs(900.0 - 100 * s))[0] for s in range(5)]
+    want = _toy_generation(fresh)
     assert all(torch.equal(a, b) for a, b in zip(outs, want))
     assert opt.stats.path == "export" and opt.stats.steps_reused == 2 and opt.stats.captures == 1
     assert "cannot be captured" not in caplog.text
@@ -427,7 +432,7 @@ def test_threads_with_their_own_contexts_match_single_threaded_runs():
     assert not errors, errors
     for i in range(2):
         ref = optimize(ToyDiT(single=4), _toy_cfg())
-        want = [ref(**toy_inputs(900.0 - 100 * s, seed=i))[0] for s in range(5)]
+        want = _toy_generation(ref, seed=i)
         assert all(torch.equal(a, b) for a, b in zip(results[f"request-{i}"], want))
     assert opt.stats.captures == 1 and opt.stats.steps_reused == 2 * 2
 
@@ -477,7 +482,7 @@ def test_models_warming_up_in_parallel_threads_capture_and_compile_in_turn():
             try:
                 barrier.wait()
                 outs = []
-                outs += [opts[k](**toy_inputs(900.0 - 100 * s, seed=k))[0] for s in range(5)]
+                outs += _toy_generation(opts[k], seed=k)
                 results[k] = outs
             except Exception as err:  # reported below
                 errors.append(err)
@@ -491,7 +496,7 @@ def test_models_warming_up_in_parallel_threads_capture_and_compile_in_turn():
         for k, m in enumerate(models):
             assert opts[k].stats.path == "export" and opts[k].stats.fallback_reason is None, opts[k].stats
             ref = optimize(m, _toy_cfg(), backend=backend)
-            want = [ref(**toy_inputs(900.0 - 100 * s, seed=k))[0] for s in range(5)]
+            want = _toy_generation(ref, seed=k)
             assert all(torch.equal(a, b) for a, b in zip(results[k], want)), (backend, k)
 
 
@@ -504,10 +509,10 @@ def test_a_context_per_request_keeps_a_bounded_cache():
     model = ToyDiT(single=4)
     opt = optimize(model, _toy_cfg())
     ref = optimize(model, _toy_cfg())
-    want = [ref(**toy_inputs(900.0 - 100 * s))[0] for s in range(5)]
+    want = _toy_generation(ref)
     for i in range(10):
         with opt.cache_context(f"request-{i}"):
-            got = [opt(**toy_inputs(900.0 - 100 * s))[0] for s in range(5)]
+            got = _toy_generation(opt)
         assert all(torch.equal(a, b) for a, b in zip(got, want)), i
     per_context = max(opt.stats.cache_bytes_by_context.values())
     assert per_context > 0 and len(opt.stats.cache_bytes_by_context) == 4, opt.stats.cache_bytes_by_context
@@ -529,7 +534,7 @@ def test_a_context_per_request_keeps_a_bounded_cache():
     outs = []
     for i in range(10):
         with eager.cache_context(f"request-{i}"):
-            outs.append([eager(**toy_inputs(900.0 - 100 * s))[0] for s in range(5)])
+            outs.append(_toy_generation(eager))
     assert eager.stats.path == "eager" and all(torch.equal(a, b) for o in outs[1:] for a, b in zip(o, outs[0]))
     assert {len(a._states) for agents in eager._eager.agents for a in agents} == {4}
 
@@ -702,7 +707,7 @@ def test_deepcopy_gives_an_independent_module_under_the_same_plan():
     import copy
     opt = optimize(ToyDiT(single=4), _toy_cfg())
     opt.set_steps(5)
-    first = [opt(**toy_inputs(900.0 - 100 * s))[0] for s in range(5)]
+    first = _toy_generation(opt)
     twin = copy.deepcopy(opt)
     assert twin.model is not opt.model and twin.configs == opt.configs and twin.stats.captures == 0
     assert all(torch.equal(a, twin(**toy_inputs(900.0 - 100 * s))[0]) for s, a in enumerate(first))
