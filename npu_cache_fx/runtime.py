@@ -53,7 +53,7 @@ from .schedule import Action, Decision, Plan, forecast_coefficients, make_plan
 from .shapes import DynamicShapes, bind, concrete
 from .adastep import AdaStepState
 from .targets import Target, bind_target, check_overlaps, resolve_config
-from .watch import ModelWatch, offload_hooks
+from .watch import ModelWatch, offload_hooks, stateful_hooks
 
 __all__ = ["CaptureCache", "OptimizedModule", "Stats", "TIMESTEP_NAMES", "normalize_inputs", "optimize", "signature_key",
            "static_cache_buffers", "timestep_value"]
@@ -282,6 +282,19 @@ def reject_bad_inputs(model: torch.nn.Module, kwargs: Dict[str, Any]) -> None:
     else:
         return
     raise error
+
+
+def refuse_stateful_hooks(model: torch.nn.Module) -> None:
+    """Raise when diffusers' stateful hooks are on the model (its own step caches, ``enable_cache(...)``):
+    two step caches on one model, and a captured graph would freeze one call's branch of theirs."""
+    found = stateful_hooks(model)
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise RuntimeError(
+            f"{type(model).__name__} has diffusers' stateful hooks ({', '.join(found[:3])}{more}): a step cache of "
+            "diffusers' own (enable_cache / apply_first_block_cache / apply_faster_cache...) on a model that "
+            "npu_cache_fx caches. One step cache per model: remove diffusers' (model.disable_cache()) and keep "
+            "the optimize() plan, or call the model without optimize().")
 
 
 def refuse_autocast(model: torch.nn.Module, leaves: Sequence[Any]) -> None:
@@ -967,6 +980,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
     def _capture(self, kwargs: Dict[str, Any], key: Any, dynamic: bool = False) -> Optional[Capture]:
         """Capture this signature, or switch to a fallback path (and return None) when a graph cannot run
         the model: weights offloaded by hooks inside it, or a model export cannot capture."""
+        refuse_stateful_hooks(self.model)
         offloaded = offload_hooks(self.model)
         if offloaded:  # a graph would run without the hooks that bring the weights in
             more = " ..." if len(offloaded) > 3 else ""

@@ -32,6 +32,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import importlib
 import sys
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -39,7 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["ModelWatch", "fingerprint", "offload_hooks"]
+__all__ = ["ModelWatch", "fingerprint", "offload_hooks", "stateful_hooks"]
 
 _registrations = 0
 _installed = False
@@ -53,16 +55,44 @@ def _bump(*_: Any) -> None:
 
 
 def _install() -> None:
-    """Count every submodule/parameter/buffer registration in the process (once)."""
+    """Count every submodule/parameter/buffer registration in the process (once), and every hook added to or
+    removed from a diffusers ``HookRegistry`` once diffusers is imported."""
     global _installed
     with _install_lock:
-        if _installed:
-            return
-        from torch.nn.modules import module as M
-        M.register_module_module_registration_hook(_bump)
-        M.register_module_parameter_registration_hook(_bump)
-        M.register_module_buffer_registration_hook(_bump)
-        _installed = True
+        if not _installed:
+            from torch.nn.modules import module as M
+            M.register_module_module_registration_hook(_bump)
+            M.register_module_parameter_registration_hook(_bump)
+            M.register_module_buffer_registration_hook(_bump)
+            _installed = True
+        _count_diffusers_hooks()
+
+
+def _counted(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        finally:
+            _bump()
+    counted._npu_cache_fx_counted = True  # type: ignore[attr-defined]
+    return counted
+
+
+def _count_diffusers_hooks() -> None:
+    """diffusers' hooks (``enable_layerwise_casting``, ``enable_group_offload``, ``enable_cache``...) replace a
+    module's ``forward`` and set plain attributes: no torch registration hook sees them. Their registry's
+    ``register_hook`` / ``remove_hook`` bump the registration counter instead (wrapped once per process)."""
+    if "diffusers" not in sys.modules:
+        return
+    try:
+        registry = importlib.import_module("diffusers.hooks.hooks").HookRegistry
+    except (ImportError, AttributeError):  # a diffusers without hooks
+        return
+    for name in ("register_hook", "remove_hook"):
+        method = registry.__dict__.get(name)
+        if callable(method) and not getattr(method, "_npu_cache_fx_counted", False):
+            setattr(registry, name, _counted(method))
 
 
 def _counters() -> Tuple[int, int]:
@@ -150,6 +180,18 @@ def fingerprint(model: torch.nn.Module) -> Tuple[Dict[str, Any], List[Tuple[Call
                 "adapters": tuple(adapters), "attention processors": tuple(processors),
                 "attention backend": active, "forward overrides": tuple(forwards), "training": model.training}
     return sections, probes
+
+
+def stateful_hooks(model: torch.nn.Module) -> List[str]:
+    """``"module: hook"`` for each stateful hook in diffusers' hook registries on ``model`` (its step caches:
+    FirstBlockCache, FasterCache, PyramidAttentionBroadcast, TaylorSeer, MagCache...; its text KV cache). Their
+    state changes from call to call in Python: a captured graph would freeze one call's branch."""
+    found = []
+    for name, mod in model.named_modules():
+        hooks = getattr(mod.__dict__.get("_diffusers_hook"), "hooks", None)
+        if isinstance(hooks, dict):
+            found += [f"{name or '<model>'}: {h}" for h, hook in hooks.items() if getattr(hook, "_is_stateful", False)]
+    return found
 
 
 def offload_hooks(model: torch.nn.Module) -> List[str]:

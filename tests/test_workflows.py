@@ -183,6 +183,48 @@ def test_attention_backend_switch_recaptures():
 
 
 @SLOW
+def test_diffusers_hooks_added_after_the_first_call_are_noticed():
+    """diffusers' hooks (``enable_layerwise_casting`` here) replace a block's ``forward`` and cast its weights
+    in place: nothing a torch registration hook sees. Before: the module kept its graph, which then ran with
+    the fp8 weights and raised 'mat1 and mat2 must have the same dtype'. Now the hook registry's
+    ``register_hook`` is counted: the module captures again, export cannot trace the casting hooks, and the
+    eager path runs the blocks through them."""
+    model = flux_transformer()
+    opt = optimize(model, FLUX_CFGS)
+    generation(opt)
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    got = generation(opt)
+    assert opt.stats.model_changes == 1 and opt.stats.path == "eager", opt.stats
+    assert any(p.dtype == torch.float8_e4m3fn for p in model.transformer_blocks[0].parameters())
+    torch.testing.assert_close(got, by_hand(model, opt.configs), rtol=0, atol=0)
+
+
+@SLOW
+@pytest.mark.parametrize("when", ["before optimize", "after the first call"])
+def test_a_diffusers_step_cache_on_an_optimized_model_is_refused(when):
+    """``enable_cache(FirstBlockCacheConfig(...))``: diffusers' own step cache, stateful hooks whose branch
+    changes per call. Before: enabled after the first call, it was silently ignored (the graph ran without its
+    hooks); enabled before, the call failed inside diffusers ('No cache context is set'). Now both raise,
+    saying what to do, and ``disable_cache()`` brings the plan back."""
+    FirstBlockCacheConfig = getattr(diffusers, "FirstBlockCacheConfig", None)
+    if FirstBlockCacheConfig is None:
+        pytest.skip("this diffusers has no FirstBlockCacheConfig")
+    model = flux_transformer()
+    if when == "before optimize":
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    opt = optimize(model, FLUX_CFGS)
+    if when == "after the first call":
+        generation(opt)
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    with pytest.raises(RuntimeError, match=r"fbc_leader_block_hook.*model\.disable_cache\(\)"):
+        generation(opt)
+    model.disable_cache()
+    got = generation(opt)
+    assert opt.stats.path == "export"
+    torch.testing.assert_close(got, by_hand(model, opt.configs), rtol=1e-5, atol=1e-5)
+
+
+@SLOW
 def test_in_place_weight_update_needs_no_recapture():
     """The captured graph reads the model's own parameters: load_state_dict (copy) reaches it as is."""
     model = flux_transformer()
@@ -242,6 +284,36 @@ def test_lora_lifecycle_in_a_pipeline():
     pipe.unfuse_lora()
     pipe.unload_lora_weights()
     torch.testing.assert_close(check("unload_lora_weights"), base, rtol=1e-5, atol=1e-5)
+
+
+@SLOW
+def test_lora_hotswap_needs_no_recapture():
+    """diffusers' ``enable_lora_hotswap`` + ``load_lora_weights(..., hotswap=True)`` (the torch.compile-friendly
+    LoRA switch): the new weights are copied into the adapter's tensors and its scale, a tensor, is filled in
+    place. The captured graph reads both: one capture, and the output follows each swap."""
+    pytest.importorskip("peft")
+    pipe = flux_pipeline()
+    model = pipe.transformer
+    lora_a, lora_b = lora_state_dict(model, 1, rank=2), lora_state_dict(model, 2, rank=4)
+    pipe.enable_lora_hotswap(target_rank=4)
+    pipe.load_lora_weights(lora_a, adapter_name="default_0")
+    pipe.transformer = opt = optimize(model, FLUX_CFGS, backend="aot_eager")
+
+    def check(label):
+        got = run_pipe(pipe)
+        torch.testing.assert_close(got, run_pipe(pipe, ByHand(model, opt.configs, "encoder_first")),
+                                   rtol=1e-5, atol=1e-5, msg=label)
+        return got
+    first = check("first adapter")
+    pipe.load_lora_weights(lora_b, adapter_name="default_0", hotswap=True)
+    second = check("hotswapped adapter")
+    scales = [m.scaling["default_0"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    assert scales and all(isinstance(s, torch.Tensor) for s in scales)
+    for s in scales:  # what a hotswap to an adapter of another alpha / rank does
+        s.fill_(0.5)
+    third = check("rescaled adapter")
+    assert not torch.equal(first, second) and not torch.equal(second, third)
+    assert opt.stats.captures == 1 and opt.stats.model_changes == 0
 
 
 @SLOW
