@@ -27,6 +27,11 @@ What makes graph mode work is kept: the plan stays on the host (one program per 
 in any graph), cache buffers are graph inputs updated in place (static addresses), no recompiles (each
 compiled segment sees one input signature; the counting backend in the tests checks it).
 
+A refresh's writes (a block range's ``delta = out - in`` and its copy into the cache buffer, an attention
+output's copy) are a segment of their own, run uncompiled after the glue they came with: the glue of a refresh step is then
+the glue of a compute step, compiled once for both, and a refresh compiles nothing that compute steps did
+not (:func:`_writes_last`).
+
 Cache-op nodes a rewrite inserts inside a block's node span (an attention cache's ``copy_``, the
 delta of a block range's stream that leaves before the block ends) are moved after the block when no
 node of the block needs them, or belong to the block when one does (a forecast read feeding the block),
@@ -52,16 +57,19 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .backends import PerShape
+from .passes.common import CACHE_WRITES
 from .shapes import CanonicalInputs, canonical_inputs, fake_inputs
 
-__all__ = ["RegionalProgram", "Segment", "SegmentCache", "partition", "structural_key"]
+__all__ = ["GLUE", "WRITES", "RegionalProgram", "Segment", "SegmentCache", "partition", "structural_key"]
 
 GLUE = ("glue",)
+WRITES = ("cache writes",)  # a refresh's writes into the cache buffers, run uncompiled (see _writes_last)
 
 
 @dataclass
 class Segment:
-    """One block (``label`` = (list fqn, index)) or a run of glue (``label`` = ``("glue",)``)."""
+    """One block (``label`` = (list fqn, index)), a run of glue (``label`` = :data:`GLUE`) or a refresh's cache
+    writes (``label`` = :data:`WRITES`, run uncompiled)."""
 
     label: Tuple
     gm: fx.GraphModule
@@ -133,6 +141,40 @@ def _order(gm: fx.GraphModule, labels: Dict[fx.Node, Tuple]) -> List[fx.Node]:
         if any(a.op == "call_function" and a in labels and a not in seen for a in n.all_input_nodes):
             return nodes
         seen.add(n)
+    return out
+
+
+def _writes_last(order: List[fx.Node], labels: Dict[fx.Node, Tuple]) -> List[fx.Node]:
+    """Move each run of glue's cache writes (nodes tagged :data:`~npu_cache_fx.passes.common.CACHE_WRITES` by the
+    rewrite passes: a block range's ``delta = out - in`` and its copy into the cache buffer, an attention output's
+    copy) to the end of the run, labelled :data:`WRITES`, so the glue around a refresh is the same graph as the
+    glue of a compute step and is compiled once for both. The writes are sinks (nothing but other writes reads
+    them), so running them last changes no value; a run where that does not hold (a write read by glue, glue
+    mutating in place) is left whole.
+
+    A :data:`WRITES` segment is not compiled: a few memory-bound ops into the cache buffers, run as they are."""
+    out: List[fx.Node] = []
+    run: List[fx.Node] = []
+
+    def flush() -> None:
+        writes = [n for n in run if CACHE_WRITES in n.meta]
+        rest = [n for n in run if CACHE_WRITES not in n.meta]
+        sinks = all(CACHE_WRITES in u.meta for w in writes for u in w.users)
+        pure = not any(getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in rest)
+        if writes and sinks and pure:
+            run[:] = rest + writes
+            for n in writes:
+                labels[n] = WRITES
+        out.extend(run)
+        run.clear()
+
+    for n in order:
+        if labels[n] == GLUE:
+            run.append(n)
+        else:
+            flush()
+            out.append(n)
+    flush()
     return out
 
 
@@ -256,7 +298,7 @@ def partition(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Tuple[Li
     free = {n for n in labels if _size_arithmetic(n)} | views | casts
     for n in free:  # recomputed by every segment that reads it (see _size_arithmetic, _free_views)
         del labels[n]
-    order = _order(gm, labels)
+    order = _writes_last(_order(gm, labels), labels)
     slot: Dict[fx.Node, int] = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for n in placeholders:
@@ -467,11 +509,15 @@ class RegionalProgram:
 
     @property
     def blocks(self) -> int:
-        return sum(1 for s in self.segments if s.label != GLUE)
+        return sum(1 for s in self.segments if s.label not in (GLUE, WRITES))
 
     def _bind(self, env: List[Any]) -> None:
         for seg in self.segments:
             example = [env[i] for i in seg.inputs]
+            if seg.label == WRITES:  # not compiled (see _writes_last)
+                seg.fn = seg.gm
+                seg.fn(*example)
+                continue
             compile_for, canonical = symbolic_example(seg, env) if self.symbolic else (example, None)
             seg.fn, new = self.cache.get(seg, compile_for, canonical)
             if canonical is not None:

@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 from npu_cache_fx import CacheConfig, optimize  # noqa: E402
 from npu_cache_fx.backends import graph_mode  # noqa: E402
 from npu_cache_fx.config import ConfigError  # noqa: E402
-from npu_cache_fx.regions import (GLUE, RegionalProgram, SegmentCache, _free_views, _labels, _size_arithmetic,  # noqa: E402
+from npu_cache_fx.regions import (GLUE, WRITES, RegionalProgram, SegmentCache, _free_views, _labels, _size_arithmetic,  # noqa: E402
                                   partition)
 from npu_cache_fx.schedule import Action  # noqa: E402
 from npu_cache_fx.shapes import size_hint  # noqa: E402
@@ -57,7 +57,7 @@ def test_partition_groups_blocks_and_keeps_the_graph(flux):
                       and n not in views and n not in casts)
         assert sum(sum(1 for n in s.gm.graph.nodes if n.op == "call_function" and n.name.startswith("n"))
                    for s in segments) == n_nodes
-        labels = [s.label for s in segments if s.label != GLUE]
+        labels = [s.label for s in segments if s.label not in (GLUE, WRITES)]
         assert len(labels) == len(set(labels)), f"a block split in two segments: {labels}"
         assert not any(n.op == "get_attr" for s in segments for n in s.gm.graph.nodes)  # weights are inputs
         program = RegionalProgram(gm, cap.spans, cache)
@@ -123,13 +123,22 @@ def test_regional_variants_share_compiled_blocks(flux, name):
     assert not counters["graph_break"]
     programs = [v.fn for e in opt._entries.values() for v in e.variants.values()]
     assert len(programs) == n_variants and all(isinstance(p, RegionalProgram) for p in programs)
-    keys = {s.key for p in programs for s in p.segments}
+    keys = {s.key for p in programs for s in p.segments if s.label != WRITES}
     assert len(backend.graphs) == len(keys)  # one compile per distinct segment, none after the first call
     assert len(keys) < sum(len(p.segments) for p in programs)  # shared by blocks and variants
     compute = max(programs, key=lambda p: p.blocks)
+    # a refresh's writes run uncompiled after the glue they came with, so a variant of computes and refreshes
+    # has compute's glue: no glue graph of its own (before: one per place a cache writes). A block cache's
+    # refresh compiles nothing; an attention cache's compiles its blocks (they hand the attention output on)
+    refresh = [v.fn for e in opt._entries.values() for d, v in e.variants.items()
+               if Action.WRITE in d and Action.READ not in d]
+    compute_glue = {s.key for s in compute.segments if s.label == GLUE}
+    assert refresh and all(any(s.label == WRITES for s in p.segments) for p in refresh)
+    assert all({s.key for s in p.segments if s.label == GLUE} <= compute_glue for p in refresh)
+    assert all(p.compiled_new == 0 for p in refresh) == (name == "flux")
     per_list = {}
     for s in compute.segments:
-        if s.label != GLUE:
+        if s.label not in (GLUE, WRITES):
             per_list.setdefault(s.label[0], set()).add(s.key)
     # Flux's double blocks one key; its single blocks two (the first reads two tensors, the others the joint
     # stream the block before hands on, the last one too); Wan's blocks one (export traces a block's use of
@@ -138,7 +147,7 @@ def test_regional_variants_share_compiled_blocks(flux, name):
     assert {fqn: len(ks) for fqn, ks in per_list.items()} == want_keys
     stats = opt.stats
     assert stats.graph_mode == "regional" and stats.graphs_compiled == len(keys)
-    assert stats.graphs_shared == sum(len(p.segments) for p in programs) - len(keys)
+    assert stats.graphs_shared == sum(1 for p in programs for s in p.segments if s.label != WRITES) - len(keys)
     (timing,) = stats.timings.values()
     assert timing["capture_seconds"] > 0 and len(timing["variants"]) == n_variants
     assert all(v["compile_seconds"] > 0 for v in timing["variants"].values())

@@ -20,7 +20,8 @@ import torch
 import torch.fx as fx
 from ..capture import Region
 from ..schedule import Action
-from .common import RewriteResult, cache_action, eliminate_dead_code, emit_cache_read, emit_cache_write, set_val
+from .common import (CACHE_WRITES, RewriteResult, cache_action, eliminate_dead_code, emit_cache_read, emit_cache_write,
+                     set_val)
 
 __all__ = ["block_cache_pass"]
 
@@ -54,6 +55,7 @@ def block_cache_pass(gm: fx.GraphModule, region: Region, mode: Union[Action, str
             with graph.inserting_after(out):
                 delta = graph.call_function(aten.sub.Tensor, (out, src))
                 set_val(delta, out)
+            delta.meta[CACHE_WRITES] = slot  # only the write reads it
             emit_cache_write(graph, delta, slot, history)
         else:
             outside = [u for u in out.users if u.name not in region.nodes]

@@ -113,6 +113,13 @@ def coef_slot(prefix: str) -> str:
     return f"{prefix}.coef"
 
 
+# node.meta key (value: the slot) of the nodes a cache's refresh adds: the cache writes, and a block range's
+# ``delta = out - in``. They end the graph's dataflow (nothing but other writes reads them), and regional
+# compilation runs them outside the compiled glue, so that the glue around a refresh is the glue of a plain
+# compute step (:func:`npu_cache_fx.regions.partition`)
+CACHE_WRITES = "npu_cache_fx_write"
+
+
 def emit_cache_write(graph: fx.Graph, value: fx.Node, slot: str, history: int) -> fx.Node:
     """After ``value``: shift the slot's history one older, then write ``value`` as the newest.
 
@@ -128,8 +135,11 @@ def emit_cache_write(graph: fx.Graph, value: fx.Node, slot: str, history: int) -
             set_val(older, value)
         with graph.inserting_after(older):
             anchor = graph.call_function(CACHE_WRITE, (older, slots[k]))
+        older.meta[CACHE_WRITES] = anchor.meta[CACHE_WRITES] = slot
     with graph.inserting_after(anchor):
-        return graph.call_function(CACHE_WRITE, (value, slots[0]))
+        last = graph.call_function(CACHE_WRITE, (value, slots[0]))
+    last.meta[CACHE_WRITES] = slot
+    return last
 
 
 def emit_cache_read(graph: fx.Graph, like: fx.Node, slot: str, history: int, prefix: str) -> fx.Node:

@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops import CACHE_READ, CACHE_WRITE
-from .common import eliminate_dead_code, set_val
+from .common import CACHE_WRITES, eliminate_dead_code, set_val
 
 __all__ = ["lower_cache_ops"]
 
@@ -60,7 +60,9 @@ def lower_cache_ops(gm: fx.GraphModule) -> PassResult:
             val = value.meta.get("val")
             buf = buffer(slot, val.shape, val.dtype, val.device, value)
             with graph.inserting_before(node):
-                graph.call_function(torch.ops.aten.copy_.default, (buf, value))
+                copy = graph.call_function(torch.ops.aten.copy_.default, (buf, value))
+            if CACHE_WRITES in node.meta:
+                copy.meta[CACHE_WRITES] = node.meta[CACHE_WRITES]
             graph.erase_node(node)
     gm.meta["cache_slots"] = meta
     eliminate_dead_code(gm)  # also drops export's unused metadata asserts from every variant
