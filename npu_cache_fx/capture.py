@@ -32,7 +32,7 @@ from .config import ConfigError
 __all__ = [
     "AttentionSite", "BlockList", "Capture", "Region", "Stream", "TRACING", "TraceLock", "attention_children",
     "attention_sites", "block_region", "capture", "choose_attention", "exporting", "find_block_lists",
-    "module_nodes", "region_from_nodes", "resolve_block_list", "walk_back",
+    "module_nodes", "region_from_nodes", "residual_sources", "resolve_block_list", "walk_back",
 ]
 
 log = logging.getLogger(__name__)
@@ -391,6 +391,7 @@ _ALIASING = {
 # fp16 Flux / Qwen-Image blocks apply to their outputs (``clip(-65504, 65504)``).
 _PASS_THROUGH = _ALIASING | {aten.clamp.default, aten.clamp.Tensor, aten.clip.default, aten.clip.Tensor}
 _MAX = 2 ** 62
+_STREAM_ROLES = ("hidden_states", "encoder_hidden_states")  # a block's stream parameters (diffusers' names)
 
 
 def _size(s: Any) -> Any:
@@ -431,55 +432,67 @@ def walk_back(node: Any, window, region: frozenset, inputs: frozenset) -> Option
     Follows residual adds, dtype casts and clamps, and resolves ``slice`` of
     ``cat`` by offsets (a concatenated joint stream split back apart).
     ``window`` is a pending ``(dim, start, end)`` slice of ``node``.
+    An add whose two terms continue two different inputs continues neither.
     """
+    return next(iter(_walk(node, window, region, inputs, every=False)), None)
+
+
+def residual_sources(node: Any, region: frozenset, inputs: frozenset) -> frozenset:
+    """Every region input that ``node`` continues along some residual path: an add continues both of its terms
+    (ControlNet's ``hidden + residual`` between the blocks of a range reaches the residual input as well as the
+    stream)."""
+    return _walk(node, None, region, inputs, every=True)
+
+
+def _walk(node: Any, window, region: frozenset, inputs: frozenset, every: bool) -> frozenset:
     if not isinstance(node, fx.Node):
-        return None
+        return frozenset()
     if node.name not in region:
-        return node if node.name in inputs and window is None else None
+        return frozenset([node]) if node.name in inputs and window is None else frozenset()
     target = node.target
     if target in _PASS_THROUGH:
-        return walk_back(node.args[0], window, region, inputs)
+        return _walk(node.args[0], window, region, inputs, every)
     if target in (aten.add.Tensor, aten.add_.Tensor):
-        hits = {h for a in node.args[:2] for h in [walk_back(a, window, region, inputs)] if h is not None}
-        return hits.pop() if len(hits) == 1 else None
+        hits = frozenset().union(*(_walk(a, window, region, inputs, every) for a in node.args[:2]))
+        return hits if every or len(hits) == 1 else frozenset()
     if target is aten.slice.Tensor:
         src = node.args[0]
         shape = _shape(src)
         if shape is None:
-            return None
+            return frozenset()
         dim = node.args[1] if len(node.args) > 1 else 0
         dim = dim % len(shape)
         lo = _index(node.args[2]) if len(node.args) > 2 and node.args[2] is not None else 0
         hi = _index(node.args[3]) if len(node.args) > 3 and node.args[3] is not None else _MAX
         step = node.args[4] if len(node.args) > 4 else 1
         if step != 1 or lo is None or hi is None:
-            return None
+            return frozenset()
         size = shape[dim]
         lo = lo + size if _negative(lo) else lo
         lo = max(0, lo) if isinstance(lo, int) else lo
         hi = _clip(hi + size if _negative(hi) else hi, size)
         if window is not None:
             if window[0] != dim:
-                return None if (lo, hi) != (0, size) else walk_back(src, window, region, inputs)
+                return frozenset() if (lo, hi) != (0, size) else _walk(src, window, region, inputs, every)
             lo, hi = lo + window[1], lo + window[2]
         if (lo, hi) == (0, size):
-            return walk_back(src, None, region, inputs)
-        return walk_back(src, (dim, lo, hi), region, inputs)
+            return _walk(src, None, region, inputs, every)
+        return _walk(src, (dim, lo, hi), region, inputs, every)
     if target is aten.cat.default and window is not None:
         parts = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else 0
         rank = len(_shape(node) or ())
         if rank == 0 or window[0] != dim % rank:
-            return None
+            return frozenset()
         offset = 0
         for part in parts:
             size = (_shape(part) or (None,) * rank)[window[0]]
             if size is None:
-                return None
+                return frozenset()
             if (offset, offset + size) == (window[1], window[2]):
-                return walk_back(part, None, region, inputs)
+                return _walk(part, None, region, inputs, every)
             offset += size
-    return None
+    return frozenset()
 
 
 def _convex_closure(gm: fx.GraphModule, names: set) -> set:
@@ -588,9 +601,20 @@ def region_from_nodes(gm: fx.GraphModule, names: set, label: str,
         if any(u.name not in region for u in node.users):
             outputs.append(node)
     input_set = frozenset(inputs)
-    sources = {out.name: walk_back(out, None, region, input_set) for out in outputs}
-    unpaired = [name for name, src in sources.items() if src is None]
     roots = {i: aliases.get(i, i) for i in inputs}
+    sources = {}
+    for out in outputs:
+        src = walk_back(out, None, region, input_set)
+        if src is None or roles.get(roots[src.name]) not in _STREAM_ROLES:
+            # an add of a side input (ControlNet's residual between two blocks of the range): the stream is the
+            # one input the block signature names a stream that the output reaches (before, Flux's single-stream
+            # range with ControlNet residuals paired its hidden output with the residual input)
+            streams = {roots[n.name]: n for n in residual_sources(out, region, input_set)
+                       if roles.get(roots[n.name]) in _STREAM_ROLES}
+            if len(streams) == 1:
+                src = next(iter(streams.values()))
+        sources[out.name] = src
+    unpaired = [name for name, src in sources.items() if src is None]
     hidden = sorted((by_name[i] for i in inputs if roles.get(roots[i]) == "hidden_states"),
                     key=lambda n: n.name != roots[n.name])  # the aliased input itself first
     if (len(unpaired) == 1 and len({roots[n.name] for n in hidden}) == 1

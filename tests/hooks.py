@@ -14,8 +14,9 @@ from typing import Iterable
 import torch
 
 from npu_cache_fx import CacheAgent
+from npu_cache_fx.schedule import Action, config_actions
 
-__all__ = ["ByHand", "agent_on_attention", "agent_on_blocks"]
+__all__ = ["ByHand", "RangeByHand", "agent_on_attention", "agent_on_blocks"]
 
 
 def _keyword_call(orig):
@@ -109,3 +110,53 @@ class ByHand(torch.nn.Module):
             for cfg, agent in zip(self.configs, self.agents):
                 stack.enter_context(agent_on_blocks(self.model.get_submodule(cfg.blocks), agent))
             return self.model(*args, **kwargs)
+
+
+class RangeByHand(torch.nn.Module):
+    """The spec's block-range semantics by hand, for a Flux transformer with code between the blocks of a range
+    (ControlNet residuals): a refresh records ``delta = out(end - 1) - in(start)`` per stream; at a reuse step the
+    model runs as is and the last block's output is replaced by ``in + delta``, so whatever the range's blocks
+    and the code between them computed is discarded, as the graph rewrite removes it.
+
+    ``ByHand`` (MindIE's usage) differs there: its blocks after the first pass their input through, and the
+    model's code between them runs again on top of a delta that already holds what it added."""
+
+    def __init__(self, model, configs):
+        super().__init__()
+        self.model = model
+        self.configs = configs
+        self.actions = [config_actions(c) for c in configs]
+        self.step = 0
+        self.deltas = [None] * len(configs)
+
+    def __getattr__(self, name):  # config, dtype, device, ... of the wrapped model
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+    def forward(self, *args, **kwargs):
+        handles = []
+        for k, (cfg, actions) in enumerate(zip(self.configs, self.actions)):
+            action = actions[self.step % cfg.steps_count]
+            if action is Action.COMPUTE:
+                continue
+            blocks = self.model.get_submodule(cfg.blocks)
+            entered = {}
+
+            def pre(mod, a, kw, entered=entered):
+                entered["in"] = (kw["encoder_hidden_states"], kw["hidden_states"])
+
+            def post(mod, a, kw, out, k=k, action=action, entered=entered):
+                if action is Action.WRITE:  # Flux blocks return (encoder, hidden)
+                    self.deltas[k] = tuple(o - i for o, i in zip(out, entered["in"]))
+                    return None
+                return tuple(i + d for i, d in zip(entered["in"], self.deltas[k]))
+            handles.append(blocks[cfg.block_start].register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(blocks[cfg.block_end - 1].register_forward_hook(post, with_kwargs=True))
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+            self.step += 1

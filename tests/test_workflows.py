@@ -19,7 +19,7 @@ from torch import nn
 
 from npu_cache_fx import CacheAgent, CacheConfig, ConfigError, load_plan, optimize, save_plan
 from npu_cache_fx.runtime import OptimizedModule
-from hooks import ByHand
+from hooks import ByHand, RangeByHand
 from toy import ToyDiT, UnexportableDiT, toy_inputs
 
 diffusers = pytest.importorskip("diffusers")
@@ -331,6 +331,43 @@ def test_lora_scale_is_one_capture_per_value():
     want = by_hand(model, opt.configs, joint_attention_kwargs={"scale": 0.5})
     torch.testing.assert_close(outs[0.5], want, rtol=1e-5, atol=1e-5)
     assert not torch.equal(outs[0.5], outs[1.0])
+
+
+@SLOW
+def test_controlnet_residuals_inside_a_cached_range():
+    """``FluxControlNetPipeline``: the transformer adds a ControlNet residual after every block, code between the
+    blocks of a range. A reuse step emits the range's ``in + delta`` after its last block, then that block's fresh
+    residual (SPEC: ``delta = out(end - 1) - in(start)``): the residuals inside the range are part of the delta.
+    Ranges of one block hold no residual: exactly ``ByHand``. A longer range: exactly ``RangeByHand``, and closer
+    to the uncached output than MindIE's usage by hand, whose pass-through blocks let the model add the in-range
+    residuals again on top of a delta that holds them."""
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+    base = flux_pipeline()
+    model = base.transformer
+    torch.manual_seed(1)
+    controlnet = FluxControlNetModel.from_transformer(model, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                                      num_attention_heads=2).eval()
+    for p in controlnet.parameters():  # its zero-initialised output projections would add nothing
+        p.data.normal_(0, 0.05)
+    pipe = FluxControlNetPipeline(**base.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    control = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    kw = dict(control_image=control, controlnet_conditioning_scale=0.8)
+
+    one_block = [CacheConfig(blocks="transformer_blocks", block_start=1, **SCHEDULE),
+                 CacheConfig(blocks="single_transformer_blocks", block_start=3, **SCHEDULE)]
+    opt = optimize(model, one_block)
+    got = run_pipe(pipe, opt, **kw)
+    assert opt.stats.steps_reused == 2 and opt.stats.path == "export"
+    torch.testing.assert_close(got, run_pipe(pipe, ByHand(model, opt.configs, "encoder_first"), **kw),
+                               rtol=1e-5, atol=1e-5)
+
+    opt = optimize(model, FLUX_CFGS)  # single_transformer_blocks[0:4]: three residuals inside the range
+    got = run_pipe(pipe, opt, **kw)
+    torch.testing.assert_close(got, run_pipe(pipe, RangeByHand(model, opt.configs), **kw), rtol=1e-5, atol=1e-5)
+    uncached = run_pipe(pipe, model, **kw)
+    mindie = run_pipe(pipe, ByHand(model, opt.configs, "encoder_first"), **kw)
+    assert (got - uncached).abs().max() < 0.75 * (mindie - uncached).abs().max()
 
 
 # ----------------------------------------------------------------------------- 2. offload
