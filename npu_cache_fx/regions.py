@@ -28,9 +28,9 @@ in any graph), cache buffers are graph inputs updated in place (static addresses
 compiled segment sees one input signature; the counting backend in the tests checks it).
 
 A refresh's writes (a block range's ``delta = out - in`` and its copy into the cache buffer, an attention
-output's copy) are a segment of their own, run uncompiled after the glue they came with: the glue of a refresh step is then
-the glue of a compute step, compiled once for both, and a refresh compiles nothing that compute steps did
-not (:func:`_writes_last`).
+output's copy) are a segment of their own, run uncompiled after the glue they came with: the glue of a
+refresh step is then the glue of a compute step, compiled once for both, and a refresh compiles nothing that
+compute steps did not (:func:`_writes_last`).
 
 Cache-op nodes a rewrite inserts inside a block's node span (an attention cache's ``copy_``, the
 delta of a block range's stream that leaves before the block ends) are moved after the block when no

@@ -113,10 +113,11 @@ class ByHand(torch.nn.Module):
 
 
 class RangeByHand(torch.nn.Module):
-    """The spec's block-range semantics by hand, for a Flux transformer with code between the blocks of a range
-    (ControlNet residuals): a refresh records ``delta = out(end - 1) - in(start)`` per stream; at a reuse step the
+    """The spec's block-range semantics by hand, for a model with code between the blocks of a range (ControlNet
+    residuals, VACE hints): a refresh records ``delta = out(end - 1) - in(start)`` per stream; at a reuse step the
     model runs as is and the last block's output is replaced by ``in + delta``, so whatever the range's blocks
-    and the code between them computed is discarded, as the graph rewrite removes it.
+    and the code between them computed is discarded, as the graph rewrite removes it. Blocks return their
+    hidden stream, or ``(encoder, hidden)`` (diffusers' Flux).
 
     ``ByHand`` (MindIE's usage) differs there: its blocks after the first pass their input through, and the
     model's code between them runs again on top of a delta that already holds what it added."""
@@ -145,13 +146,18 @@ class RangeByHand(torch.nn.Module):
             entered = {}
 
             def pre(mod, a, kw, entered=entered):
-                entered["in"] = (kw["encoder_hidden_states"], kw["hidden_states"])
+                hidden = kw["hidden_states"] if "hidden_states" in kw else a[0]
+                encoder = kw["encoder_hidden_states"] if "encoder_hidden_states" in kw else a[1]
+                entered["in"] = (encoder, hidden)
 
             def post(mod, a, kw, out, k=k, action=action, entered=entered):
-                if action is Action.WRITE:  # Flux blocks return (encoder, hidden)
-                    self.deltas[k] = tuple(o - i for o, i in zip(out, entered["in"]))
+                pair = isinstance(out, tuple)
+                outs, ins = (out, entered["in"]) if pair else ((out,), entered["in"][1:])
+                if action is Action.WRITE:
+                    self.deltas[k] = tuple(o - i for o, i in zip(outs, ins))
                     return None
-                return tuple(i + d for i, d in zip(entered["in"], self.deltas[k]))
+                new = tuple(i + d for i, d in zip(ins, self.deltas[k]))
+                return new if pair else new[0]
             handles.append(blocks[cfg.block_start].register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(blocks[cfg.block_end - 1].register_forward_hook(post, with_kwargs=True))
         try:

@@ -2,7 +2,8 @@
 
 LoRA and other module changes after the first call, model and group offload, fp16, save/load, a bad
 call, threads, per-request step counts, validation at ``optimize()`` time and the fallback path's
-block calls. Every test here failed on the code before the fix it names.
+block calls. Every test that names a fix ("Before: ...") failed on the code before it; the others (LoRA
+hotswap, VACE hints) pin down a workflow that already worked.
 """
 
 from __future__ import annotations
@@ -368,6 +369,36 @@ def test_controlnet_residuals_inside_a_cached_range():
     uncached = run_pipe(pipe, model, **kw)
     mindie = run_pipe(pipe, ByHand(model, opt.configs, "encoder_first"), **kw)
     assert (got - uncached).abs().max() < 0.75 * (mindie - uncached).abs().max()
+
+
+@SLOW
+def test_vace_control_hints_inside_a_cached_range():
+    """``WanVACETransformer3DModel`` adds a scaled control hint after its VACE layers: as ControlNet residuals, the
+    hints inside a cached range are part of its delta (exactly ``RangeByHand``); MindIE's usage by hand adds them
+    again at reuse steps."""
+    from diffusers import WanVACETransformer3DModel
+    torch.manual_seed(0)
+    model = WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                      out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=4,
+                                      rope_max_seq_len=32, vace_layers=[0, 2], vace_in_channels=8).eval()
+    for p in model.parameters():  # VACE's zero-initialised hint projections would add nothing
+        if p.dim() > 1:
+            p.data.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 4, 3, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(1, 6, 32, generator=g),
+                  control_hidden_states=torch.randn(1, 8, 3, 8, 8, generator=g),
+                  control_hidden_states_scale=torch.tensor([1.0, 0.7]), return_dict=False)
+
+    def run(module):
+        with torch.no_grad():
+            return torch.stack([module(timestep=torch.tensor([1000.0 - 150 * s]), **inputs)[0] for s in range(STEPS)])
+    opt = optimize(model, CacheConfig(blocks="blocks", block_start=0, block_end=4, **SCHEDULE))  # hints 0 and 2 inside
+    got = run(opt)
+    assert opt.stats.steps_reused == 2 and opt.stats.path == "export"
+    torch.testing.assert_close(got, run(RangeByHand(model, opt.configs)), rtol=1e-5, atol=1e-5)
+    uncached, mindie = run(model), run(ByHand(model, opt.configs, "encoder_first"))
+    assert (got - uncached).abs().max() < 0.1 * (mindie - uncached).abs().max()
 
 
 # ----------------------------------------------------------------------------- 2. offload
