@@ -47,11 +47,12 @@ class _State:
         self.times: List[float] = []       # forecast: their timesteps
         self.n_outputs = 1
         self.reading = False  # dit: this step's range is being skipped
+        self.leaving: Optional[List[Optional[torch.Tensor]]] = None  # dit, hold_range_output: in + delta
         self.override: Optional[Action] = None  # begin_step(): this step's action, set from outside
         self.attention: Dict[int, Any] = {}
 
     def release(self) -> None:
-        self.inputs = self.delta = None
+        self.inputs = self.delta = self.leaving = None
         self.history, self.times = [], []
         self.attention = {}
 
@@ -73,15 +74,22 @@ class CacheAgent(CacheContexts):
 
     ``apply`` must be called once per block per step, in block order: it counts
     ``blocks_count`` calls as one step and wraps after ``steps_count`` steps.
+
+    At a reuse step of a ``dit_block_cache`` the range's first block returns ``in + delta`` and the others
+    their input, as MindIE's agent does: code the model runs between the range's blocks (ControlNet residuals,
+    VACE hints) adds to it again, on top of a delta that holds it. ``hold_range_output=True`` makes the range's
+    last block return ``in + delta`` whatever it is handed, what the graph rewrite emits (the spec's range
+    semantics; ``optimize``'s eager and Dynamo paths use it).
     """
 
-    def __init__(self, config: CacheConfig, *, output_order: str = "hidden_first"):
+    def __init__(self, config: CacheConfig, *, output_order: str = "hidden_first", hold_range_output: bool = False):
         if not isinstance(config, CacheConfig):
             raise ConfigError(f"CacheAgent takes a CacheConfig, got {type(config).__name__}")
         if output_order not in OUTPUT_ORDERS:
             raise ConfigError(f"output_order must be one of {OUTPUT_ORDERS}, got {output_order!r}")
         self.config = config.resolved()
         self.output_order = output_order
+        self.hold_range_output = hold_range_output
         self.actions: List[Action] = config_actions(self.config)
         self._states: Dict[str, _State] = {}
 
@@ -224,8 +232,12 @@ class CacheAgent(CacheContexts):
                 if st.reading:
                     delta = self._forecast(st, st.history, st.times)
                     out = [x + d if d is not None else x for x, d in zip(inputs, delta)]
+                    st.leaving = out if self.hold_range_output else None
                     return self._pack(out, st.n_outputs)
             elif st.reading:
+                if st.leaving is not None and st.block == cfg.block_end - 1:
+                    out, st.leaving = st.leaving, None
+                    return self._pack(out, st.n_outputs)
                 return self._pack(inputs, st.n_outputs)
             action = Action.COMPUTE
         res = fn(hidden, encoder, *args, **kwargs) if has_encoder else fn(hidden, *args, **kwargs)

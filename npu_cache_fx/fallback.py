@@ -145,7 +145,7 @@ class EagerPath:
             else:
                 names = [None]
             self.children.append(list(names))
-            self.agents.append([CacheAgent(cfg) for _ in names])
+            self.agents.append([CacheAgent(cfg, hold_range_output=True) for _ in names])  # as the graph rewrite
         self._patches = self._build_patches()
 
     # ------------------------------------------------------------------ module wrappers

@@ -369,13 +369,20 @@ def test_controlnet_residuals_inside_a_cached_range():
     uncached = run_pipe(pipe, model, **kw)
     mindie = run_pipe(pipe, ByHand(model, opt.configs, "encoder_first"), **kw)
     assert (got - uncached).abs().max() < 0.75 * (mindie - uncached).abs().max()
+    # the eager path (group offload here) has the graph's semantics: its CacheAgents hold the range's output
+    # (before: MindIE's pass-through, the eager path's output was ByHand's)
+    model.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1)
+    opt = optimize(model, FLUX_CFGS)
+    torch.testing.assert_close(run_pipe(pipe, opt, **kw), got, rtol=1e-5, atol=1e-5)
+    assert opt.stats.path == "eager"
 
 
 @SLOW
 def test_vace_control_hints_inside_a_cached_range():
     """``WanVACETransformer3DModel`` adds a scaled control hint after its VACE layers: as ControlNet residuals, the
-    hints inside a cached range are part of its delta (exactly ``RangeByHand``); MindIE's usage by hand adds them
-    again at reuse steps."""
+    hints inside a cached range are part of its delta (exactly ``RangeByHand``, on the graph and the eager path);
+    MindIE's usage by hand adds them again at reuse steps."""
     from diffusers import WanVACETransformer3DModel
     torch.manual_seed(0)
     model = WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
@@ -399,6 +406,11 @@ def test_vace_control_hints_inside_a_cached_range():
     torch.testing.assert_close(got, run(RangeByHand(model, opt.configs)), rtol=1e-5, atol=1e-5)
     uncached, mindie = run(model), run(ByHand(model, opt.configs, "encoder_first"))
     assert (got - uncached).abs().max() < 0.1 * (mindie - uncached).abs().max()
+    model.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1)
+    opt = optimize(model, CacheConfig(blocks="blocks", block_start=0, block_end=4, **SCHEDULE))
+    torch.testing.assert_close(run(opt), got, rtol=1e-5, atol=1e-5)
+    assert opt.stats.path == "eager"
 
 
 # ----------------------------------------------------------------------------- 2. offload
