@@ -83,8 +83,11 @@ def test_compile_cost_quick(tmp_path):
     stats = cost["regional"]["stats"]
     assert stats["graph_mode"] == "regional" and len(stats["timings"]) == 2  # one entry per resolution
     assert stats["captures"] == 1 and stats["shapes_reused"] == 1 and stats["shape_capture"].startswith("dynamic")
-    assert set(r["ratios"]) == {"regional_over_plain_compile", "second_over_first_resolution",
-                                "second_over_first_resolution_plain"}
+    assert set(r["ratios"]) == {"regional_over_plain_compile", "regional_cpp_compiler_over_plain_compile",
+                                "second_over_first_resolution", "second_over_first_resolution_plain"}
+    for kind in ("plain", "regional"):  # the C++ compiler's share (the children's CPU seconds) of the cost
+        first = cost[kind]["first"]
+        assert 0 <= first["cpp_compiler_cpu_s"] <= first["cost_cpu_s"] + 0.5  # (cost: less a steady call each)
     assert "ratios: regional_over_plain_compile" in stdout and "compile cost regional" in stdout
 
 
