@@ -26,7 +26,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 WORKERS="${PYTEST_WORKERS:-2}"
 XDIST=()
 if [ "$WORKERS" != "0" ]; then
-  XDIST=(-n "$WORKERS")  # expensive fixtures shared by the workers: tests/conftest.py once_per_run
+  # expensive fixtures shared by the workers: tests/conftest.py once_per_run; worksteal: a worker that runs
+  # out of tests takes some of the other's (the heavy tests are uneven: 0.1 to 30 s)
+  XDIST=(-n "$WORKERS" --dist worksteal)
 fi
 set +e
 python -m pytest -q "${XDIST[@]}" "$@"
