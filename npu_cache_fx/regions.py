@@ -516,14 +516,13 @@ class RegionalProgram:
             example = [env[i] for i in seg.inputs]
             if seg.label == WRITES:  # not compiled (see _writes_last)
                 seg.fn = seg.gm
-                seg.fn(*example)
-                continue
-            compile_for, canonical = symbolic_example(seg, env) if self.symbolic else (example, None)
-            seg.fn, new = self.cache.get(seg, compile_for, canonical)
-            if canonical is not None:
-                self._assume(seg, canonical)
-            self.compiled_new += new
-            self.shared += not new
+            else:
+                compile_for, canonical = symbolic_example(seg, env) if self.symbolic else (example, None)
+                seg.fn, new = self.cache.get(seg, compile_for, canonical)
+                if canonical is not None:
+                    self._assume(seg, canonical)
+                self.compiled_new += new
+                self.shared += not new
             outs = seg.fn(*example)
             for j, v in zip(seg.outputs, outs):
                 env[j] = v

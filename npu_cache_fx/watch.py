@@ -12,8 +12,10 @@ the weights) reach it without a recapture -- but *replacing* a parameter does no
 answers, per call, "did any of it change?" cheaply:
 
 * structural changes (a submodule, parameter or buffer assigned or registered
-  anywhere, a hook registered anywhere) bump process-wide counters, fed by
-  torch's global registration hooks and ``RemovableHandle``'s id counter: one
+  anywhere, a hook registered anywhere, a hook added to or removed from a
+  diffusers ``HookRegistry``: ``enable_layerwise_casting``, ``enable_cache``...)
+  bump process-wide counters, fed by torch's global registration hooks,
+  ``RemovableHandle``'s id counter and the registry's wrapped methods: one
   comparison of two ints per call; when they moved, the fingerprint is
   recomputed and compared;
 * state that changes without any registration (a hook removed, a LoRA adapter
