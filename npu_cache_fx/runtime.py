@@ -347,6 +347,26 @@ def _leaf_key(leaf: Any) -> Any:
         return ("R", type(leaf), repr(leaf))
 
 
+def _model_keys(module: torch.nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict post-hook of :class:`OptimizedModule`: its keys are the wrapped model's (``model.`` left out)."""
+    inner = prefix + "model."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:  # per-module versions, keyed by module path without the trailing dot
+        for key in [k for k in metadata if k.startswith(inner) or k == inner[:-1]]:
+            metadata[(prefix + key[len(inner):]) if key != inner[:-1] else prefix[:-1]] = metadata.pop(key)
+
+
+def _wrapped_keys(module: torch.nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook of :class:`OptimizedModule`: the wrapped model's keys go to ``model.``."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None and prefix[:-1] in metadata:
+        metadata[prefix + "model"] = metadata[prefix[:-1]]
+
+
 class OptimizedModule(CacheContexts, torch.nn.Module):
     """A drop-in for the wrapped model that reuses cached block outputs across steps.
 
@@ -359,6 +379,9 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                  captures: Optional["CaptureCache"] = None):
         super().__init__()
         self.model = model
+        # names are the wrapped model's (see named_modules): state_dict / load_state_dict use its keys
+        self.register_state_dict_post_hook(_model_keys)
+        self.register_load_state_dict_pre_hook(_wrapped_keys)
         if captures is not None and captures.model is not model:
             raise ValueError("captures= belongs to another model")
         self._captures = captures if captures is not None else CaptureCache(model)
@@ -611,6 +634,16 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             entry.eager.use_configs(ctx.plan.configs)
         self.stats.generations += 1
         self.stats.plan_steps = steps
+
+    # ------------------------------------------------------------------ names
+    def named_modules(self, memo: Optional[set] = None, prefix: str = "", remove_duplicate: bool = True):
+        """The wrapped model's modules under the model's own names (``transformer_blocks.0``, not
+        ``model.transformer_blocks.0``), and so ``named_parameters`` / ``named_buffers`` / ``state_dict``
+        keys too: what code written for the model reads, e.g. peft's ``get_peft_model_state_dict`` (names of
+        tuner layers matched against state-dict keys), hence ``save_lora_weights`` of an optimized transformer,
+        and ``load_state_dict`` of the model's own checkpoint. ``get_submodule`` of those names works through
+        the attribute passthrough. ``modules()`` starts at the wrapped model, not at this wrapper."""
+        return self.model.named_modules(memo, prefix, remove_duplicate)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, save_directory: str, **kwargs) -> Any:

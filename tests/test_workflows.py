@@ -318,6 +318,38 @@ def test_lora_hotswap_needs_no_recapture():
 
 
 @SLOW
+def test_state_dict_and_a_saved_lora_use_the_models_keys(tmp_path):
+    """``pipe.transformer.state_dict()`` / ``load_state_dict(sd)`` of an optimized transformer use the model's keys,
+    and a LoRA saved from it (peft's ``get_peft_model_state_dict`` reads ``state_dict``, then diffusers'
+    ``save_lora_weights``) loads into a plain pipeline. Before: every key had a ``model.`` prefix, loading the
+    model's own state dict raised 'Missing key(s)', and the saved LoRA targeted ``model.transformer_blocks...``
+    modules: ``NoMatchingPeftModuleError`` in the plain pipeline."""
+    pytest.importorskip("peft")
+    from peft.utils import get_peft_model_state_dict
+    pipe = flux_pipeline()
+    model = pipe.transformer
+    pipe.transformer = opt = optimize(model, FLUX_CFGS)
+    assert list(opt.state_dict()) == list(model.state_dict())
+    plain = flux_transformer().state_dict()
+    scaled = {k: v * 1.1 for k, v in plain.items()}
+    opt.load_state_dict(scaled)  # copied into the model's parameters
+    torch.testing.assert_close(model.proj_out.weight, 1.1 * plain["proj_out.weight"])
+    torch.testing.assert_close(run_pipe(pipe), run_pipe(pipe, ByHand(model, opt.configs, "encoder_first")),
+                               rtol=1e-5, atol=1e-5)
+
+    pipe.load_lora_weights(lora_state_dict(model, 1), adapter_name="default")
+    with_lora = run_pipe(pipe)
+    layers = get_peft_model_state_dict(pipe.transformer, adapter_name="default")
+    assert layers.keys() == get_peft_model_state_dict(model, adapter_name="default").keys()
+    type(pipe).save_lora_weights(str(tmp_path), transformer_lora_layers=layers)
+    fresh = flux_pipeline()
+    fresh.transformer.load_state_dict(scaled)
+    fresh.load_lora_weights(str(tmp_path), adapter_name="default")
+    torch.testing.assert_close(run_pipe(fresh, optimize(fresh.transformer, FLUX_CFGS)), with_lora,
+                               rtol=1e-5, atol=1e-5)
+
+
+@SLOW
 def test_lora_scale_is_one_capture_per_value():
     """``joint_attention_kwargs={"scale": s}``: peft keeps the scale a Python float, so it is part of the
     graph: each distinct value is one capture (kept), and the output follows the scale."""
