@@ -458,6 +458,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
         self.trace: Deque[Tuple[str, int, Union[Decision, str]]] = collections.deque(maxlen=4096)
         self._warned_same_timestep = False
         self._warned_overrun = False
+        self._warned_compiled_blocks = False
 
     # ------------------------------------------------------------------ passthrough
     def __getattr__(self, name: str) -> Any:
@@ -1034,10 +1035,27 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
             return None
         self._watch.refresh()  # export registers and removes hooks of its own
         self.stats.captures += 1
+        self._warn_compiled_blocks()
         self.stats.capture_seconds += cap.seconds
         if dynamic and cap.meta.get("dynamic") is None:  # why this shape was captured with static sizes
             self.stats.shape_capture = f"{SHAPE_CAPTURE}: {cap.meta.get('shape_capture', 'dynamic capture failed')}"
         return cap
+
+    def _warn_compiled_blocks(self) -> None:
+        """Once: submodules compiled with ``Module.compile()`` (diffusers' ``compile_repeated_blocks``) while
+        nothing compiles the captured graph, which runs their code, not their compiled code."""
+        if self.backend is not None or self._warned_compiled_blocks:
+            return
+        compiled = [name for name, mod in self.model.named_modules()
+                    if mod.__dict__.get("_compiled_call_impl") is not None]
+        if compiled:
+            self._warned_compiled_blocks = True
+            more = " ..." if len(compiled) > 3 else ""
+            log.warning("%s: %d submodules were compiled with Module.compile() (%s%s; e.g. diffusers' "
+                        "compile_repeated_blocks), but optimize(backend=None) runs the captured graph uncompiled: "
+                        "their compiled code is not used. Pass backend='inductor' to optimize(): it compiles each "
+                        "distinct block once and shares it across the cache variants.", type(self.model).__name__,
+                        len(compiled), ", ".join(compiled[:3]), more)
 
     def _fall_back(self, reason: str, backend: Backend, offloaded: bool = False) -> None:
         """Run the model on the Dynamo or eager path from now on, with one warning saying why."""

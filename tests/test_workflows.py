@@ -226,6 +226,26 @@ def test_a_diffusers_step_cache_on_an_optimized_model_is_refused(when):
 
 
 @SLOW
+def test_blocks_compiled_by_compile_repeated_blocks_are_named_when_nothing_compiles_the_graph(caplog):
+    """diffusers' ``compile_repeated_blocks`` (``Module.compile()`` on every block) before ``optimize(model, plan)``
+    without a backend: the captured graph runs the blocks' code uncompiled. Before: silently (the user's compile
+    was lost); now one warning saying so and what to pass. The output is the plan's either way."""
+    model = flux_transformer()
+    model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+    opt = optimize(model, FLUX_CFGS)
+    with caplog.at_level("WARNING", logger="npu_cache_fx.runtime"):
+        got = generation(opt)
+        generation(opt)
+    warned = [r.getMessage() for r in caplog.records if "compile_repeated_blocks" in r.getMessage()]
+    assert len(warned) == 1 and "6 submodules" in warned[0] and "backend='inductor'" in warned[0], warned
+    torch.testing.assert_close(got, by_hand(flux_transformer(), opt.configs), rtol=1e-5, atol=1e-5)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="npu_cache_fx.runtime"):
+        generation(optimize(model, FLUX_CFGS, backend="aot_eager"))  # the variants are compiled: nothing lost
+    assert not [r for r in caplog.records if "compile_repeated_blocks" in r.getMessage()]
+
+
+@SLOW
 def test_in_place_weight_update_needs_no_recapture():
     """The captured graph reads the model's own parameters: load_state_dict (copy) reaches it as is."""
     model = flux_transformer()
