@@ -284,6 +284,18 @@ def reject_bad_inputs(model: torch.nn.Module, kwargs: Dict[str, Any]) -> None:
     raise error
 
 
+def refuse_compiled_model(model: Any) -> None:
+    """``optimize(torch.compile(model), ...)`` (e.g. ``enable_cache(pipe)`` after ``pipe.transformer =
+    torch.compile(pipe.transformer)``): the capture would see torch.compile's wrapper, not the model's blocks."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        inner = type(getattr(model, "_orig_mod", model)).__name__
+        raise ConfigError(
+            f"optimize(model=...) got a torch.compile wrapper of {inner}: pass the model itself (the wrapper's "
+            "._orig_mod, e.g. pipe.transformer = pipe.transformer._orig_mod) and compile after: "
+            "optimize(model, plan, backend='inductor') compiles the cache variants, or "
+            "torch.compile(optimize(model, plan)).")
+
+
 def refuse_stateful_hooks(model: torch.nn.Module) -> None:
     """Raise when diffusers' stateful hooks are on the model (its own step caches, ``enable_cache(...)``):
     two step caches on one model, and a captured graph would freeze one call's branch of theirs."""
@@ -378,6 +390,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                  backend_options: Optional[Dict[str, Any]] = None, timestep_arg: Optional[str] = "auto",
                  captures: Optional["CaptureCache"] = None):
         super().__init__()
+        refuse_compiled_model(model)
         self.model = model
         # names are the wrapped model's (see named_modules): state_dict / load_state_dict use its keys
         self.register_state_dict_post_hook(_model_keys)

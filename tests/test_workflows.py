@@ -846,6 +846,10 @@ def test_set_steps_scales_the_plan_without_recompiling():
                                        blocks="transformer_blocks")),
      r"CacheConfig.block_start=5 is past the last block of transformer_blocks \(2 blocks: block_start must "
      r"be in 0..1\)"),
+    # before: accepted, then the first call raised "no block of transformer_blocks is called in
+    # OptimizedModule.forward" (the capture saw torch.compile's wrapper)
+    (lambda m: optimize(torch.compile(m, backend="aot_eager"), FLUX_CFGS),
+     r"torch.compile wrapper of FluxTransformer2DModel: pass the model itself .*_orig_mod.*backend='inductor'"),
 ])
 def test_bad_configuration_fails_at_optimize(call, match):
     with pytest.raises(ConfigError, match=match):
