@@ -284,9 +284,10 @@ def reject_bad_inputs(model: torch.nn.Module, kwargs: Dict[str, Any]) -> None:
     raise error
 
 
-def refuse_compiled_model(model: Any) -> None:
-    """``optimize(torch.compile(model), ...)`` (e.g. ``enable_cache(pipe)`` after ``pipe.transformer =
-    torch.compile(pipe.transformer)``): the capture would see torch.compile's wrapper, not the model's blocks."""
+def refuse_wrapped_model(model: Any) -> None:
+    """``optimize`` of a wrapper instead of the model: ``torch.compile(model)`` (e.g. ``enable_cache(pipe)`` after
+    ``pipe.transformer = torch.compile(pipe.transformer)``: the capture would see the wrapper, not the blocks), or
+    a module ``optimize`` returned (two step caches, one inside the other, on one model)."""
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         inner = type(getattr(model, "_orig_mod", model)).__name__
         raise ConfigError(
@@ -294,6 +295,12 @@ def refuse_compiled_model(model: Any) -> None:
             "._orig_mod, e.g. pipe.transformer = pipe.transformer._orig_mod) and compile after: "
             "optimize(model, plan, backend='inductor') compiles the cache variants, or "
             "torch.compile(optimize(model, plan)).")
+    if isinstance(model, OptimizedModule):
+        raise ConfigError(
+            f"optimize(model=...) got a module optimize() returned ({type(model.model).__name__} with a plan of "
+            f"{len(model.all_configs)} config(s)): one step cache per model. For another plan, optimize the "
+            "model itself, optimize(optimized.model, plan), or re-plan a pipeline with enable_cache(pipe, plan), "
+            "which keeps the captures.")
 
 
 def refuse_stateful_hooks(model: torch.nn.Module) -> None:
@@ -390,7 +397,7 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                  backend_options: Optional[Dict[str, Any]] = None, timestep_arg: Optional[str] = "auto",
                  captures: Optional["CaptureCache"] = None):
         super().__init__()
-        refuse_compiled_model(model)
+        refuse_wrapped_model(model)
         self.model = model
         # names are the wrapped model's (see named_modules): state_dict / load_state_dict use its keys
         self.register_state_dict_post_hook(_model_keys)

@@ -850,6 +850,9 @@ def test_set_steps_scales_the_plan_without_recompiling():
     # OptimizedModule.forward" (the capture saw torch.compile's wrapper)
     (lambda m: optimize(torch.compile(m, backend="aot_eager"), FLUX_CFGS),
      r"torch.compile wrapper of FluxTransformer2DModel: pass the model itself .*_orig_mod.*backend='inductor'"),
+    # before: accepted; the outer module ran the eager path around the inner one: both plans at once
+    (lambda m: optimize(optimize(m, FLUX_CFGS), FLUX_CFGS[:1]),
+     r"got a module optimize\(\) returned \(FluxTransformer2DModel .*optimize\(optimized.model, plan\)"),
 ])
 def test_bad_configuration_fails_at_optimize(call, match):
     with pytest.raises(ConfigError, match=match):
