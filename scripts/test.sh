@@ -10,10 +10,10 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 # The CPU build of torch 2.13.0 is on this machine's disk; an unpinned torch pulls a CUDA build.
-# One pip run with the LoRA (peft) and offload (accelerate) workflow extras (one resolver pass: ~5 s less
-# than one per extra); they are optional: without them their tests skip with a reason.
+# One pip run with the LoRA (peft), offload (accelerate) and quantization (torchao) workflow extras (one
+# resolver pass: ~5 s less than one per extra); they are optional: without them their tests skip with a reason.
 if ! pip install -q --disable-pip-version-check torch==2.13.0 -e ".[dev,workflows]"; then
-  echo "note: peft/accelerate unavailable; the LoRA and offload workflow tests will be skipped"
+  echo "note: peft/accelerate/torchao unavailable; the LoRA, offload and quantization workflow tests will be skipped"
   pip install -q --disable-pip-version-check torch==2.13.0 -e ".[dev]"
 fi
 # MindIE-SD's cache agent, for the optional differential tests (installed without its torch_npu

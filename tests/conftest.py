@@ -37,8 +37,8 @@ def _seed():
 # A test may skip only for a reason listed here: optional peers and workflow extras, hardware this
 # machine lacks. A skip for anything else (diffusers or transformers failing to import, say) fails the
 # run: a broken import must not pass as "skipped".
-ALLOWED_SKIPS = ("mindiesd", "cache_dit", "cache-dit", "peft", "accelerate", "torch_npu", "GPU", "CUDA", "cuda",
-                 "torch.distributed", "npu_cache_fx.ops", "registers the op", "xfail")
+ALLOWED_SKIPS = ("mindiesd", "cache_dit", "cache-dit", "peft", "accelerate", "torchao", "torch_npu", "GPU", "CUDA",
+                 "cuda", "torch.distributed", "npu_cache_fx.ops", "registers the op", "xfail")
 _unexpected = []
 
 

@@ -465,6 +465,30 @@ def test_vace_control_hints_inside_a_cached_range():
     assert opt.stats.path == "eager"
 
 
+@SLOW
+def test_torchao_quantized_weights():
+    """torchao weight-only int8 (``quantize_(model, Int8WeightOnlyConfig())``, how Flux is fitted on smaller
+    GPUs): export captures the tensor-subclass weights and AOTAutograd compiles the variants around them (aot_eager
+    here; inductor checked by hand: 3e-6); output = the quantized model under the plan by hand. ``quantize_``
+    after the first call replaces the weight parameters: noticed, captured again."""
+    torchao = pytest.importorskip("torchao.quantization")
+    model = flux_transformer()
+    torchao.quantize_(model, torchao.Int8WeightOnlyConfig())
+    assert type(model.transformer_blocks[0].attn.to_q.weight).__name__ != "Parameter"
+    opt = optimize(model, FLUX_CFGS, backend="aot_eager")
+    got = generation(opt)
+    assert opt.stats.path == "export" and opt.stats.steps_reused == 2
+    want = by_hand(model, opt.configs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    later = flux_transformer()
+    opt = optimize(later, FLUX_CFGS)
+    generation(opt)
+    torchao.quantize_(later, torchao.Int8WeightOnlyConfig())
+    torch.testing.assert_close(generation(opt), want, rtol=1e-5, atol=1e-5)  # the same weights, quantized
+    assert opt.stats.model_changes == 1 and opt.stats.captures == 2
+
+
 # ----------------------------------------------------------------------------- 2. offload
 @functools.lru_cache(maxsize=None)
 def _reference_images():
