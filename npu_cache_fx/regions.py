@@ -81,6 +81,12 @@ class Segment:
     vals: List[Any] = field(default_factory=list)
 
 
+def _in_place(node: fx.Node) -> bool:
+    """Whether ``node`` is an op that writes one of its inputs (its schema is mutable)."""
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and schema.is_mutable
+
+
 def _labels(gm: fx.GraphModule, spans: Dict[str, List[List[str]]]) -> Dict[fx.Node, Tuple]:
     owner = {name: (fqn, i) for fqn, per in spans.items() for i, names in enumerate(per) for name in names}
     labels: Dict[fx.Node, Tuple] = {}
@@ -115,8 +121,7 @@ def _order(gm: fx.GraphModule, labels: Dict[fx.Node, Tuple]) -> List[fx.Node]:
     # the last in-place op of each block: glue before it is not moved past it (it might read what it mutates)
     last_mutation: Dict[Tuple, int] = {}
     for k, n in enumerate(nodes):
-        schema = getattr(n.target, "_schema", None)
-        if labels[n] != GLUE and schema is not None and schema.is_mutable:
+        if labels[n] != GLUE and _in_place(n):
             last_mutation[labels[n]] = k
     for k in range(len(nodes) - 1, -1, -1):  # users first: a chain of glue feeding the block joins it whole
         n = nodes[k]
@@ -160,7 +165,7 @@ def _writes_last(order: List[fx.Node], labels: Dict[fx.Node, Tuple]) -> List[fx.
         writes = [n for n in run if CACHE_WRITES in n.meta]
         rest = [n for n in run if CACHE_WRITES not in n.meta]
         sinks = all(CACHE_WRITES in u.meta for w in writes for u in w.users)
-        pure = not any(getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in rest)
+        pure = not any(_in_place(n) for n in rest)
         if writes and sinks and pure:
             run[:] = rest + writes
             for n in writes:
@@ -199,11 +204,7 @@ def _is_view(node: fx.Node) -> bool:
 
 def _mutated(node: fx.Node) -> bool:
     """Whether some user of ``node`` writes it in place."""
-    for u in node.users:
-        schema = getattr(u.target, "_schema", None)
-        if schema is not None and schema.is_mutable and u.args and u.args[0] is node:
-            return True
-    return False
+    return any(_in_place(u) and u.args and u.args[0] is node for u in node.users)
 
 
 _CASTS = {torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.to.device}

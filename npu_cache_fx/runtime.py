@@ -303,14 +303,19 @@ def refuse_wrapped_model(model: Any) -> None:
             "which keeps the captures.")
 
 
+def _first_names(names: Sequence[str]) -> str:
+    """``"a, b, c and 4 more"``: the first three of ``names`` for a message."""
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
+
+
 def refuse_stateful_hooks(model: torch.nn.Module) -> None:
     """Raise when diffusers' stateful hooks are on the model (its own step caches, ``enable_cache(...)``):
     two step caches on one model, and a captured graph would freeze one call's branch of theirs."""
     found = stateful_hooks(model)
     if found:
-        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
         raise RuntimeError(
-            f"{type(model).__name__} has diffusers' stateful hooks ({', '.join(found[:3])}{more}): a step cache of "
+            f"{type(model).__name__} has diffusers' stateful hooks ({_first_names(found)}): a step cache of "
             "diffusers' own (enable_cache / apply_first_block_cache / apply_faster_cache...) on a model that "
             "npu_cache_fx caches. One step cache per model: remove diffusers' (model.disable_cache()) and keep "
             "the optimize() plan, or call the model without optimize().")
@@ -1070,12 +1075,11 @@ class OptimizedModule(CacheContexts, torch.nn.Module):
                     if mod.__dict__.get("_compiled_call_impl") is not None]
         if compiled:
             self._warned_compiled_blocks = True
-            more = " ..." if len(compiled) > 3 else ""
-            log.warning("%s: %d submodules were compiled with Module.compile() (%s%s; e.g. diffusers' "
+            log.warning("%s: %d submodules were compiled with Module.compile() (%s; e.g. diffusers' "
                         "compile_repeated_blocks), but optimize(backend=None) runs the captured graph uncompiled: "
                         "their compiled code is not used. Pass backend='inductor' to optimize(): it compiles each "
                         "distinct block once and shares it across the cache variants.", type(self.model).__name__,
-                        len(compiled), ", ".join(compiled[:3]), more)
+                        len(compiled), _first_names(compiled))
 
     def _fall_back(self, reason: str, backend: Backend, offloaded: bool = False) -> None:
         """Run the model on the Dynamo or eager path from now on, with one warning saying why."""

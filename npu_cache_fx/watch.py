@@ -122,10 +122,15 @@ def _adapter_state(mod: torch.nn.Module) -> Optional[Tuple[Any, ...]]:
             tuple(d["merged_adapters"]), tuple(scaling.items()) if isinstance(scaling, dict) else None)
 
 
-def _registry_hooks(mod: torch.nn.Module) -> Tuple[str, ...]:
-    """Names of the hooks in diffusers' HookRegistry on ``mod`` (group offloading, caches...), if any."""
+def _registry(mod: torch.nn.Module) -> Dict[str, Any]:
+    """The hooks (by name) in diffusers' HookRegistry on ``mod`` (group offloading, casting, caches...), if any."""
     hooks = getattr(mod.__dict__.get("_diffusers_hook"), "hooks", None)
-    return tuple(hooks) if isinstance(hooks, dict) else ()
+    return hooks if isinstance(hooks, dict) else {}
+
+
+def _registry_hooks(mod: torch.nn.Module) -> Tuple[str, ...]:
+    """Names of the hooks in diffusers' HookRegistry on ``mod``, if any."""
+    return tuple(_registry(mod))
 
 
 def _processor_state(d: Dict[str, Any]) -> Tuple[int, Any]:
@@ -188,12 +193,8 @@ def stateful_hooks(model: torch.nn.Module) -> List[str]:
     """``"module: hook"`` for each stateful hook in diffusers' hook registries on ``model`` (its step caches:
     FirstBlockCache, FasterCache, PyramidAttentionBroadcast, TaylorSeer, MagCache...; its text KV cache). Their
     state changes from call to call in Python: a captured graph would freeze one call's branch."""
-    found = []
-    for name, mod in model.named_modules():
-        hooks = getattr(mod.__dict__.get("_diffusers_hook"), "hooks", None)
-        if isinstance(hooks, dict):
-            found += [f"{name or '<model>'}: {h}" for h, hook in hooks.items() if getattr(hook, "_is_stateful", False)]
-    return found
+    return [f"{name or '<model>'}: {h}" for name, mod in model.named_modules()
+            for h, hook in _registry(mod).items() if getattr(hook, "_is_stateful", False)]
 
 
 def offload_hooks(model: torch.nn.Module) -> List[str]:
