@@ -83,20 +83,27 @@ def _restore_forward(module: torch.nn.Module, own) -> None:
         module.forward = own
 
 
-class ByHand(torch.nn.Module):
-    """A pipeline's transformer with one CacheAgent per config applied by hand: the reference."""
+class _Reference(torch.nn.Module):
+    """A model under a plan applied by hand; other attributes (config, dtype, device...) are the model's."""
 
-    def __init__(self, model, configs, order):
+    def __init__(self, model, configs):
         super().__init__()
         self.model = model
         self.configs = configs
-        self.agents = [CacheAgent(c, output_order=order) for c in configs]
 
-    def __getattr__(self, name):  # config, dtype, device, ... of the wrapped model
+    def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["model"], name)
+
+
+class ByHand(_Reference):
+    """A pipeline's transformer with one CacheAgent per config applied by hand: the reference."""
+
+    def __init__(self, model, configs, order):
+        super().__init__(model, configs)
+        self.agents = [CacheAgent(c, output_order=order) for c in configs]
 
     @contextlib.contextmanager
     def cache_context(self, name, **kwargs):
@@ -112,7 +119,7 @@ class ByHand(torch.nn.Module):
             return self.model(*args, **kwargs)
 
 
-class RangeByHand(torch.nn.Module):
+class RangeByHand(_Reference):
     """The spec's block-range semantics by hand, for a model with code between the blocks of a range (ControlNet
     residuals, VACE hints): a refresh records ``delta = out(end - 1) - in(start)`` per stream; at a reuse step the
     model runs as is and the last block's output is replaced by ``in + delta``, so whatever the range's blocks
@@ -123,18 +130,10 @@ class RangeByHand(torch.nn.Module):
     model's code between them runs again on top of a delta that already holds what it added."""
 
     def __init__(self, model, configs):
-        super().__init__()
-        self.model = model
-        self.configs = configs
+        super().__init__(model, configs)
         self.actions = [config_actions(c) for c in configs]
         self.step = 0
         self.deltas = [None] * len(configs)
-
-    def __getattr__(self, name):  # config, dtype, device, ... of the wrapped model
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["model"], name)
 
     def forward(self, *args, **kwargs):
         handles = []

@@ -122,6 +122,12 @@ def _train_mode(m):  # dropout is 0 in these blocks: the output must not change,
     m.train()
 
 
+def _group_offload(model):
+    """diffusers' block-level group offloading, onto and off the CPU (what a smaller GPU runs, here on a CPU)."""
+    model.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1)
+
+
 def _peft_adapter(m):
     pytest.importorskip("peft")
     from peft import LoraConfig
@@ -423,8 +429,7 @@ def test_controlnet_residuals_inside_a_cached_range():
     assert (got - uncached).abs().max() < 0.75 * (mindie - uncached).abs().max()
     # the eager path (group offload here) has the graph's semantics: its CacheAgents hold the range's output
     # (before: MindIE's pass-through, the eager path's output was ByHand's)
-    model.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
-                               offload_type="block_level", num_blocks_per_group=1)
+    _group_offload(model)
     opt = optimize(model, FLUX_CFGS)
     torch.testing.assert_close(run_pipe(pipe, opt, **kw), got, rtol=1e-5, atol=1e-5)
     assert opt.stats.path == "eager"
@@ -458,8 +463,7 @@ def test_vace_control_hints_inside_a_cached_range():
     torch.testing.assert_close(got, run(RangeByHand(model, opt.configs)), rtol=1e-5, atol=1e-5)
     uncached, mindie = run(model), run(ByHand(model, opt.configs, "encoder_first"))
     assert (got - uncached).abs().max() < 0.1 * (mindie - uncached).abs().max()
-    model.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
-                               offload_type="block_level", num_blocks_per_group=1)
+    _group_offload(model)
     opt = optimize(model, CacheConfig(blocks="blocks", block_start=0, block_end=4, **SCHEDULE))
     torch.testing.assert_close(run(opt), got, rtol=1e-5, atol=1e-5)
     assert opt.stats.path == "eager"
@@ -527,8 +531,7 @@ def test_group_offload_runs_the_eager_path_with_its_hooks():
     the eager path (the blocks called through their hooks), with the same plan and output."""
     pipe = flux_pipeline()
     pipe.transformer = optimize(pipe.transformer, FLUX_CFGS)
-    pipe.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
-                                          offload_type="block_level", num_blocks_per_group=1)
+    _group_offload(pipe.transformer)
     first, second = run_pipe(pipe), run_pipe(pipe)
     opt = pipe.transformer
     assert opt.stats.path == "eager" and "offloaded" in opt.stats.fallback_reason
